@@ -1,0 +1,94 @@
+//! The command line: `heartbeat serve` (and the commands later issues add).
+//!
+//! Every flag can also come from an environment variable `HEARTBEAT_<FLAG>`
+//! (`--ping-interval` ↔ `HEARTBEAT_PING_INTERVAL`); the flag wins. Durations are
+//! written as people write them: `200ms`, `10s`, `1m30s`.
+
+mod serve;
+
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tracing_subscriber::{fmt, EnvFilter};
+
+/// gRPC heartbeats and presence: know which clients are alive, end the silent
+/// ones on time, and say why every session ended.
+#[derive(Debug, Parser)]
+#[command(name = "heartbeat", version, propagate_version = true)]
+pub(crate) struct Cli {
+    /// Log format: `text` for people, `json` (one object a line) for collectors.
+    /// The level comes from RUST_LOG (default `info`).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "HEARTBEAT_LOG_FORMAT")]
+    pub(crate) log_format: LogFormat,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the heartbeat server.
+    ///
+    /// Clients open a `heartbeat.v1.HeartbeatService/Heartbeat` stream, say Hello
+    /// and answer pings. A client silent for --timeout is ended with
+    /// Goodbye{TIMEOUT} and DEADLINE_EXCEEDED; one silent for --suspect-after is
+    /// reported suspect. SIGTERM or Ctrl-C drains: every session gets
+    /// Goodbye{SERVER_SHUTDOWN} and UNAVAILABLE, and the server exits 0 once the
+    /// goodbyes are out (at most --shutdown-grace). A second signal exits at once.
+    ///
+    /// Example: heartbeat serve --listen 0.0.0.0:50051 --ping-interval 5s --timeout 15s
+    Serve(serve::ServeArgs),
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Runs the parsed command.
+pub(crate) fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => serve::run(args),
+    }
+}
+
+/// Sends `tracing` output to stderr in the chosen format.
+pub(crate) fn init_tracing(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+/// Parses a human duration (`200ms`, `10s`, `1m30s`) for clap.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text)
+        .map_err(|_| format!("'{text}' is not a duration: write a number and a unit, like 200ms, 10s or 1m"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Tests that the command line is consistent (clap's own checks).
+    #[test]
+    fn command_line_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    /// Tests that durations parse in human form and bad ones say how to write them.
+    #[test]
+    fn parses_human_durations() {
+        assert_eq!(parse_duration("200ms"), Ok(Duration::from_millis(200)));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        let error = parse_duration("ten").expect_err("not a duration");
+        assert!(error.contains("like 200ms, 10s or 1m"), "{error}");
+    }
+}

@@ -1,0 +1,185 @@
+//! `heartbeat serve`: the standalone server.
+
+use std::{net::SocketAddr, time::Duration};
+
+use anyhow::Context;
+use clap::Args;
+use tonic::transport::server::TcpIncoming;
+use tonic_heartbeat::{
+    error::ServeError,
+    server::{self},
+    FrameLimits, ServerConfig,
+};
+use tracing::{info, warn};
+
+use super::parse_duration;
+
+/// Flags of `heartbeat serve`; defaults keep sessions alive behind proxies
+/// with 60 s idle timeouts (nginx, cloud load balancers).
+#[derive(Debug, Args)]
+pub(crate) struct ServeArgs {
+    /// Address to listen on. Use 0.0.0.0:50051 to accept other hosts.
+    #[arg(long, env = "HEARTBEAT_LISTEN", default_value = "127.0.0.1:50051", value_name = "ADDR")]
+    listen: SocketAddr,
+
+    /// How often the server pings each session (and tells clients to ping).
+    /// Keep it well under the idle timeout of any proxy on the path.
+    #[arg(long, env = "HEARTBEAT_PING_INTERVAL", default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    ping_interval: Duration,
+
+    /// Silence after which a session is ended (Goodbye{TIMEOUT}, DEADLINE_EXCEEDED).
+    /// Must be longer than --ping-interval; 3 intervals rides out one lost ping.
+    #[arg(long, env = "HEARTBEAT_TIMEOUT", default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
+    timeout: Duration,
+
+    /// Silence after which a session is reported suspect (still open, but late).
+    /// Between --ping-interval and --timeout. Default: the smaller of
+    /// 2 × interval and the midpoint of interval and timeout.
+    #[arg(long, env = "HEARTBEAT_SUSPECT_AFTER", value_parser = parse_duration, value_name = "DURATION")]
+    suspect_after: Option<Duration>,
+
+    /// Unsolicited client frames (pings, unknown frames, stray pongs) closer
+    /// together than this earn a strike. Must be shorter than --ping-interval.
+    #[arg(long, env = "HEARTBEAT_MIN_PING_INTERVAL", default_value = "1s", value_parser = parse_duration, value_name = "DURATION")]
+    min_ping_interval: Duration,
+
+    /// Strikes allowed; one more ends the session with Goodbye{TOO_MANY_PINGS}.
+    #[arg(long, env = "HEARTBEAT_PING_STRIKES", default_value_t = 2, value_name = "N")]
+    ping_strikes: u32,
+
+    /// Streams open at once (Hello or not); more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "HEARTBEAT_MAX_SESSIONS", default_value_t = 100_000, value_name = "N")]
+    max_sessions: usize,
+
+    /// On SIGTERM/SIGINT, how long to wait for goodbyes to reach clients before
+    /// closing what is left.
+    #[arg(long, env = "HEARTBEAT_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    shutdown_grace: Duration,
+
+    /// The reconnect_after hint sent with Goodbye{SERVER_SHUTDOWN}.
+    #[arg(long, env = "HEARTBEAT_RECONNECT_AFTER", default_value = "1s", value_parser = parse_duration, value_name = "DURATION")]
+    reconnect_after: Duration,
+
+    /// HTTP/2 streams one connection may hold open (one session is one stream).
+    #[arg(long, env = "HEARTBEAT_MAX_STREAMS_PER_CONNECTION", default_value_t = 4096, value_name = "N")]
+    max_streams_per_connection: u32,
+
+    /// Largest encoded client frame, in bytes; a larger one is a protocol violation.
+    #[arg(long, env = "HEARTBEAT_MAX_MESSAGE_SIZE", default_value_t = 16 * 1024, value_name = "BYTES")]
+    max_message_size: u32,
+
+    /// Longest Hello.client_id, in bytes of UTF-8.
+    #[arg(long, env = "HEARTBEAT_MAX_CLIENT_ID", default_value_t = 256, value_name = "BYTES")]
+    max_client_id: usize,
+
+    /// Most label pairs in a Hello.
+    #[arg(long, env = "HEARTBEAT_MAX_LABELS", default_value_t = 32, value_name = "N")]
+    max_labels: usize,
+
+    /// Longest label key, in bytes (keys must be non-empty).
+    #[arg(long, env = "HEARTBEAT_MAX_LABEL_KEY", default_value_t = 63, value_name = "BYTES")]
+    max_label_key: usize,
+
+    /// Longest label value, in bytes.
+    #[arg(long, env = "HEARTBEAT_MAX_LABEL_VALUE", default_value_t = 256, value_name = "BYTES")]
+    max_label_value: usize,
+
+    /// Session changes kept so a dropped presence watch can resume without a snapshot.
+    #[arg(long, env = "HEARTBEAT_WATCH_HISTORY", default_value_t = 10_000, value_name = "N")]
+    watch_history: usize,
+
+    /// Events queued for one presence watcher before it is ended as lagging.
+    #[arg(long, env = "HEARTBEAT_WATCH_QUEUE", default_value_t = 1024, value_name = "N")]
+    watch_queue: usize,
+}
+
+impl ServeArgs {
+    fn config(&self) -> ServerConfig {
+        ServerConfig {
+            ping_interval: self.ping_interval,
+            timeout: self.timeout,
+            suspect_after: self.suspect_after,
+            min_ping_interval: self.min_ping_interval,
+            ping_strikes: self.ping_strikes,
+            max_sessions: self.max_sessions,
+            shutdown_grace: self.shutdown_grace,
+            reconnect_after: self.reconnect_after,
+            max_streams_per_connection: self.max_streams_per_connection,
+            limits: FrameLimits {
+                max_message_size: self.max_message_size,
+                max_client_id: self.max_client_id,
+                max_labels: self.max_labels,
+                max_label_key: self.max_label_key,
+                max_label_value: self.max_label_value,
+            },
+            watch_history: self.watch_history,
+            watch_queue: self.watch_queue,
+        }
+    }
+}
+
+/// Validates the flags, binds, and serves until a signal.
+pub(crate) fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let config = args.config();
+    config
+        .validate()
+        .context("invalid flags (see heartbeat serve --help)")?;
+    raise_open_files_limit();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let incoming = TcpIncoming::bind(args.listen)
+            .map_err(|source| ServeError::Bind {
+                addr: args.listen,
+                source,
+            })?
+            .with_nodelay(Some(true));
+        let listen = incoming.local_addr().unwrap_or(args.listen);
+        info!(%listen, ping_interval = ?config.ping_interval, timeout = ?config.timeout, "serving");
+        server::serve(incoming, config, shutdown_signal(), |_| {}).await?;
+        Ok(())
+    })
+}
+
+/// Completes on the first SIGTERM or SIGINT, and arms a second one to exit at once.
+async fn shutdown_signal() {
+    wait_for_signal().await;
+    tokio::spawn(async {
+        wait_for_signal().await;
+        warn!("second signal: exiting at once");
+        std::process::exit(130);
+    });
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = terminate.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(error) => {
+                warn!(%error, "cannot listen for SIGTERM; only Ctrl-C will stop the server");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Many sessions mean many sockets: lift the soft open-files limit to the hard one.
+fn raise_open_files_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => info!(open_files = limit, "open-files limit"),
+        Err(error) => warn!(%error, "cannot raise the open-files limit"),
+    }
+}

@@ -1,0 +1,233 @@
+//! Validated server settings with documented defaults.
+//!
+//! Defaults keep a session alive behind the common 60 s idle timeouts of nginx
+//! and cloud load balancers: the server pings every 10 s, so a healthy stream is
+//! never idle for long, and a client is declared gone after 30 s (three missed
+//! intervals) rather than on one delayed packet.
+
+use std::time::Duration;
+
+use crate::error::ConfigError;
+
+/// Everything the heartbeat server can be told; see each field for its default.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// How often the server pings each session, and tells clients to. Default 10 s.
+    pub ping_interval: Duration,
+    /// Silence after which a session is ended with `DEADLINE_EXCEEDED`. Default 30 s.
+    pub timeout: Duration,
+    /// Silence after which a session is suspect. Default (`None`): the smaller of
+    /// 2 × `ping_interval` and the midpoint of `ping_interval` and `timeout`.
+    pub suspect_after: Option<Duration>,
+    /// Unsolicited client frames closer together than this earn a strike. Default 1 s.
+    pub min_ping_interval: Duration,
+    /// Strikes allowed before a session is ended for too many pings. Default 2.
+    pub ping_strikes: u32,
+    /// Open sessions (streams, Hello or not) at most; more are refused. Default 100,000.
+    pub max_sessions: usize,
+    /// How long a shutdown waits for goodbyes to reach clients. Default 10 s.
+    pub shutdown_grace: Duration,
+    /// The `reconnect_after` hint sent with the shutdown goodbye. Default 1 s.
+    pub reconnect_after: Duration,
+    /// HTTP/2 streams one connection may hold open. Default 4,096.
+    pub max_streams_per_connection: u32,
+    /// Size limits on what clients send.
+    pub limits: FrameLimits,
+    /// Changes kept for resuming watchers. Default 10,000.
+    pub watch_history: usize,
+    /// Events queued for one watcher before it is ended as lagging. Default 1,024.
+    pub watch_queue: usize,
+}
+
+/// Size limits on client frames; a frame over them is a protocol violation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameLimits {
+    /// One encoded inbound message, in bytes. Default 16 KiB.
+    pub max_message_size: u32,
+    /// `Hello.client_id`, in bytes of UTF-8. Default 256.
+    pub max_client_id: usize,
+    /// Label pairs in `Hello.labels`. Default 32.
+    pub max_labels: usize,
+    /// A label key, in bytes (keys must also be non-empty). Default 63.
+    pub max_label_key: usize,
+    /// A label value, in bytes. Default 256.
+    pub max_label_value: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            ping_interval: Duration::from_secs(10),
+            timeout: Duration::from_secs(30),
+            suspect_after: None,
+            min_ping_interval: Duration::from_secs(1),
+            ping_strikes: 2,
+            max_sessions: 100_000,
+            shutdown_grace: Duration::from_secs(10),
+            reconnect_after: Duration::from_secs(1),
+            max_streams_per_connection: 4096,
+            limits: FrameLimits::default(),
+            watch_history: 10_000,
+            watch_queue: 1024,
+        }
+    }
+}
+
+impl Default for FrameLimits {
+    fn default() -> Self {
+        Self {
+            max_message_size: 16 * 1024,
+            max_client_id: 256,
+            max_labels: 32,
+            max_label_key: 63,
+            max_label_value: 256,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// The suspicion threshold in force: the configured one, or the default
+    /// derived from the interval and the timeout.
+    pub fn effective_suspect_after(&self) -> Duration {
+        self.suspect_after.unwrap_or_else(|| {
+            let midpoint = self.ping_interval + (self.timeout.saturating_sub(self.ping_interval)) / 2;
+            (self.ping_interval * 2).min(midpoint)
+        })
+    }
+
+    /// Checks every setting and every combination; the error names the value
+    /// and the fix.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (name, value, example) in [
+            ("ping_interval", self.ping_interval, "10s"),
+            ("timeout", self.timeout, "30s"),
+            ("min_ping_interval", self.min_ping_interval, "1s"),
+            ("shutdown_grace", self.shutdown_grace, "10s"),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::ZeroDuration { name, example });
+            }
+        }
+        if self.suspect_after == Some(Duration::ZERO) {
+            return Err(ConfigError::ZeroDuration {
+                name: "suspect_after",
+                example: "20s",
+            });
+        }
+        if self.timeout <= self.ping_interval {
+            return Err(ConfigError::TimeoutNotAboveInterval {
+                timeout: self.timeout,
+                ping_interval: self.ping_interval,
+            });
+        }
+        let suspect_after = self.effective_suspect_after();
+        if suspect_after <= self.ping_interval || suspect_after >= self.timeout {
+            return Err(ConfigError::SuspectOutOfRange {
+                suspect_after,
+                ping_interval: self.ping_interval,
+                timeout: self.timeout,
+            });
+        }
+        if self.min_ping_interval >= self.ping_interval {
+            return Err(ConfigError::MinPingNotBelowInterval {
+                min_ping_interval: self.min_ping_interval,
+                ping_interval: self.ping_interval,
+            });
+        }
+        for (name, value) in [
+            ("max_sessions", self.max_sessions),
+            ("watch_history", self.watch_history),
+            ("watch_queue", self.watch_queue),
+            ("max_streams_per_connection", self.max_streams_per_connection as usize),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::ZeroCount { name });
+            }
+        }
+        self.limits.validate()
+    }
+}
+
+impl FrameLimits {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let ranges: [(&'static str, u64, u64, u64); 5] = [
+            ("max_message_size", u64::from(self.max_message_size), 64, 4 * 1024 * 1024),
+            ("max_client_id", self.max_client_id as u64, 1, 64 * 1024),
+            ("max_labels", self.max_labels as u64, 0, 1024),
+            ("max_label_key", self.max_label_key as u64, 1, 64 * 1024),
+            ("max_label_value", self.max_label_value as u64, 0, 64 * 1024),
+        ];
+        for (name, value, min, max) in ranges {
+            if !(min..=max).contains(&value) {
+                return Err(ConfigError::OutOfRange {
+                    name,
+                    value,
+                    min,
+                    max,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Tests that the defaults are valid and derive suspicion at 20 s.
+    #[test]
+    fn defaults_are_valid() {
+        let config = ServerConfig::default();
+        assert_eq!(config.validate(), Ok(()));
+        assert_eq!(config.effective_suspect_after(), Duration::from_secs(20));
+    }
+
+    /// Tests that the derived suspicion lies strictly between interval and timeout.
+    #[test]
+    fn derived_suspicion_is_between_interval_and_timeout() {
+        let config = ServerConfig {
+            ping_interval: Duration::from_millis(100),
+            timeout: Duration::from_millis(110),
+            ..ServerConfig::default()
+        };
+        assert_eq!(config.effective_suspect_after(), Duration::from_millis(105));
+        let config = ServerConfig {
+            min_ping_interval: Duration::from_millis(10),
+            ..config
+        };
+        assert_eq!(config.validate(), Ok(()));
+    }
+
+    /// Tests that each broken combination is refused with a message naming it.
+    #[test]
+    fn refuses_bad_combinations() {
+        let base = ServerConfig::default();
+        let cases = [
+            (
+                ServerConfig { timeout: Duration::from_secs(10), ..base.clone() },
+                "timeout 10s must be longer than ping_interval 10s",
+            ),
+            (
+                ServerConfig { ping_interval: Duration::ZERO, ..base.clone() },
+                "ping_interval must be greater than zero",
+            ),
+            (
+                ServerConfig { suspect_after: Some(Duration::from_secs(40)), ..base.clone() },
+                "suspect_after 40s must be longer than ping_interval 10s and shorter than timeout 30s",
+            ),
+            (
+                ServerConfig { min_ping_interval: Duration::from_secs(10), ..base.clone() },
+                "min_ping_interval 10s must be shorter than ping_interval 10s",
+            ),
+            (
+                ServerConfig { max_sessions: 0, ..base.clone() },
+                "max_sessions must be at least 1",
+            ),
+        ];
+        for (config, expected) in cases {
+            let message = config.validate().expect_err(expected).to_string();
+            assert!(message.contains(expected), "{message}");
+        }
+    }
+}

@@ -1,0 +1,106 @@
+//! The errors the library returns at its boundaries.
+//!
+//! Each message names the offending value and says how to fix it, because the
+//! same text reaches an operator as the one line `heartbeat serve` prints.
+
+use std::{io, net::SocketAddr, time::Duration};
+
+use humantime::format_duration;
+
+/// A setting, or a combination of settings, that cannot work.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// A duration that must be positive is zero.
+    #[error("{name} must be greater than zero (for example {example})")]
+    ZeroDuration {
+        /// The setting's name.
+        name: &'static str,
+        /// A sensible value to suggest.
+        example: &'static str,
+    },
+    /// A count that must be positive is zero.
+    #[error("{name} must be at least 1")]
+    ZeroCount {
+        /// The setting's name.
+        name: &'static str,
+    },
+    /// The timeout does not leave room for a ping.
+    #[error(
+        "timeout {} must be longer than ping_interval {}: raise timeout or lower ping_interval (2-3 intervals is usual)",
+        format_duration(*timeout),
+        format_duration(*ping_interval)
+    )]
+    TimeoutNotAboveInterval {
+        /// The configured timeout.
+        timeout: Duration,
+        /// The configured ping interval.
+        ping_interval: Duration,
+    },
+    /// The suspicion threshold is outside (ping_interval, timeout).
+    #[error(
+        "suspect_after {} must be longer than ping_interval {} and shorter than timeout {}",
+        format_duration(*suspect_after),
+        format_duration(*ping_interval),
+        format_duration(*timeout)
+    )]
+    SuspectOutOfRange {
+        /// The configured suspicion threshold.
+        suspect_after: Duration,
+        /// The configured ping interval.
+        ping_interval: Duration,
+        /// The configured timeout.
+        timeout: Duration,
+    },
+    /// Clients pinging at the interval would earn strikes.
+    #[error(
+        "min_ping_interval {} must be shorter than ping_interval {}, or clients that ping at the interval earn strikes",
+        format_duration(*min_ping_interval),
+        format_duration(*ping_interval)
+    )]
+    MinPingNotBelowInterval {
+        /// The configured minimum spacing of client pings.
+        min_ping_interval: Duration,
+        /// The configured ping interval.
+        ping_interval: Duration,
+    },
+    /// A size limit is outside its allowed range.
+    #[error("{name} {value} is out of range: use {min} to {max}")]
+    OutOfRange {
+        /// The setting's name.
+        name: &'static str,
+        /// The configured value.
+        value: u64,
+        /// The smallest allowed value.
+        min: u64,
+        /// The largest allowed value.
+        max: u64,
+    },
+}
+
+/// The standalone server could not start or failed while serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}{hint}", hint = bind_hint(source))]
+    Bind {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// Why binding failed.
+        source: io::Error,
+    },
+    /// The HTTP/2 server failed.
+    #[error("the server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+fn bind_hint(error: &io::Error) -> &'static str {
+    match error.kind() {
+        io::ErrorKind::AddrInUse => " (another process holds it: stop it or choose another --listen)",
+        io::ErrorKind::PermissionDenied => " (ports below 1024 need privileges: choose a port above 1023)",
+        io::ErrorKind::AddrNotAvailable => " (no interface has that address: use 127.0.0.1 or 0.0.0.0)",
+        _ => "",
+    }
+}

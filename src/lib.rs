@@ -1,0 +1,35 @@
+//! tonic-heartbeat: gRPC heartbeats and presence.
+//!
+//! Clients hold a bidirectional `heartbeat.v1.HeartbeatService/Heartbeat` stream
+//! open and exchange pings with the server. The server knows to the millisecond
+//! which clients are alive, marks late ones suspect, ends silent ones on time,
+//! and says why every session ended.
+//!
+//! # Layout
+//!
+//! - [`protocol`]: the generated `heartbeat.v1` types, the codec, ping numbering
+//!   and RTT smoothing shared by both ends, wire ↔ domain conversions.
+//! - [`liveness`]: a generic tower layer that tracks each streaming call's
+//!   liveness on a shared timer wheel and ends silent calls itself.
+//! - [`registry`]: the open sessions, their revisions and history, and
+//!   subscriptions (snapshot, then every change, with no gap).
+//! - [`server`]: the heartbeat service behind its layer, admission, drain, and
+//!   [`server::serve`] for the standalone server.
+//! - [`config`]: validated settings and their defaults.
+//! - [`error`]: the errors returned at the library's boundaries.
+//!
+//! The `heartbeat` binary's command line lives in the binary, not here.
+#![deny(missing_docs)]
+#![deny(unreachable_pub)]
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod error;
+pub mod liveness;
+pub mod protocol;
+pub mod registry;
+pub mod server;
+
+pub use config::{FrameLimits, ServerConfig};
+pub use registry::{CloseReason, SessionRegistry};
+pub use server::{HeartbeatHandle, HeartbeatServer};

@@ -1,0 +1,360 @@
+//! The liveness of one call: when the peer was last heard, whether it is live or
+//! suspect, and how the call is to end.
+
+use std::{
+    fmt,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering},
+        Arc, Mutex, MutexGuard, OnceLock, Weak,
+    },
+    task::{Context, Waker},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::HeaderMap;
+use tokio::time::Instant;
+
+use super::{
+    wheel::{TimerWheel, WheelTarget},
+    LivenessPolicy,
+};
+
+/// Whether the peer of a call is keeping up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LivenessState {
+    /// Messages keep arriving.
+    Live,
+    /// No message for the suspicion threshold: still open, but late.
+    Suspect,
+    /// The call is ending or has ended.
+    Ended,
+}
+
+/// Why the layer ended a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndCause {
+    /// No message arrived for the timeout.
+    Silence,
+    /// A message announced more bytes than the limit.
+    Oversize,
+    /// Someone called [`LivenessHandle::end`].
+    Requested,
+}
+
+/// How a call ends: an optional last message, then trailers.
+///
+/// `message` must be one whole gRPC message including its 5-byte prefix; it is
+/// sent only if the response stream is at a message boundary. `trailers` end the
+/// stream and should carry `grpc-status` (tonic's `Status::add_header` builds them).
+#[derive(Debug, Clone)]
+pub struct Ending {
+    /// The last message, already framed.
+    pub message: Option<Bytes>,
+    /// The trailers that finish the call.
+    pub trailers: HeaderMap,
+}
+
+impl Ending {
+    /// An ending with this last message and these trailers.
+    pub fn new(message: Option<Bytes>, trailers: HeaderMap) -> Self {
+        Self { message, trailers }
+    }
+
+    /// An ending with no last message and a bare `grpc-status`/`grpc-message`.
+    ///
+    /// `message` should be printable ASCII without `%`, as it is sent verbatim.
+    pub fn status(code: u8, message: &'static str) -> Self {
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from(u16::from(code)));
+        trailers.insert("grpc-message", http::HeaderValue::from_static(message));
+        Self { message: None, trailers }
+    }
+}
+
+/// Told about a call's liveness changes. Set with [`LivenessHandle::observe`].
+///
+/// Callbacks run on the timer or the connection's task: they must be quick and
+/// must not block.
+pub trait LivenessObserver: Send + Sync {
+    /// No message arrived for the suspicion threshold.
+    fn suspected(&self) {}
+    /// A message arrived while the call was suspect.
+    fn recovered(&self) {}
+    /// The layer began to end the call, and why.
+    fn ended(&self, _cause: EndCause) {}
+}
+
+/// A handle to one call's liveness, found in the request's extensions.
+///
+/// The service behind [`LivenessLayer`](super::LivenessLayer) reads it with
+/// `request.extensions().get::<LivenessHandle>()`.
+#[derive(Clone)]
+pub struct LivenessHandle {
+    pub(crate) core: Arc<CallCore>,
+}
+
+/// The state shared by the layer's future, bodies, timer entries and handles.
+pub(crate) struct CallCore {
+    /// The timeouts and endings of the layer that made this call.
+    policy: Arc<LivenessPolicy>,
+    /// The wheel that checks the deadlines.
+    wheel: TimerWheel,
+    /// When a message last arrived, in microseconds since the wheel's base.
+    last_seen: AtomicU64,
+    /// `LIVE`, `SUSPECT` or `ENDED`.
+    state: AtomicU8,
+    /// Bumped whenever the deadline entry is replaced; older entries fizzle.
+    generation: AtomicU64,
+    /// Whole messages received from the peer.
+    frames_in: AtomicU64,
+    /// Whole messages sent to the peer.
+    frames_out: AtomicU64,
+    /// The request stream failed (reset, connection lost), as opposed to ending.
+    inbound_failed: AtomicBool,
+    /// The ending to perform, until the response side takes it.
+    ending: Mutex<Option<Ending>>,
+    /// Why the call ended, once it has.
+    cause: OnceLock<EndCause>,
+    /// The task polling the response; woken to perform an ending.
+    waker: Mutex<Option<Waker>>,
+    /// Who hears of suspicion, recovery and endings.
+    observer: OnceLock<Arc<dyn LivenessObserver>>,
+    /// A weak self-reference for timer entries.
+    this: Weak<CallCore>,
+}
+
+const LIVE: u8 = 0;
+const SUSPECT: u8 = 1;
+const ENDED: u8 = 2;
+
+// === impl LivenessHandle ===
+
+impl LivenessHandle {
+    /// The current state of the call.
+    pub fn state(&self) -> LivenessState {
+        match self.core.state.load(Ordering::Acquire) {
+            LIVE => LivenessState::Live,
+            SUSPECT => LivenessState::Suspect,
+            _ => LivenessState::Ended,
+        }
+    }
+
+    /// When the last whole message arrived (the call's start before any).
+    pub fn last_seen(&self) -> Instant {
+        self.core.instant(self.core.last_seen.load(Ordering::Acquire))
+    }
+
+    /// Whole messages received so far.
+    pub fn frames_in(&self) -> u64 {
+        self.core.frames_in.load(Ordering::Relaxed)
+    }
+
+    /// Whole messages sent so far.
+    pub fn frames_out(&self) -> u64 {
+        self.core.frames_out.load(Ordering::Relaxed)
+    }
+
+    /// Whether the request stream failed (a reset or a lost connection) rather
+    /// than ending cleanly.
+    pub fn inbound_failed(&self) -> bool {
+        self.core.inbound_failed.load(Ordering::Acquire)
+    }
+
+    /// Why the layer ended the call, once it has begun to.
+    pub fn end_cause(&self) -> Option<EndCause> {
+        self.core.cause.get().copied()
+    }
+
+    /// Sets the observer of this call's liveness; only the first call has effect.
+    pub fn observe(&self, observer: Arc<dyn LivenessObserver>) {
+        // A second observer is ignored by design: one owner per call.
+        let _ = self.core.observer.set(observer);
+    }
+
+    /// Ends the call: the response stream yields `ending` and the service's own
+    /// response is dropped. Returns false if the call was already ending.
+    pub fn end(&self, ending: Ending) -> bool {
+        self.core.begin_end(EndCause::Requested, ending)
+    }
+
+    /// Wakes the task that polls the response, so the service's response stream
+    /// is polled again (for instance when a timer of the service's own is due).
+    pub fn wake(&self) {
+        self.core.wake();
+    }
+
+    /// The wheel that checks this call's deadlines, to share with the service's
+    /// own periodic work.
+    pub fn wheel(&self) -> &TimerWheel {
+        &self.core.wheel
+    }
+}
+
+impl fmt::Debug for LivenessHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LivenessHandle")
+            .field("state", &self.state())
+            .field("frames_in", &self.frames_in())
+            .field("frames_out", &self.frames_out())
+            .finish()
+    }
+}
+
+// === impl CallCore ===
+
+impl CallCore {
+    /// Starts tracking a call that begins now, with its deadline entry armed.
+    pub(crate) fn start(policy: Arc<LivenessPolicy>, wheel: TimerWheel) -> Arc<Self> {
+        let now = Instant::now();
+        let core = Arc::new_cyclic(|this| CallCore {
+            last_seen: AtomicU64::new(micros_since(wheel.base(), now)),
+            policy,
+            wheel,
+            state: AtomicU8::new(LIVE),
+            generation: AtomicU64::new(0),
+            frames_in: AtomicU64::new(0),
+            frames_out: AtomicU64::new(0),
+            inbound_failed: AtomicBool::new(false),
+            ending: Mutex::new(None),
+            cause: OnceLock::new(),
+            waker: Mutex::new(None),
+            observer: OnceLock::new(),
+            this: this.clone(),
+        });
+        core.arm(0, now + core.policy.first_check());
+        core
+    }
+
+    fn arm(&self, generation: u64, at: Instant) {
+        let target: Weak<dyn WheelTarget> = self.this.clone();
+        self.wheel.insert(at, generation, target);
+    }
+
+    fn instant(&self, micros: u64) -> Instant {
+        self.wheel.base() + Duration::from_micros(micros)
+    }
+
+    /// Records `messages` whole messages arriving now. The hot path: two atomic
+    /// writes, unless the call was suspect.
+    pub(crate) fn touch(&self, messages: u64) {
+        let now = Instant::now();
+        self.last_seen
+            .store(micros_since(self.wheel.base(), now), Ordering::Release);
+        self.frames_in.fetch_add(messages, Ordering::Relaxed);
+        if self.state.load(Ordering::Acquire) == SUSPECT
+            && self
+                .state
+                .compare_exchange(SUSPECT, LIVE, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            // The entry armed for the timeout would check suspicion too late:
+            // replace it with one at the new suspicion time.
+            let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+            self.arm(generation, now + self.policy.first_check());
+            if let Some(observer) = self.observer.get() {
+                observer.recovered();
+            }
+        }
+    }
+
+    pub(crate) fn count_sent(&self, messages: u64) {
+        self.frames_out.fetch_add(messages, Ordering::Relaxed);
+    }
+
+    pub(crate) fn mark_inbound_failed(&self) {
+        self.inbound_failed.store(true, Ordering::Release);
+    }
+
+    /// Moves the call to `ENDED` and leaves `ending` for the response side.
+    pub(crate) fn begin_end(&self, cause: EndCause, ending: Ending) -> bool {
+        if self.state.swap(ENDED, Ordering::AcqRel) == ENDED {
+            return false;
+        }
+        let _ = self.cause.set(cause);
+        *lock(&self.ending) = Some(ending);
+        if let Some(observer) = self.observer.get() {
+            observer.ended(cause);
+        }
+        self.wake();
+        true
+    }
+
+    /// Marks a call whose response finished by itself, so its timers stop.
+    pub(crate) fn finish(&self) {
+        self.state.store(ENDED, Ordering::Release);
+    }
+
+    /// Takes the pending ending, if one was asked for.
+    pub(crate) fn take_ending(&self) -> Option<Ending> {
+        if self.state.load(Ordering::Acquire) != ENDED {
+            return None;
+        }
+        lock(&self.ending).take()
+    }
+
+    /// Remembers the task to wake for an ending.
+    pub(crate) fn register(&self, cx: &Context<'_>) {
+        let mut waker = lock(&self.waker);
+        match &*waker {
+            Some(current) if current.will_wake(cx.waker()) => {}
+            _ => *waker = Some(cx.waker().clone()),
+        }
+    }
+
+    /// The settings of the layer that made this call.
+    pub(crate) fn policy(&self) -> &LivenessPolicy {
+        &self.policy
+    }
+
+    pub(crate) fn wake(&self) {
+        if let Some(waker) = lock(&self.waker).as_ref() {
+            waker.wake_by_ref();
+        }
+    }
+}
+
+impl WheelTarget for CallCore {
+    fn fire(&self, generation: u64, now: Instant) -> Option<Instant> {
+        if generation != self.generation.load(Ordering::Acquire) {
+            return None;
+        }
+        let state = self.state.load(Ordering::Acquire);
+        if state == ENDED {
+            return None;
+        }
+        let last_seen = self.instant(self.last_seen.load(Ordering::Acquire));
+        let silence = now.saturating_duration_since(last_seen);
+        let policy = &self.policy;
+        if silence >= policy.timeout {
+            self.begin_end(EndCause::Silence, policy.on_silence.clone());
+            return None;
+        }
+        match policy.suspect_after {
+            Some(suspect_after) if state == LIVE && silence >= suspect_after => {
+                if self
+                    .state
+                    .compare_exchange(LIVE, SUSPECT, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    if let Some(observer) = self.observer.get() {
+                        observer.suspected();
+                    }
+                }
+                Some(last_seen + policy.timeout)
+            }
+            Some(suspect_after) if state == LIVE => Some(last_seen + suspect_after),
+            _ => Some(last_seen + policy.timeout),
+        }
+    }
+}
+
+fn micros_since(base: Instant, at: Instant) -> u64 {
+    u64::try_from(at.saturating_duration_since(base).as_micros()).unwrap_or(u64::MAX)
+}
+
+/// Locks a mutex that is never held across a panic-prone call, so poisoning
+/// cannot leave its data half-written.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}

@@ -1,0 +1,745 @@
+//! The open sessions, and every change to them in order.
+//!
+//! The registry is the single place where sessions open and close, so it is
+//! also where each change gets its **revision** (the previous plus one), where
+//! the bounded **history** of recent changes is kept for resuming watchers, and
+//! where the one log line per open and close is written.
+//!
+//! # No gap, no duplicate
+//!
+//! [`SessionRegistry::subscribe`] takes the snapshot and registers the
+//! subscriber's queue under the same lock that every change is published under,
+//! so the snapshot's revision is exactly the one before the first queued change.
+//!
+//! # Slow subscribers
+//!
+//! Each subscriber's queue is bounded. A subscriber whose queue is full when a
+//! change is published is cut off, and learns it ([`Lagged`]) after draining what
+//! was queued; it never slows the sessions or other subscribers, and it never
+//! silently misses a change.
+//!
+//! The registry names no transport type: a session reaches its connection
+//! through the [`SessionLink`] the server registers with it.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    fmt,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, MutexGuard,
+    },
+    time::{Duration, SystemTime},
+};
+
+use tokio::{sync::mpsc, time::Instant};
+use tracing::info;
+
+/// Why a session ended: one vocabulary for clients, observers, logs and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CloseReason {
+    /// The client said goodbye.
+    ClientGoodbye,
+    /// The client ended its stream without a goodbye.
+    ClientHalfClose,
+    /// The stream was reset or the connection lost (crash, kill, reset).
+    Disconnected,
+    /// The client went silent for the timeout (freeze, partition, dead network).
+    Timeout,
+    /// The client sent unsolicited frames too fast.
+    TooManyPings,
+    /// The client broke the protocol.
+    ProtocolViolation,
+    /// An administrator evicted the session.
+    Evicted,
+    /// A newer session with the same client id replaced it.
+    Replaced,
+    /// The server shut down.
+    ServerShutdown,
+}
+
+impl CloseReason {
+    /// Every reason, in the contract's order.
+    pub const ALL: [CloseReason; 9] = [
+        Self::ClientGoodbye,
+        Self::ClientHalfClose,
+        Self::Disconnected,
+        Self::Timeout,
+        Self::TooManyPings,
+        Self::ProtocolViolation,
+        Self::Evicted,
+        Self::Replaced,
+        Self::ServerShutdown,
+    ];
+
+    /// The reason's name as logs and metric labels spell it (`timeout`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ClientGoodbye => "client_goodbye",
+            Self::ClientHalfClose => "client_half_close",
+            Self::Disconnected => "disconnected",
+            Self::Timeout => "timeout",
+            Self::TooManyPings => "too_many_pings",
+            Self::ProtocolViolation => "protocol_violation",
+            Self::Evicted => "evicted",
+            Self::Replaced => "replaced",
+            Self::ServerShutdown => "server_shutdown",
+        }
+    }
+}
+
+impl fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Whether an open session's client is keeping up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionState {
+    /// Frames keep arriving.
+    Live,
+    /// No frame for the suspicion threshold: still open, but late.
+    Suspect,
+}
+
+/// What never changes about a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionIdentity {
+    /// The server-assigned id.
+    pub session_id: String,
+    /// The client's self-chosen name; empty for anonymous clients.
+    pub client_id: String,
+    /// The client's labels.
+    pub labels: HashMap<String, String>,
+    /// The client's address, when the transport knows it.
+    pub peer: Option<SocketAddr>,
+    /// When the session said Hello.
+    pub opened_at: SystemTime,
+}
+
+/// A session as seen at one moment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionInfo {
+    /// What never changes about it.
+    pub identity: Arc<SessionIdentity>,
+    /// When its last frame arrived.
+    pub last_seen: SystemTime,
+    /// Smoothed round-trip time of the server's pings; `None` before a sample.
+    pub rtt: Option<Duration>,
+    /// Live or suspect.
+    pub state: SessionState,
+    /// Frames received from the client.
+    pub frames_in: u64,
+    /// Frames sent to the client.
+    pub frames_out: u64,
+}
+
+/// The moving parts of a session, read when a snapshot or event is taken.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionStats {
+    /// When the last client frame arrived.
+    pub last_seen: Instant,
+    /// Smoothed round-trip time, if sampled.
+    pub rtt: Option<Duration>,
+    /// Frames received.
+    pub frames_in: u64,
+    /// Frames sent.
+    pub frames_out: u64,
+}
+
+/// How the registry reaches a session's connection; the server implements it.
+pub trait SessionLink: Send + Sync {
+    /// The session's current counters and times.
+    fn stats(&self) -> SessionStats;
+    /// Ends the session's stream for `reason` (the registry has already recorded it).
+    fn end(&self, reason: CloseReason, message: &str);
+}
+
+/// One change of the session set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionEvent {
+    /// A session said Hello.
+    Opened(SessionInfo),
+    /// A session went quiet past the suspicion threshold.
+    Suspected(SessionInfo),
+    /// A suspect session spoke again.
+    Recovered(SessionInfo),
+    /// A session ended.
+    Closed {
+        /// The session as it was at the end.
+        session: SessionInfo,
+        /// Why it ended.
+        reason: CloseReason,
+        /// A detail, possibly empty.
+        message: String,
+    },
+}
+
+/// A change and its revision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// The server's revision after this change.
+    pub revision: u64,
+    /// What changed.
+    pub event: SessionEvent,
+}
+
+impl SessionEvent {
+    /// The session the event is about.
+    pub fn session(&self) -> &SessionInfo {
+        match self {
+            Self::Opened(session) | Self::Suspected(session) | Self::Recovered(session) => session,
+            Self::Closed { session, .. } => session,
+        }
+    }
+}
+
+/// The open sessions at one revision.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// The server's epoch.
+    pub epoch: u64,
+    /// The revision the snapshot reflects.
+    pub revision: u64,
+    /// The open sessions.
+    pub sessions: Vec<SessionInfo>,
+}
+
+/// How a subscription begins.
+#[derive(Debug, Clone)]
+pub enum SubscriptionStart {
+    /// Everything open now; `reset` is set when a resume could not be honoured
+    /// (another epoch, or history no longer covering the revision).
+    Snapshot {
+        /// Whether the subscriber must drop what it knew.
+        reset: bool,
+        /// The open sessions and their revision.
+        snapshot: Snapshot,
+    },
+    /// Exactly the changes missed since the resumed revision.
+    Replay {
+        /// The missed changes, oldest first.
+        changes: Vec<Change>,
+        /// The revision after the last of them.
+        revision: u64,
+    },
+}
+
+/// A subscriber that fell behind by more than its queue and was cut off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the subscriber lagged: more than {queue} changes were waiting; resume from the last revision seen")]
+pub struct Lagged {
+    /// The queue bound it overflowed.
+    pub queue: usize,
+}
+
+/// A snapshot (or replay) and then every change after it, in order.
+#[derive(Debug)]
+pub struct Subscription {
+    /// The server's epoch.
+    pub epoch: u64,
+    /// Where the subscription begins.
+    pub start: SubscriptionStart,
+    changes: mpsc::Receiver<Change>,
+    lagged: Arc<AtomicBool>,
+    queue: usize,
+}
+
+impl Subscription {
+    /// The next change; `Ok(None)` once the registry is gone, `Err` if this
+    /// subscriber fell too far behind.
+    pub async fn next(&mut self) -> Result<Option<Change>, Lagged> {
+        match self.changes.recv().await {
+            Some(change) => Ok(Some(change)),
+            None if self.lagged.load(Ordering::Acquire) => Err(Lagged { queue: self.queue }),
+            None => Ok(None),
+        }
+    }
+}
+
+/// The live sessions of one server; cheap to clone.
+///
+/// # Example
+///
+/// ```
+/// use tonic_heartbeat::registry::{SessionRegistry, SubscriptionStart};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let registry = SessionRegistry::new(10_000, 1024);
+/// let mut subscription = registry.subscribe();
+/// let SubscriptionStart::Snapshot { snapshot, .. } = &subscription.start else { unreachable!() };
+/// assert!(snapshot.sessions.is_empty());
+/// // A server using this registry would now publish opens, suspicions and
+/// // closes; `subscription.next().await` yields each in order.
+/// # drop(subscription);
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct SessionRegistry {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    /// Never 0; differs between server runs.
+    epoch: u64,
+    /// Changes kept for resuming.
+    history_limit: usize,
+    /// Queue bound of each subscriber.
+    queue: usize,
+    /// Everything mutable, behind a std mutex: nothing awaits under it.
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    revision: u64,
+    sessions: HashMap<String, Entry>,
+    /// The open session of each non-empty client id.
+    by_client: HashMap<String, String>,
+    history: VecDeque<Change>,
+    subscribers: Vec<Subscriber>,
+}
+
+struct Entry {
+    identity: Arc<SessionIdentity>,
+    state: SessionState,
+    link: Arc<dyn SessionLink>,
+}
+
+struct Subscriber {
+    changes: mpsc::Sender<Change>,
+    lagged: Arc<AtomicBool>,
+}
+
+// === impl SessionRegistry ===
+
+impl SessionRegistry {
+    /// A registry keeping `history` changes for resuming, with subscriber
+    /// queues of `queue` changes.
+    pub fn new(history: usize, queue: usize) -> Self {
+        let epoch = loop {
+            let candidate: u64 = rand::random();
+            if candidate != 0 {
+                break candidate;
+            }
+        };
+        Self {
+            shared: Arc::new(Shared {
+                epoch,
+                history_limit: history,
+                queue: queue.max(1),
+                inner: Mutex::new(Inner::default()),
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // Nothing under this lock panics midway through a change.
+        self.shared
+            .inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The server's epoch: never 0, new on every start.
+    pub fn epoch(&self) -> u64 {
+        self.shared.epoch
+    }
+
+    /// How many sessions are open.
+    pub fn len(&self) -> usize {
+        self.lock().sessions.len()
+    }
+
+    /// Whether no session is open.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Opens a session. An open session with the same non-empty client id is
+    /// closed as [`CloseReason::Replaced`] first, and its link told to end.
+    pub fn open(&self, identity: SessionIdentity, link: Arc<dyn SessionLink>) {
+        let identity = Arc::new(identity);
+        let replaced = {
+            let mut inner = self.lock();
+            let replaced = if identity.client_id.is_empty() {
+                None
+            } else {
+                inner
+                    .by_client
+                    .insert(identity.client_id.clone(), identity.session_id.clone())
+                    .and_then(|older| {
+                        self.close_locked(
+                            &mut inner,
+                            &older,
+                            CloseReason::Replaced,
+                            format!("replaced by session {}", identity.session_id),
+                        )
+                    })
+            };
+            info!(
+                session_id = %identity.session_id,
+                client_id = %identity.client_id,
+                peer = ?identity.peer,
+                "session opened"
+            );
+            let entry = Entry {
+                identity: identity.clone(),
+                state: SessionState::Live,
+                link,
+            };
+            let info = info_of(&entry);
+            inner.sessions.insert(identity.session_id.clone(), entry);
+            self.publish(&mut inner, SessionEvent::Opened(info));
+            replaced
+        };
+        if let Some((link, message)) = replaced {
+            link.end(CloseReason::Replaced, &message);
+        }
+    }
+
+    /// Marks a session suspect; no effect if it is not open and live.
+    pub fn suspect(&self, session_id: &str) {
+        self.set_state(session_id, SessionState::Suspect);
+    }
+
+    /// Marks a suspect session live again; no effect otherwise.
+    pub fn recover(&self, session_id: &str) {
+        self.set_state(session_id, SessionState::Live);
+    }
+
+    fn set_state(&self, session_id: &str, state: SessionState) {
+        let mut inner = self.lock();
+        let Some(entry) = inner.sessions.get_mut(session_id) else { return };
+        if entry.state == state {
+            return;
+        }
+        entry.state = state;
+        let info = info_of(entry);
+        let event = match state {
+            SessionState::Suspect => SessionEvent::Suspected(info),
+            SessionState::Live => SessionEvent::Recovered(info),
+        };
+        self.publish(&mut inner, event);
+    }
+
+    /// Records that a session ended. The first reason recorded wins; returns
+    /// false if the session was not open.
+    pub fn close(&self, session_id: &str, reason: CloseReason, message: &str) -> bool {
+        let mut inner = self.lock();
+        self.close_locked(&mut inner, session_id, reason, message.to_owned())
+            .is_some()
+    }
+
+    /// Ends a session on an administrator's behalf (recorded as
+    /// [`CloseReason::Evicted`]); false if no such session is open.
+    pub fn evict(&self, session_id: &str, message: &str) -> bool {
+        let closed = {
+            let mut inner = self.lock();
+            self.close_locked(&mut inner, session_id, CloseReason::Evicted, message.to_owned())
+        };
+        match closed {
+            Some((link, message)) => {
+                link.end(CloseReason::Evicted, &message);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Closes every open session for `reason` and tells each link to end;
+    /// returns how many there were.
+    pub fn close_all(&self, reason: CloseReason, message: &str) -> usize {
+        let closed: Vec<_> = {
+            let mut inner = self.lock();
+            let ids: Vec<String> = inner.sessions.keys().cloned().collect();
+            ids.iter()
+                .filter_map(|id| self.close_locked(&mut inner, id, reason, message.to_owned()))
+                .collect()
+        };
+        for (link, message) in &closed {
+            link.end(reason, message);
+        }
+        closed.len()
+    }
+
+    fn close_locked(
+        &self,
+        inner: &mut Inner,
+        session_id: &str,
+        reason: CloseReason,
+        message: String,
+    ) -> Option<(Arc<dyn SessionLink>, String)> {
+        let entry = inner.sessions.remove(session_id)?;
+        let client_id = &entry.identity.client_id;
+        if inner.by_client.get(client_id).map(String::as_str) == Some(session_id) {
+            inner.by_client.remove(client_id);
+        }
+        let info = info_of(&entry);
+        let lifetime = SystemTime::now()
+            .duration_since(entry.identity.opened_at)
+            .unwrap_or_default();
+        info!(
+            session_id,
+            client_id = %entry.identity.client_id,
+            %reason,
+            lifetime_ms = u64::try_from(lifetime.as_millis()).unwrap_or(u64::MAX),
+            "session closed"
+        );
+        self.publish(
+            inner,
+            SessionEvent::Closed {
+                session: info,
+                reason,
+                message: message.clone(),
+            },
+        );
+        Some((entry.link, message))
+    }
+
+    fn publish(&self, inner: &mut Inner, event: SessionEvent) {
+        inner.revision += 1;
+        let change = Change {
+            revision: inner.revision,
+            event,
+        };
+        inner.subscribers.retain(|subscriber| {
+            match subscriber.changes.try_send(change.clone()) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    subscriber.lagged.store(true, Ordering::Release);
+                    false
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            }
+        });
+        if self.shared.history_limit > 0 {
+            if inner.history.len() == self.shared.history_limit {
+                inner.history.pop_front();
+            }
+            inner.history.push_back(change);
+        }
+    }
+
+    /// The open sessions now, with the revision they reflect.
+    pub fn snapshot(&self) -> Snapshot {
+        let inner = self.lock();
+        self.snapshot_locked(&inner)
+    }
+
+    fn snapshot_locked(&self, inner: &Inner) -> Snapshot {
+        Snapshot {
+            epoch: self.shared.epoch,
+            revision: inner.revision,
+            sessions: inner.sessions.values().map(info_of).collect(),
+        }
+    }
+
+    /// A snapshot of the open sessions, then every change after it.
+    pub fn subscribe(&self) -> Subscription {
+        self.resume(0, 0)
+    }
+
+    /// Resumes after `revision` of `epoch`: the missed changes if this server's
+    /// history still holds all of them, otherwise a reset and a snapshot.
+    /// `epoch` 0 asks for a fresh snapshot without a reset.
+    pub fn resume(&self, epoch: u64, revision: u64) -> Subscription {
+        let (sender, receiver) = mpsc::channel(self.shared.queue);
+        let lagged = Arc::new(AtomicBool::new(false));
+        let mut inner = self.lock();
+        let start = if epoch == 0 {
+            SubscriptionStart::Snapshot {
+                reset: false,
+                snapshot: self.snapshot_locked(&inner),
+            }
+        } else {
+            match self.replay_locked(&inner, epoch, revision) {
+                Some(changes) => SubscriptionStart::Replay {
+                    changes,
+                    revision: inner.revision,
+                },
+                None => SubscriptionStart::Snapshot {
+                    reset: true,
+                    snapshot: self.snapshot_locked(&inner),
+                },
+            }
+        };
+        inner.subscribers.push(Subscriber {
+            changes: sender,
+            lagged: lagged.clone(),
+        });
+        Subscription {
+            epoch: self.shared.epoch,
+            start,
+            changes: receiver,
+            lagged,
+            queue: self.shared.queue,
+        }
+    }
+
+    fn replay_locked(&self, inner: &Inner, epoch: u64, after: u64) -> Option<Vec<Change>> {
+        if epoch != self.shared.epoch || after > inner.revision {
+            return None;
+        }
+        if after == inner.revision {
+            return Some(Vec::new());
+        }
+        let oldest = inner.history.front()?.revision;
+        if after + 1 < oldest {
+            return None;
+        }
+        Some(
+            inner
+                .history
+                .iter()
+                .filter(|change| change.revision > after)
+                .cloned()
+                .collect(),
+        )
+    }
+}
+
+impl fmt::Debug for SessionRegistry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SessionRegistry")
+            .field("epoch", &self.shared.epoch)
+            .finish_non_exhaustive()
+    }
+}
+
+fn info_of(entry: &Entry) -> SessionInfo {
+    let stats = entry.link.stats();
+    let ago = Instant::now().saturating_duration_since(stats.last_seen);
+    SessionInfo {
+        identity: entry.identity.clone(),
+        last_seen: SystemTime::now().checked_sub(ago).unwrap_or(SystemTime::UNIX_EPOCH),
+        rtt: stats.rtt,
+        state: entry.state,
+        frames_in: stats.frames_in,
+        frames_out: stats.frames_out,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex as StdMutex;
+
+    #[derive(Default)]
+    struct RecordingLink {
+        ended: StdMutex<Vec<CloseReason>>,
+    }
+
+    impl SessionLink for RecordingLink {
+        fn stats(&self) -> SessionStats {
+            SessionStats {
+                last_seen: Instant::now(),
+                rtt: None,
+                frames_in: 0,
+                frames_out: 0,
+            }
+        }
+        fn end(&self, reason: CloseReason, _message: &str) {
+            self.ended.lock().expect("test lock").push(reason);
+        }
+    }
+
+    fn identity(session_id: &str, client_id: &str) -> SessionIdentity {
+        SessionIdentity {
+            session_id: session_id.into(),
+            client_id: client_id.into(),
+            labels: HashMap::new(),
+            peer: None,
+            opened_at: SystemTime::now(),
+        }
+    }
+
+    fn open(registry: &SessionRegistry, session_id: &str, client_id: &str) -> Arc<RecordingLink> {
+        let link = Arc::new(RecordingLink::default());
+        registry.open(identity(session_id, client_id), link.clone());
+        link
+    }
+
+    /// Tests that a subscription sees the snapshot, then every change, with
+    /// consecutive revisions.
+    #[tokio::test]
+    async fn snapshot_then_changes_without_gap() {
+        let registry = SessionRegistry::new(100, 100);
+        open(&registry, "a", "");
+        let mut subscription = registry.subscribe();
+        let SubscriptionStart::Snapshot { snapshot, reset } = &subscription.start else {
+            panic!("fresh subscriptions start with a snapshot");
+        };
+        assert!(!reset);
+        assert_eq!((snapshot.revision, snapshot.sessions.len()), (1, 1));
+        open(&registry, "b", "");
+        registry.suspect("b");
+        registry.recover("b");
+        registry.close("a", CloseReason::Timeout, "");
+        let mut revisions = Vec::new();
+        for _ in 0..4 {
+            revisions.push(subscription.next().await.expect("not lagged").expect("open").revision);
+        }
+        assert_eq!(revisions, [2, 3, 4, 5]);
+    }
+
+    /// Tests that the first close reason wins and later ones are ignored.
+    #[test]
+    fn first_close_reason_wins() {
+        let registry = SessionRegistry::new(100, 100);
+        open(&registry, "a", "");
+        assert!(registry.close("a", CloseReason::Timeout, ""));
+        assert!(!registry.close("a", CloseReason::Disconnected, ""));
+    }
+
+    /// Tests that a Hello with a live client id replaces the older session.
+    #[test]
+    fn same_client_id_replaces() {
+        let registry = SessionRegistry::new(100, 100);
+        let older = open(&registry, "a", "worker-1");
+        open(&registry, "b", "worker-1");
+        assert_eq!(*older.ended.lock().expect("test lock"), [CloseReason::Replaced]);
+        assert_eq!(registry.len(), 1);
+        let anonymous = open(&registry, "c", "");
+        open(&registry, "d", "");
+        assert!(anonymous.ended.lock().expect("test lock").is_empty());
+    }
+
+    /// Tests that resuming replays exactly the missed changes, and resets when
+    /// the epoch differs or history no longer covers the revision.
+    #[test]
+    fn resume_replays_or_resets() {
+        let registry = SessionRegistry::new(3, 100);
+        let epoch = registry.epoch();
+        for id in ["a", "b", "c", "d"] {
+            open(&registry, id, "");
+        }
+        match registry.resume(epoch, 2).start {
+            SubscriptionStart::Replay { changes, revision } => {
+                assert_eq!(changes.iter().map(|c| c.revision).collect::<Vec<_>>(), [3, 4]);
+                assert_eq!(revision, 4);
+            }
+            other => panic!("expected a replay, got {other:?}"),
+        }
+        for (epoch, after) in [(epoch, 0), (epoch.wrapping_add(1), 3), (epoch, 9)] {
+            assert!(matches!(
+                registry.resume(epoch, after).start,
+                SubscriptionStart::Snapshot { reset: true, .. }
+            ));
+        }
+    }
+
+    /// Tests that an overflowing subscriber is cut off and told it lagged.
+    #[tokio::test]
+    async fn lagging_subscriber_is_cut_off() {
+        let registry = SessionRegistry::new(100, 2);
+        let mut slow = registry.subscribe();
+        for id in ["a", "b", "c"] {
+            open(&registry, id, "");
+        }
+        assert!(slow.next().await.expect("queued").is_some());
+        assert!(slow.next().await.expect("queued").is_some());
+        assert_eq!(slow.next().await, Err(Lagged { queue: 2 }));
+    }
+}

@@ -1,0 +1,122 @@
+//! Admission: who may open a stream, and the list of every admitted stream.
+//!
+//! The gate counts every admitted stream, Hello or not, so a client that opens
+//! streams and never speaks holds a slot only until the liveness deadline ends
+//! the stream. It also keeps each stream's liveness handle, so a drain can end
+//! the streams that have not said Hello and are not in the registry yet.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, MutexGuard},
+};
+
+use tokio::sync::Notify;
+
+use crate::liveness::LivenessHandle;
+
+/// Why a stream was refused before any frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// The server is shutting down.
+    Draining,
+    /// Every session slot is taken.
+    Full {
+        /// The configured capacity.
+        capacity: usize,
+    },
+}
+
+/// Counts admitted streams against the capacity and refuses during a drain.
+pub(crate) struct AdmissionGate {
+    capacity: usize,
+    inner: Mutex<GateInner>,
+    /// Notified whenever the last admitted stream ends.
+    idle: Notify,
+}
+
+#[derive(Default)]
+struct GateInner {
+    next_key: u64,
+    calls: HashMap<u64, LivenessHandle>,
+    draining: bool,
+}
+
+/// A taken slot; dropping it frees the slot.
+pub(crate) struct AdmissionPermit {
+    gate: Arc<AdmissionGate>,
+    key: u64,
+}
+
+impl AdmissionGate {
+    pub(crate) fn new(capacity: usize) -> Self {
+        Self {
+            capacity,
+            inner: Mutex::new(GateInner::default()),
+            idle: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, GateInner> {
+        // Nothing under this lock can panic midway through an update.
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Takes a slot for the stream with `handle`, or says why not.
+    pub(crate) fn admit(
+        self: &Arc<Self>,
+        handle: LivenessHandle,
+    ) -> Result<AdmissionPermit, Refusal> {
+        let mut inner = self.lock();
+        if inner.draining {
+            return Err(Refusal::Draining);
+        }
+        if inner.calls.len() >= self.capacity {
+            return Err(Refusal::Full {
+                capacity: self.capacity,
+            });
+        }
+        let key = inner.next_key;
+        inner.next_key += 1;
+        inner.calls.insert(key, handle);
+        Ok(AdmissionPermit {
+            gate: self.clone(),
+            key,
+        })
+    }
+
+    /// Refuses every new stream from now on and returns the admitted ones.
+    pub(crate) fn close(&self) -> Vec<LivenessHandle> {
+        let mut inner = self.lock();
+        inner.draining = true;
+        inner.calls.values().cloned().collect()
+    }
+
+    /// How many streams hold a slot.
+    pub(crate) fn admitted(&self) -> usize {
+        self.lock().calls.len()
+    }
+
+    /// Waits until no stream holds a slot.
+    pub(crate) async fn idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.admitted() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Drop for AdmissionPermit {
+    fn drop(&mut self) {
+        let mut inner = self.gate.lock();
+        inner.calls.remove(&self.key);
+        if inner.calls.is_empty() {
+            drop(inner);
+            self.gate.idle.notify_waiters();
+        }
+    }
+}

@@ -1,0 +1,84 @@
+//! How each server-initiated end looks on the wire: the `Goodbye` frame and the
+//! status after it. The one place a close reason becomes a `tonic::Status`.
+
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use http::HeaderMap;
+use prost::Message;
+use tonic::{Code, Status};
+
+use crate::{
+    liveness::Ending,
+    protocol::{duration_to_proto, goodbye_reason_of, pb},
+    registry::CloseReason,
+};
+
+/// The status a session ends with for `reason`.
+pub(crate) fn status_for(reason: CloseReason, message: &str) -> Status {
+    let code = match reason {
+        CloseReason::ClientGoodbye | CloseReason::ClientHalfClose => Code::Ok,
+        CloseReason::Disconnected => Code::Cancelled,
+        CloseReason::Timeout => Code::DeadlineExceeded,
+        CloseReason::TooManyPings => Code::ResourceExhausted,
+        CloseReason::ProtocolViolation => Code::InvalidArgument,
+        CloseReason::Evicted | CloseReason::Replaced => Code::Aborted,
+        CloseReason::ServerShutdown => Code::Unavailable,
+    };
+    Status::new(code, message)
+}
+
+/// The ending the liveness layer performs for `reason`: `Goodbye{reason}` (with
+/// `reconnect_after` when given), then the status as trailers.
+pub(crate) fn ending_for(
+    reason: CloseReason,
+    message: &str,
+    reconnect_after: Option<Duration>,
+) -> Ending {
+    let goodbye = goodbye_reason_of(reason).map(|goodbye_reason| pb::HeartbeatResponse {
+        frame: Some(pb::heartbeat_response::Frame::Goodbye(pb::Goodbye {
+            reason: goodbye_reason.into(),
+            message: message.to_owned(),
+            reconnect_after: reconnect_after.map(duration_to_proto),
+        })),
+    });
+    let status = status_for(reason, message);
+    let mut trailers = HeaderMap::new();
+    if status.add_header(&mut trailers).is_err() {
+        // Only a message that cannot be a header value fails; keep the code.
+        trailers.insert("grpc-status", (status.code() as i32).into());
+    }
+    Ending::new(goodbye.as_ref().map(grpc_message), trailers)
+}
+
+/// One message framed as gRPC puts it on the wire: flag, length, payload.
+fn grpc_message(message: &pb::HeartbeatResponse) -> Bytes {
+    let len = message.encoded_len();
+    let mut out = BytesMut::with_capacity(5 + len);
+    out.put_u8(0);
+    // Goodbye frames are a few hundred bytes at most; they always fit a u32.
+    out.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
+    message.encode_raw(&mut out);
+    out.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Tests that the farewell for a timeout is a decodable Goodbye and a
+    /// DEADLINE_EXCEEDED status.
+    #[test]
+    fn timeout_farewell_is_goodbye_then_deadline_exceeded() {
+        let ending = ending_for(CloseReason::Timeout, "silent for 30s", None);
+        let message = ending.message.expect("server ends carry a goodbye");
+        let decoded = pb::HeartbeatResponse::decode(&message[5..]).expect("valid frame");
+        let Some(pb::heartbeat_response::Frame::Goodbye(goodbye)) = decoded.frame else {
+            panic!("expected a goodbye, got {decoded:?}");
+        };
+        assert_eq!(goodbye.reason(), pb::GoodbyeReason::Timeout);
+        let status = Status::from_header_map(&ending.trailers).expect("status trailers");
+        assert_eq!(status.code(), Code::DeadlineExceeded);
+        assert_eq!(status.message(), "silent for 30s");
+    }
+}

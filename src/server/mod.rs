@@ -1,0 +1,248 @@
+//! The heartbeat server: services to mount, and a handle to run them.
+//!
+//! [`HeartbeatServer::new`] returns a pair, as `tonic-health` does: a cloneable
+//! [`HeartbeatHandle`] (sessions, subscriptions, eviction, drain) and the
+//! [`HeartbeatServer`] service to `add_service` on your own tonic `Server`. The
+//! service already sits behind the [liveness layer](crate::liveness), so every
+//! session's deadline holds however the rest of your server is doing.
+//!
+//! [`serve`] is the whole standalone server on a listener you bind, stopped by
+//! a future you pass: the CLI passes a signal, tests pass a channel.
+//!
+//! # Example
+//!
+//! ```
+//! use tonic::transport::{server::TcpIncoming, Server};
+//! use tonic_heartbeat::{server::HeartbeatServer, ServerConfig};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let (handle, heartbeat) = HeartbeatServer::new(ServerConfig::default())?;
+//! let incoming = TcpIncoming::bind("127.0.0.1:0".parse()?)?.with_nodelay(Some(true));
+//! let mut sessions = handle.subscribe();
+//! let server = Server::builder()
+//!     .add_service(heartbeat)
+//!     .serve_with_incoming_shutdown(incoming, async { /* your shutdown signal */ });
+//! # server.await?;
+//! # let _ = &mut sessions;
+//! # Ok(()) }
+//! ```
+
+mod admission;
+mod drain;
+mod farewell;
+mod heartbeat;
+mod session;
+
+use std::{
+    convert::Infallible,
+    future::Future,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use tonic::{codegen::BoxFuture, server::NamedService, transport::server::TcpIncoming, transport::Server};
+use tower::{Layer, Service};
+use tracing::{info, warn};
+
+use self::{admission::AdmissionGate, heartbeat::HeartbeatEndpoint};
+use crate::{
+    config::ServerConfig,
+    error::{ConfigError, ServeError},
+    liveness::{Liveness, LivenessBody, LivenessLayer, ResponseFuture, TimerWheel},
+    protocol::pb::heartbeat_service_server::HeartbeatServiceServer,
+    registry::{CloseReason, SessionRegistry, Subscription},
+};
+
+/// What every part of one server shares.
+pub(crate) struct ServerShared {
+    /// The validated settings.
+    config: ServerConfig,
+    /// The open sessions.
+    registry: SessionRegistry,
+    /// Capacity, draining, and every admitted stream.
+    gate: Arc<AdmissionGate>,
+    /// Deadlines and ping timers of every session.
+    wheel: TimerWheel,
+}
+
+/// The `heartbeat.v1.HeartbeatService` behind its liveness layer, ready to
+/// mount with `Server::add_service`. See the [module docs](self).
+#[derive(Clone)]
+pub struct HeartbeatServer {
+    inner: Liveness<HeartbeatServiceServer<HeartbeatEndpoint>>,
+}
+
+/// A cloneable handle to a running heartbeat server's sessions.
+#[derive(Clone)]
+pub struct HeartbeatHandle {
+    shared: Arc<ServerShared>,
+}
+
+// === impl HeartbeatServer ===
+
+impl HeartbeatServer {
+    /// Builds the service and its handle; fails if `config` is invalid.
+    pub fn new(config: ServerConfig) -> Result<(HeartbeatHandle, HeartbeatServer), ConfigError> {
+        config.validate()?;
+        let wheel = TimerWheel::new();
+        let shared = Arc::new(ServerShared {
+            registry: SessionRegistry::new(config.watch_history, config.watch_queue),
+            gate: Arc::new(AdmissionGate::new(config.max_sessions)),
+            wheel: wheel.clone(),
+            config,
+        });
+        let config = &shared.config;
+        let layer = LivenessLayer::new(config.timeout)
+            .suspect_after(config.effective_suspect_after())
+            .max_message_size(config.limits.max_message_size)
+            .on_silence(farewell::ending_for(
+                CloseReason::Timeout,
+                &format!(
+                    "no frame from the client for {}",
+                    humantime::format_duration(config.timeout)
+                ),
+                None,
+            ))
+            .on_oversize(farewell::ending_for(
+                CloseReason::ProtocolViolation,
+                &format!(
+                    "a frame is larger than {} bytes",
+                    config.limits.max_message_size
+                ),
+                None,
+            ))
+            .wheel(wheel);
+        let service = HeartbeatServiceServer::new(HeartbeatEndpoint {
+            shared: shared.clone(),
+        })
+        // The layer refuses oversized frames first, with a goodbye; this only
+        // keeps tonic's own limit from being the smaller one.
+        .max_decoding_message_size(config.limits.max_message_size as usize);
+        Ok((
+            HeartbeatHandle { shared },
+            HeartbeatServer {
+                inner: layer.layer(service),
+            },
+        ))
+    }
+}
+
+impl NamedService for HeartbeatServer {
+    const NAME: &'static str = "heartbeat.v1.HeartbeatService";
+}
+
+impl Service<http::Request<tonic::body::Body>> for HeartbeatServer {
+    type Response = http::Response<LivenessBody<tonic::body::Body>>;
+    type Error = Infallible;
+    type Future = ResponseFuture<BoxFuture<http::Response<tonic::body::Body>, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Service::<http::Request<tonic::body::Body>>::poll_ready(&mut self.inner, cx)
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        self.inner.call(request)
+    }
+}
+
+// === impl HeartbeatHandle ===
+
+impl HeartbeatHandle {
+    /// The sessions registry: snapshots, subscriptions, eviction.
+    pub fn registry(&self) -> &SessionRegistry {
+        &self.shared.registry
+    }
+
+    /// A snapshot of the open sessions, then every change; see
+    /// [`SessionRegistry::subscribe`].
+    pub fn subscribe(&self) -> Subscription {
+        self.shared.registry.subscribe()
+    }
+
+    /// Ends a session with `Goodbye{EVICTED}` and `ABORTED`; false if no such
+    /// session is open.
+    pub fn evict(&self, session_id: &str, message: &str) -> bool {
+        self.shared.registry.evict(session_id, message)
+    }
+
+    /// The settings the server runs with.
+    pub fn config(&self) -> &ServerConfig {
+        &self.shared.config
+    }
+
+    /// Streams holding an admission slot (sessions, and streams yet to say Hello).
+    pub fn admitted(&self) -> usize {
+        self.shared.gate.admitted()
+    }
+
+    /// Starts a drain: refuses new streams with `UNAVAILABLE` and ends every
+    /// stream with `Goodbye{SERVER_SHUTDOWN, reconnect_after}` and
+    /// `UNAVAILABLE`. Returns at once; [`Self::idle`] waits for the endings.
+    pub fn drain(&self) {
+        drain::begin(&self.shared);
+    }
+
+    /// Waits until no stream holds an admission slot.
+    pub async fn idle(&self) {
+        self.shared.gate.idle().await;
+    }
+}
+
+impl std::fmt::Debug for HeartbeatHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HeartbeatHandle")
+            .field("admitted", &self.admitted())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Runs the standalone heartbeat server on `incoming` until `shutdown`
+/// completes, then drains: every session gets its goodbye, and the server waits
+/// up to `config.shutdown_grace` for the endings to reach the clients.
+///
+/// `on_ready` receives the handle once the services are built, for callers that
+/// want to watch sessions (tests, an embedding binary).
+pub async fn serve(
+    incoming: TcpIncoming,
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()>,
+    on_ready: impl FnOnce(HeartbeatHandle),
+) -> Result<(), ServeError> {
+    let (handle, heartbeat) = HeartbeatServer::new(config)?;
+    let config = handle.config().clone();
+    on_ready(handle.clone());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = Server::builder()
+        .max_concurrent_streams(config.max_streams_per_connection)
+        .add_service(heartbeat)
+        .serve_with_incoming_shutdown(incoming, async {
+            // Either a send or a dropped sender means stop.
+            let _ = stopped.await;
+        });
+    tokio::pin!(server);
+    tokio::select! {
+        result = &mut server => return result.map_err(ServeError::from),
+        () = shutdown => {}
+    }
+    info!(
+        sessions = handle.registry().len(),
+        grace_ms = u64::try_from(config.shutdown_grace.as_millis()).unwrap_or(u64::MAX),
+        "shutting down"
+    );
+    handle.drain();
+    let _ = stop.send(());
+    let finished = tokio::time::timeout(config.shutdown_grace, async {
+        handle.idle().await;
+        (&mut server).await
+    })
+    .await;
+    match finished {
+        Ok(result) => result?,
+        Err(_) => warn!(
+            streams = handle.admitted(),
+            "shutdown grace elapsed; closing the remaining connections"
+        ),
+    }
+    info!("shut down");
+    Ok(())
+}
