@@ -1,0 +1,273 @@
+//! Spawn, connect and wait helpers shared by the integration tests.
+//!
+//! Every test drives a real server on 127.0.0.1:0 over real HTTP/2, and waits
+//! on events under a bounded timeout instead of sleeping.
+#![allow(dead_code)] // each test file uses its own subset of these helpers
+
+use std::{future::Future, net::SocketAddr, time::Duration};
+
+use tokio::{
+    sync::{mpsc, oneshot},
+    task::JoinHandle,
+    time::Instant,
+};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{transport::server::TcpIncoming, Code, Status, Streaming};
+use tonic_heartbeat::{
+    error::ServeError,
+    protocol::pb::{
+        self, heartbeat_request::Frame as In, heartbeat_response::Frame as Out,
+        heartbeat_service_client::HeartbeatServiceClient,
+    },
+    registry::{Change, CloseReason, SessionEvent, Subscription},
+    server::{self, HeartbeatHandle},
+    ServerConfig,
+};
+
+/// How long any single wait may take before the test fails.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// Settings scaled down so that timing tests take a fraction of a second.
+pub fn fast_config() -> ServerConfig {
+    ServerConfig {
+        ping_interval: Duration::from_millis(100),
+        timeout: Duration::from_millis(300),
+        min_ping_interval: Duration::from_millis(20),
+        shutdown_grace: Duration::from_secs(5),
+        ..ServerConfig::default()
+    }
+}
+
+/// A server running in this process on 127.0.0.1:0.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub handle: HeartbeatHandle,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), ServeError>>,
+}
+
+impl TestServer {
+    pub async fn start(config: ServerConfig) -> Self {
+        let incoming = TcpIncoming::bind("127.0.0.1:0".parse().expect("valid address"))
+            .expect("bind 127.0.0.1:0")
+            .with_nodelay(Some(true));
+        let addr = incoming.local_addr().expect("bound address");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let (ready, handle) = oneshot::channel();
+        let task = tokio::spawn(server::serve(
+            incoming,
+            config,
+            async {
+                let _ = stopped.await;
+            },
+            move |handle| {
+                let _ = ready.send(handle);
+            },
+        ));
+        let handle = handle.await.expect("server built");
+        Self {
+            addr,
+            handle,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    /// Triggers the drain and waits for `serve` to return.
+    pub async fn shutdown(mut self) -> Result<(), ServeError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        within(WAIT, &mut self.task).await.expect("serve task")
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+/// Awaits `future`, failing the test if it takes longer than `limit`.
+pub async fn within<F: Future>(limit: Duration, future: F) -> F::Output {
+    tokio::time::timeout(limit, future)
+        .await
+        .unwrap_or_else(|_| panic!("timed out after {limit:?}"))
+}
+
+/// One raw heartbeat stream, driven frame by frame by the test.
+pub struct RawSession {
+    outbound: Option<mpsc::Sender<pb::HeartbeatRequest>>,
+    pub inbound: Streaming<pb::HeartbeatResponse>,
+    /// When the test last sent a frame.
+    pub last_sent: Instant,
+}
+
+/// How a stream ended, as the client saw it.
+#[derive(Debug)]
+pub struct Ended {
+    pub goodbye: Option<pb::Goodbye>,
+    pub status: Status,
+    pub at: Instant,
+}
+
+impl RawSession {
+    /// Opens a stream without sending anything.
+    pub async fn open(addr: SocketAddr) -> Result<Self, Status> {
+        let mut client = HeartbeatServiceClient::connect(format!("http://{addr}"))
+            .await
+            .expect("connect");
+        Self::open_with(&mut client).await
+    }
+
+    /// Opens a stream on an existing connection.
+    pub async fn open_with(
+        client: &mut HeartbeatServiceClient<tonic::transport::Channel>,
+    ) -> Result<Self, Status> {
+        let (outbound, requests) = mpsc::channel(1024);
+        let inbound = within(WAIT, client.heartbeat(ReceiverStream::new(requests)))
+            .await?
+            .into_inner();
+        Ok(Self {
+            outbound: Some(outbound),
+            inbound,
+            last_sent: Instant::now(),
+        })
+    }
+
+    /// Opens a stream and completes Hello → Welcome.
+    pub async fn hello(addr: SocketAddr, client_id: &str) -> (Self, pb::Welcome) {
+        let mut session = Self::open(addr).await.expect("admitted");
+        let welcome = session.say_hello(client_id).await;
+        (session, welcome)
+    }
+
+    pub async fn say_hello(&mut self, client_id: &str) -> pb::Welcome {
+        self.send(In::Hello(pb::Hello {
+            client_id: client_id.into(),
+            labels: [("zone".to_string(), "test".to_string())].into(),
+        }))
+        .await;
+        match self.next_frame().await {
+            Some(Out::Welcome(welcome)) => welcome,
+            other => panic!("expected Welcome, got {other:?}"),
+        }
+    }
+
+    pub async fn send(&mut self, frame: In) {
+        self.send_raw(pb::HeartbeatRequest { frame: Some(frame) }).await;
+    }
+
+    pub async fn send_raw(&mut self, request: pb::HeartbeatRequest) {
+        self.last_sent = Instant::now();
+        self.outbound
+            .as_ref()
+            .expect("not half-closed")
+            .send(request)
+            .await
+            .expect("request stream open");
+    }
+
+    /// Sends without waiting for queue space to matter; fails once the server
+    /// has stopped reading.
+    pub async fn outbound_send(&mut self, request: pb::HeartbeatRequest) -> Result<(), ()> {
+        match &self.outbound {
+            Some(outbound) => outbound.send(request).await.map_err(|_| ()),
+            None => Err(()),
+        }
+    }
+
+    /// Ends the request stream without a goodbye.
+    pub fn half_close(&mut self) {
+        self.outbound = None;
+    }
+
+    /// The next server frame; panics on a status or the end of the stream.
+    pub async fn next_frame(&mut self) -> Option<Out> {
+        match within(WAIT, self.inbound.message()).await {
+            Ok(Some(response)) => response.frame,
+            other => panic!("expected a frame, got {other:?}"),
+        }
+    }
+
+    /// Reads until the stream ends, skipping pings, and returns how it ended.
+    pub async fn ended(&mut self) -> Ended {
+        let mut goodbye = None;
+        loop {
+            match within(WAIT, self.inbound.message()).await {
+                Ok(Some(pb::HeartbeatResponse {
+                    frame: Some(Out::Goodbye(frame)),
+                })) => goodbye = Some(frame),
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    return Ended {
+                        goodbye,
+                        status: Status::ok(""),
+                        at: Instant::now(),
+                    }
+                }
+                Err(status) => {
+                    return Ended {
+                        goodbye,
+                        status,
+                        at: Instant::now(),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits for the end and checks its goodbye reason and status code.
+    pub async fn expect_end(&mut self, reason: pb::GoodbyeReason, code: Code) -> Ended {
+        let ended = self.ended().await;
+        let goodbye = ended
+            .goodbye
+            .as_ref()
+            .unwrap_or_else(|| panic!("expected Goodbye{{{reason:?}}}, got none; status {:?}", ended.status));
+        assert_eq!(goodbye.reason(), reason, "goodbye {goodbye:?}");
+        assert_eq!(ended.status.code(), code, "status {:?}", ended.status);
+        ended
+    }
+}
+
+/// The next change of `subscription`.
+pub async fn next_change(subscription: &mut Subscription) -> Change {
+    within(WAIT, subscription.next())
+        .await
+        .expect("not lagged")
+        .expect("registry alive")
+}
+
+/// Waits for the close of `session_id` and returns its reason and when it came.
+pub async fn closed(subscription: &mut Subscription, session_id: &str) -> (CloseReason, Instant) {
+    loop {
+        let change = next_change(subscription).await;
+        if let SessionEvent::Closed { session, reason, .. } = &change.event {
+            if session.identity.session_id == session_id {
+                return (*reason, Instant::now());
+            }
+        }
+    }
+}
+
+/// Waits for an event about `session_id` that `pick` accepts.
+pub async fn event_for(
+    subscription: &mut Subscription,
+    session_id: &str,
+    pick: impl Fn(&SessionEvent) -> bool,
+) -> SessionEvent {
+    loop {
+        let change = next_change(subscription).await;
+        if change.event.session().identity.session_id == session_id && pick(&change.event) {
+            return change.event;
+        }
+    }
+}
+
+/// Asserts that `at` lies in [`earliest`, `earliest + slack`].
+pub fn assert_on_time(what: &str, at: Instant, earliest: Instant, slack: Duration) {
+    assert!(at >= earliest, "{what} came {:?} early", earliest - at);
+    assert!(
+        at - earliest <= slack,
+        "{what} came {:?} late (allowed {slack:?})",
+        at - earliest
+    );
+}
