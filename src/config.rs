@@ -90,7 +90,8 @@ impl ServerConfig {
     /// derived from the interval and the timeout.
     pub fn effective_suspect_after(&self) -> Duration {
         self.suspect_after.unwrap_or_else(|| {
-            let midpoint = self.ping_interval + (self.timeout.saturating_sub(self.ping_interval)) / 2;
+            let midpoint =
+                self.ping_interval + (self.timeout.saturating_sub(self.ping_interval)) / 2;
             (self.ping_interval * 2).min(midpoint)
         })
     }
@@ -138,7 +139,10 @@ impl ServerConfig {
             ("max_sessions", self.max_sessions),
             ("watch_history", self.watch_history),
             ("watch_queue", self.watch_queue),
-            ("max_streams_per_connection", self.max_streams_per_connection as usize),
+            (
+                "max_streams_per_connection",
+                self.max_streams_per_connection as usize,
+            ),
         ] {
             if value == 0 {
                 return Err(ConfigError::ZeroCount { name });
@@ -151,7 +155,12 @@ impl ServerConfig {
 impl FrameLimits {
     fn validate(&self) -> Result<(), ConfigError> {
         let ranges: [(&'static str, u64, u64, u64); 5] = [
-            ("max_message_size", u64::from(self.max_message_size), 64, 4 * 1024 * 1024),
+            (
+                "max_message_size",
+                u64::from(self.max_message_size),
+                64,
+                4 * 1024 * 1024,
+            ),
             ("max_client_id", self.max_client_id as u64, 1, 64 * 1024),
             ("max_labels", self.max_labels as u64, 0, 1024),
             ("max_label_key", self.max_label_key as u64, 1, 64 * 1024),

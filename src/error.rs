@@ -98,9 +98,15 @@ pub enum ServeError {
 
 fn bind_hint(error: &io::Error) -> &'static str {
     match error.kind() {
-        io::ErrorKind::AddrInUse => " (another process holds it: stop it or choose another --listen)",
-        io::ErrorKind::PermissionDenied => " (ports below 1024 need privileges: choose a port above 1023)",
-        io::ErrorKind::AddrNotAvailable => " (no interface has that address: use 127.0.0.1 or 0.0.0.0)",
+        io::ErrorKind::AddrInUse => {
+            " (another process holds it: stop it or choose another --listen)"
+        }
+        io::ErrorKind::PermissionDenied => {
+            " (ports below 1024 need privileges: choose a port above 1023)"
+        }
+        io::ErrorKind::AddrNotAvailable => {
+            " (no interface has that address: use 127.0.0.1 or 0.0.0.0)"
+        }
         _ => "",
     }
 }

@@ -411,7 +411,9 @@ impl SessionRegistry {
 
     fn set_state(&self, session_id: &str, state: SessionState) {
         let mut inner = self.lock();
-        let Some(entry) = inner.sessions.get_mut(session_id) else { return };
+        let Some(entry) = inner.sessions.get_mut(session_id) else {
+            return;
+        };
         if entry.state == state {
             return;
         }
@@ -437,7 +439,12 @@ impl SessionRegistry {
     pub fn evict(&self, session_id: &str, message: &str) -> bool {
         let closed = {
             let mut inner = self.lock();
-            self.close_locked(&mut inner, session_id, CloseReason::Evicted, message.to_owned())
+            self.close_locked(
+                &mut inner,
+                session_id,
+                CloseReason::Evicted,
+                message.to_owned(),
+            )
         };
         match closed {
             Some((link, message)) => {
@@ -504,16 +511,16 @@ impl SessionRegistry {
             revision: inner.revision,
             event,
         };
-        inner.subscribers.retain(|subscriber| {
-            match subscriber.changes.try_send(change.clone()) {
+        inner.subscribers.retain(
+            |subscriber| match subscriber.changes.try_send(change.clone()) {
                 Ok(()) => true,
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     subscriber.lagged.store(true, Ordering::Release);
                     false
                 }
                 Err(mpsc::error::TrySendError::Closed(_)) => false,
-            }
-        });
+            },
+        );
         if self.shared.history_limit > 0 {
             if inner.history.len() == self.shared.history_limit {
                 inner.history.pop_front();
@@ -613,7 +620,9 @@ fn info_of(entry: &Entry) -> SessionInfo {
     let ago = Instant::now().saturating_duration_since(stats.last_seen);
     SessionInfo {
         identity: entry.identity.clone(),
-        last_seen: SystemTime::now().checked_sub(ago).unwrap_or(SystemTime::UNIX_EPOCH),
+        last_seen: SystemTime::now()
+            .checked_sub(ago)
+            .unwrap_or(SystemTime::UNIX_EPOCH),
         rtt: stats.rtt,
         state: entry.state,
         frames_in: stats.frames_in,
@@ -679,7 +688,14 @@ mod tests {
         registry.close("a", CloseReason::Timeout, "");
         let mut revisions = Vec::new();
         for _ in 0..4 {
-            revisions.push(subscription.next().await.expect("not lagged").expect("open").revision);
+            revisions.push(
+                subscription
+                    .next()
+                    .await
+                    .expect("not lagged")
+                    .expect("open")
+                    .revision,
+            );
         }
         assert_eq!(revisions, [2, 3, 4, 5]);
     }
@@ -699,7 +715,10 @@ mod tests {
         let registry = SessionRegistry::new(100, 100);
         let older = open(&registry, "a", "worker-1");
         open(&registry, "b", "worker-1");
-        assert_eq!(*older.ended.lock().expect("test lock"), [CloseReason::Replaced]);
+        assert_eq!(
+            *older.ended.lock().expect("test lock"),
+            [CloseReason::Replaced]
+        );
         assert_eq!(registry.len(), 1);
         let anonymous = open(&registry, "c", "");
         open(&registry, "d", "");
@@ -717,7 +736,10 @@ mod tests {
         }
         match registry.resume(epoch, 2).start {
             SubscriptionStart::Replay { changes, revision } => {
-                assert_eq!(changes.iter().map(|c| c.revision).collect::<Vec<_>>(), [3, 4]);
+                assert_eq!(
+                    changes.iter().map(|c| c.revision).collect::<Vec<_>>(),
+                    [3, 4]
+                );
                 assert_eq!(revision, 4);
             }
             other => panic!("expected a replay, got {other:?}"),

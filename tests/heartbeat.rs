@@ -9,7 +9,9 @@ use tokio::time::Instant;
 use tonic::Code;
 use tonic_heartbeat::{
     protocol::{
-        pb::{self, heartbeat_request::Frame as In, heartbeat_response::Frame as Out, GoodbyeReason},
+        pb::{
+            self, heartbeat_request::Frame as In, heartbeat_response::Frame as Out, GoodbyeReason,
+        },
         proto_to_duration,
     },
     registry::{CloseReason, SessionEvent, SessionState},
@@ -61,7 +63,11 @@ async fn pong_echoes_the_seq_at_once() {
             Some(Out::Pong(pong)) => {
                 assert_eq!(pong.seq, 41);
                 // Far below the server's 100 ms ping tick: not held back for it.
-                assert!(sent.elapsed() < Duration::from_millis(50), "pong after {:?}", sent.elapsed());
+                assert!(
+                    sent.elapsed() < Duration::from_millis(50),
+                    "pong after {:?}",
+                    sent.elapsed()
+                );
                 break;
             }
             Some(Out::Ping(_)) => {}
@@ -125,13 +131,21 @@ async fn suspect_then_recovered_then_suspect_then_timeout() {
     let (mut session, welcome) = RawSession::hello(server.addr, "late").await;
     let id = welcome.session_id.clone();
     let spoke = session.last_sent;
-    event_for(&mut events, &id, |e| matches!(e, SessionEvent::Suspected(_))).await;
+    event_for(&mut events, &id, |e| {
+        matches!(e, SessionEvent::Suspected(_))
+    })
+    .await;
     assert!(spoke.elapsed() >= Duration::from_millis(150));
     session.send_raw(pb::HeartbeatRequest { frame: None }).await;
-    let recovered =
-        event_for(&mut events, &id, |e| matches!(e, SessionEvent::Recovered(_))).await;
+    let recovered = event_for(&mut events, &id, |e| {
+        matches!(e, SessionEvent::Recovered(_))
+    })
+    .await;
     assert_eq!(recovered.session().state, SessionState::Live);
-    event_for(&mut events, &id, |e| matches!(e, SessionEvent::Suspected(_))).await;
+    event_for(&mut events, &id, |e| {
+        matches!(e, SessionEvent::Suspected(_))
+    })
+    .await;
     let (reason, _) = closed(&mut events, &id).await;
     assert_eq!(reason, CloseReason::Timeout);
 }
@@ -157,7 +171,9 @@ async fn ping_flood_is_cut_without_hurting_others() {
                 break;
             }
         }
-        flood.expect_end(GoodbyeReason::TooManyPings, Code::ResourceExhausted).await
+        flood
+            .expect_end(GoodbyeReason::TooManyPings, Code::ResourceExhausted)
+            .await
     });
     let mut worst = Duration::ZERO;
     let mut cadence = tokio::time::interval(Duration::from_millis(25));
@@ -178,7 +194,10 @@ async fn ping_flood_is_cut_without_hurting_others() {
     within(WAIT, flooding).await.expect("flood task");
     let (reason, _) = closed(&mut events, &flood_welcome.session_id).await;
     assert_eq!(reason, CloseReason::TooManyPings);
-    assert!(worst < Duration::from_millis(100), "calm pong took {worst:?} during the flood");
+    assert!(
+        worst < Duration::from_millis(100),
+        "calm pong took {worst:?} during the flood"
+    );
 }
 
 /// Tests that a first frame other than Hello is a protocol violation.
@@ -221,7 +240,11 @@ async fn oversized_hello_is_a_violation() {
     let ended = session
         .expect_end(GoodbyeReason::ProtocolViolation, Code::InvalidArgument)
         .await;
-    assert!(ended.status.message().contains("client_id is 300 bytes"), "{:?}", ended.status);
+    assert!(
+        ended.status.message().contains("client_id is 300 bytes"),
+        "{:?}",
+        ended.status
+    );
 }
 
 /// Tests that a frame over the size limit ends the session as a protocol
@@ -240,7 +263,11 @@ async fn frame_over_the_size_limit_is_a_violation() {
     let ended = session
         .expect_end(GoodbyeReason::ProtocolViolation, Code::InvalidArgument)
         .await;
-    assert!(ended.status.message().contains("larger than 16384 bytes"), "{:?}", ended.status);
+    assert!(
+        ended.status.message().contains("larger than 16384 bytes"),
+        "{:?}",
+        ended.status
+    );
     let (reason, _) = closed(&mut events, &welcome.session_id).await;
     assert_eq!(reason, CloseReason::ProtocolViolation);
 }
@@ -285,7 +312,9 @@ async fn same_client_id_replaces_the_older_session() {
     let mut events = server.handle.subscribe();
     let (mut older, older_welcome) = RawSession::hello(server.addr, "worker-7").await;
     let (mut newer, _) = RawSession::hello(server.addr, "worker-7").await;
-    older.expect_end(GoodbyeReason::Replaced, Code::Aborted).await;
+    older
+        .expect_end(GoodbyeReason::Replaced, Code::Aborted)
+        .await;
     let (reason, _) = closed(&mut events, &older_welcome.session_id).await;
     assert_eq!(reason, CloseReason::Replaced);
     newer.send(In::Ping(pb::Ping { seq: 1 })).await;
@@ -305,7 +334,9 @@ async fn eviction_ends_with_aborted() {
     let server = TestServer::start(fast_config()).await;
     let (mut session, welcome) = RawSession::hello(server.addr, "evictee").await;
     assert!(server.handle.evict(&welcome.session_id, "maintenance"));
-    let ended = session.expect_end(GoodbyeReason::Evicted, Code::Aborted).await;
+    let ended = session
+        .expect_end(GoodbyeReason::Evicted, Code::Aborted)
+        .await;
     assert_eq!(ended.goodbye.map(|g| g.message), Some("maintenance".into()));
     assert!(!server.handle.evict(&welcome.session_id, "again"));
 }
@@ -321,7 +352,10 @@ async fn capacity_refuses_before_welcome_and_frees_on_end() {
     let server = TestServer::start(config).await;
     let (mut first, _) = RawSession::hello(server.addr, "a").await;
     let _pending = RawSession::open(server.addr).await.expect("second slot");
-    let refused = RawSession::open(server.addr).await.err().expect("third refused");
+    let refused = RawSession::open(server.addr)
+        .await
+        .err()
+        .expect("third refused");
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
     first.half_close();
     first.ended().await;
@@ -348,7 +382,11 @@ async fn unknown_frames_keep_alive_and_earn_strikes() {
         cadence.tick().await;
         session.send_raw(pb::HeartbeatRequest { frame: None }).await;
     }
-    assert_eq!(server.handle.registry().len(), 1, "empty frames prove liveness");
+    assert_eq!(
+        server.handle.registry().len(),
+        1,
+        "empty frames prove liveness"
+    );
     for _ in 0..5 {
         session.send_raw(pb::HeartbeatRequest { frame: None }).await;
     }

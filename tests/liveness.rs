@@ -77,8 +77,11 @@ mount!(HeartbeatMount, "heartbeat.v1.HeartbeatService");
 
 async fn spawn<S>(service: S) -> SocketAddr
 where
-    S: tower::Service<http::Request<tonic::body::Body>, Response = http::Response<tonic::body::Body>, Error = Infallible>
-        + NamedService
+    S: tower::Service<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<tonic::body::Body>,
+            Error = Infallible,
+        > + NamedService
         + Clone
         + Send
         + Sync
@@ -87,7 +90,11 @@ where
 {
     let incoming = TcpIncoming::bind("127.0.0.1:0".parse().expect("address")).expect("bind");
     let addr = incoming.local_addr().expect("bound");
-    tokio::spawn(Server::builder().add_service(service).serve_with_incoming(incoming));
+    tokio::spawn(
+        Server::builder()
+            .add_service(service)
+            .serve_with_incoming(incoming),
+    );
     addr
 }
 
@@ -133,17 +140,19 @@ impl Body for EchoBody {
 }
 
 async fn echo_server(layer: LivenessLayer) -> SocketAddr {
-    let echo = tower::service_fn(|request: http::Request<InboundBody<tonic::body::Body>>| async move {
-        let body = EchoBody {
-            inner: request.into_body(),
-            finished: false,
-        };
-        let mut response = http::Response::new(tonic::body::Body::new(body));
-        response
-            .headers_mut()
-            .insert("content-type", "application/grpc".parse().expect("header"));
-        Ok::<_, Infallible>(response)
-    });
+    let echo = tower::service_fn(
+        |request: http::Request<InboundBody<tonic::body::Body>>| async move {
+            let body = EchoBody {
+                inner: request.into_body(),
+                finished: false,
+            };
+            let mut response = http::Response::new(tonic::body::Body::new(body));
+            response
+                .headers_mut()
+                .insert("content-type", "application/grpc".parse().expect("header"));
+            Ok::<_, Infallible>(response)
+        },
+    );
     let service = layer
         .layer(echo)
         .map_response(|response: http::Response<_>| response.map(tonic::body::Body::new));
@@ -182,9 +191,16 @@ async fn ends_a_silent_call_of_an_unrelated_service() {
         assert_eq!(reply.map(|note| note.text), Some(text.to_string()));
     }
     let last = Instant::now();
-    let status = within(WAIT, replies.message()).await.expect_err("call ends");
+    let status = within(WAIT, replies.message())
+        .await
+        .expect_err("call ends");
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
-    assert_on_time("the deadline", Instant::now(), last + TIMEOUT, Duration::from_millis(100));
+    assert_on_time(
+        "the deadline",
+        Instant::now(),
+        last + TIMEOUT,
+        Duration::from_millis(100),
+    );
 }
 
 /// Tests that messages keep an unrelated service's call alive past its timeout.
@@ -195,7 +211,12 @@ async fn messages_keep_a_call_alive() {
     let mut cadence = tokio::time::interval(TIMEOUT / 3);
     for round in 0..12 {
         cadence.tick().await;
-        notes.send(Note { text: format!("{round}") }).await.expect("send");
+        notes
+            .send(Note {
+                text: format!("{round}"),
+            })
+            .await
+            .expect("send");
         let reply = within(WAIT, replies.message()).await;
         assert!(matches!(reply, Ok(Some(_))), "round {round}: {reply:?}");
     }
@@ -207,8 +228,15 @@ async fn messages_keep_a_call_alive() {
 async fn oversized_message_ends_the_call() {
     let addr = echo_server(LivenessLayer::new(TIMEOUT).max_message_size(64)).await;
     let (notes, mut replies) = open_echo(addr).await;
-    notes.send(Note { text: "z".repeat(100) }).await.expect("send");
-    let status = within(WAIT, replies.message()).await.expect_err("call ends");
+    notes
+        .send(Note {
+            text: "z".repeat(100),
+        })
+        .await
+        .expect("send");
+    let status = within(WAIT, replies.message())
+        .await
+        .expect_err("call ends");
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
 }
 
@@ -266,7 +294,11 @@ fn timeout_goodbye() -> Ending {
 async fn stuck_server(how: Stuck) -> SocketAddr {
     let lock = Arc::new(tokio::sync::Mutex::new(()));
     let held = Arc::new(lock.clone().lock_owned().await);
-    let handler = StuckHandler { how, lock, _held: held };
+    let handler = StuckHandler {
+        how,
+        lock,
+        _held: held,
+    };
     let service = LivenessLayer::new(TIMEOUT)
         .on_silence(timeout_goodbye())
         .layer(HeartbeatServiceServer::new(handler));
@@ -280,17 +312,26 @@ async fn stuck_server(how: Stuck) -> SocketAddr {
 /// Opens a heartbeat call without waiting for its response headers (a handler
 /// stuck before answering sends none), sends frames every `every` until `stop`,
 /// and returns how the call ended and when the last frame went out.
-async fn drive_stuck_call(addr: SocketAddr, every: Duration, frames: usize) -> (Option<pb::Goodbye>, Status, Instant, Instant) {
+async fn drive_stuck_call(
+    addr: SocketAddr,
+    every: Duration,
+    frames: usize,
+) -> (Option<pb::Goodbye>, Status, Instant, Instant) {
     let mut client = HeartbeatServiceClient::connect(format!("http://{addr}"))
         .await
         .expect("connect");
     let (outbound, requests) = mpsc::channel(64);
     let call = tokio::spawn(async move {
-        let mut inbound = client.heartbeat(ReceiverStream::new(requests)).await?.into_inner();
+        let mut inbound = client
+            .heartbeat(ReceiverStream::new(requests))
+            .await?
+            .into_inner();
         let mut goodbye = None;
         loop {
             match inbound.message().await {
-                Ok(Some(pb::HeartbeatResponse { frame: Some(Out::Goodbye(frame)) })) => goodbye = Some(frame),
+                Ok(Some(pb::HeartbeatResponse {
+                    frame: Some(Out::Goodbye(frame)),
+                })) => goodbye = Some(frame),
                 Ok(Some(_)) => {}
                 Ok(None) => return Ok((goodbye, Status::ok(""), Instant::now())),
                 Err(status) => return Ok((goodbye, status, Instant::now())),
@@ -306,7 +347,10 @@ async fn drive_stuck_call(addr: SocketAddr, every: Duration, frames: usize) -> (
     cadence.tick().await;
     for _ in 0..frames {
         cadence.tick().await;
-        assert!(!call.is_finished(), "the call ended while the client kept talking");
+        assert!(
+            !call.is_finished(),
+            "the call ended while the client kept talking"
+        );
         outbound
             .send(pb::HeartbeatRequest { frame: None })
             .await
@@ -326,7 +370,12 @@ async fn assert_stuck_handler_does_not_matter(how: Stuck) {
     assert_eq!(goodbye.map(|g| g.reason()), Some(GoodbyeReason::Timeout));
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     // Falling silent ends it on time although the handler never returns.
-    assert_on_time("the deadline", ended, last + TIMEOUT, Duration::from_millis(100));
+    assert_on_time(
+        "the deadline",
+        ended,
+        last + TIMEOUT,
+        Duration::from_millis(100),
+    );
 }
 
 /// Tests that a handler stuck before answering neither makes a talking client

@@ -68,8 +68,9 @@ pub(crate) fn init_tracing(format: LogFormat) {
 
 /// Parses a human duration (`200ms`, `10s`, `1m30s`) for clap.
 fn parse_duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text)
-        .map_err(|_| format!("'{text}' is not a duration: write a number and a unit, like 200ms, 10s or 1m"))
+    humantime::parse_duration(text).map_err(|_| {
+        format!("'{text}' is not a duration: write a number and a unit, like 200ms, 10s or 1m")
+    })
 }
 
 #[cfg(test)]

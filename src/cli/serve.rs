@@ -19,7 +19,12 @@ use super::parse_duration;
 #[derive(Debug, Args)]
 pub(crate) struct ServeArgs {
     /// Address to listen on. Use 0.0.0.0:50051 to accept other hosts.
-    #[arg(long, env = "HEARTBEAT_LISTEN", default_value = "127.0.0.1:50051", value_name = "ADDR")]
+    #[arg(
+        long,
+        env = "HEARTBEAT_LISTEN",
+        default_value = "127.0.0.1:50051",
+        value_name = "ADDR"
+    )]
     listen: SocketAddr,
 
     /// How often the server pings each session (and tells clients to ping).
@@ -44,11 +49,21 @@ pub(crate) struct ServeArgs {
     min_ping_interval: Duration,
 
     /// Strikes allowed; one more ends the session with Goodbye{TOO_MANY_PINGS}.
-    #[arg(long, env = "HEARTBEAT_PING_STRIKES", default_value_t = 2, value_name = "N")]
+    #[arg(
+        long,
+        env = "HEARTBEAT_PING_STRIKES",
+        default_value_t = 2,
+        value_name = "N"
+    )]
     ping_strikes: u32,
 
     /// Streams open at once (Hello or not); more are refused with RESOURCE_EXHAUSTED.
-    #[arg(long, env = "HEARTBEAT_MAX_SESSIONS", default_value_t = 100_000, value_name = "N")]
+    #[arg(
+        long,
+        env = "HEARTBEAT_MAX_SESSIONS",
+        default_value_t = 100_000,
+        value_name = "N"
+    )]
     max_sessions: usize,
 
     /// On SIGTERM/SIGINT, how long to wait for goodbyes to reach clients before
@@ -61,7 +76,12 @@ pub(crate) struct ServeArgs {
     reconnect_after: Duration,
 
     /// HTTP/2 streams one connection may hold open (one session is one stream).
-    #[arg(long, env = "HEARTBEAT_MAX_STREAMS_PER_CONNECTION", default_value_t = 4096, value_name = "N")]
+    #[arg(
+        long,
+        env = "HEARTBEAT_MAX_STREAMS_PER_CONNECTION",
+        default_value_t = 4096,
+        value_name = "N"
+    )]
     max_streams_per_connection: u32,
 
     /// Largest encoded client frame, in bytes; a larger one is a protocol violation.
@@ -69,27 +89,57 @@ pub(crate) struct ServeArgs {
     max_message_size: u32,
 
     /// Longest Hello.client_id, in bytes of UTF-8.
-    #[arg(long, env = "HEARTBEAT_MAX_CLIENT_ID", default_value_t = 256, value_name = "BYTES")]
+    #[arg(
+        long,
+        env = "HEARTBEAT_MAX_CLIENT_ID",
+        default_value_t = 256,
+        value_name = "BYTES"
+    )]
     max_client_id: usize,
 
     /// Most label pairs in a Hello.
-    #[arg(long, env = "HEARTBEAT_MAX_LABELS", default_value_t = 32, value_name = "N")]
+    #[arg(
+        long,
+        env = "HEARTBEAT_MAX_LABELS",
+        default_value_t = 32,
+        value_name = "N"
+    )]
     max_labels: usize,
 
     /// Longest label key, in bytes (keys must be non-empty).
-    #[arg(long, env = "HEARTBEAT_MAX_LABEL_KEY", default_value_t = 63, value_name = "BYTES")]
+    #[arg(
+        long,
+        env = "HEARTBEAT_MAX_LABEL_KEY",
+        default_value_t = 63,
+        value_name = "BYTES"
+    )]
     max_label_key: usize,
 
     /// Longest label value, in bytes.
-    #[arg(long, env = "HEARTBEAT_MAX_LABEL_VALUE", default_value_t = 256, value_name = "BYTES")]
+    #[arg(
+        long,
+        env = "HEARTBEAT_MAX_LABEL_VALUE",
+        default_value_t = 256,
+        value_name = "BYTES"
+    )]
     max_label_value: usize,
 
     /// Session changes kept so a dropped presence watch can resume without a snapshot.
-    #[arg(long, env = "HEARTBEAT_WATCH_HISTORY", default_value_t = 10_000, value_name = "N")]
+    #[arg(
+        long,
+        env = "HEARTBEAT_WATCH_HISTORY",
+        default_value_t = 10_000,
+        value_name = "N"
+    )]
     watch_history: usize,
 
     /// Events queued for one presence watcher before it is ended as lagging.
-    #[arg(long, env = "HEARTBEAT_WATCH_QUEUE", default_value_t = 1024, value_name = "N")]
+    #[arg(
+        long,
+        env = "HEARTBEAT_WATCH_QUEUE",
+        default_value_t = 1024,
+        value_name = "N"
+    )]
     watch_queue: usize,
 }
 

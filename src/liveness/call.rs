@@ -68,7 +68,10 @@ impl Ending {
         let mut trailers = HeaderMap::new();
         trailers.insert("grpc-status", http::HeaderValue::from(u16::from(code)));
         trailers.insert("grpc-message", http::HeaderValue::from_static(message));
-        Self { message: None, trailers }
+        Self {
+            message: None,
+            trailers,
+        }
     }
 }
 
@@ -142,7 +145,8 @@ impl LivenessHandle {
 
     /// When the last whole message arrived (the call's start before any).
     pub fn last_seen(&self) -> Instant {
-        self.core.instant(self.core.last_seen.load(Ordering::Acquire))
+        self.core
+            .instant(self.core.last_seen.load(Ordering::Acquire))
     }
 
     /// Whole messages received so far.
@@ -356,5 +360,7 @@ fn micros_since(base: Instant, at: Instant) -> u64 {
 /// Locks a mutex that is never held across a panic-prone call, so poisoning
 /// cannot leave its data half-written.
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }

@@ -112,6 +112,9 @@ mod tests {
     #[test]
     fn refuses_oversize_at_the_prefix() {
         let mut framer = MessageFramer::default();
-        assert_eq!(framer.feed(&message(101)[..5], 100), Err(Oversize { len: 101 }));
+        assert_eq!(
+            framer.feed(&message(101)[..5], 100),
+            Err(Oversize { len: 101 })
+        );
     }
 }

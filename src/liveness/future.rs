@@ -50,8 +50,7 @@ where
             pump.pump(cx);
         }
         if let Some(ending) = this.core.take_ending() {
-            let mut response =
-                http::Response::new(LivenessBody::ending(this.core.clone(), ending));
+            let mut response = http::Response::new(LivenessBody::ending(this.core.clone(), ending));
             response
                 .headers_mut()
                 .insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));

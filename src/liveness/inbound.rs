@@ -84,7 +84,9 @@ where
         let mut state = lock(&self.state);
         let mut arrived = false;
         while state.queued < policy.inbound_buffer {
-            let Some(body) = state.body.as_mut() else { break };
+            let Some(body) = state.body.as_mut() else {
+                break;
+            };
             match Pin::new(body).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     if let Some(data) = frame.data_ref() {

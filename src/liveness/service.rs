@@ -62,7 +62,9 @@ where
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
         let core = CallCore::start(self.policy.clone(), self.wheel.clone());
         let (mut parts, body) = request.into_parts();
-        parts.extensions.insert(LivenessHandle { core: core.clone() });
+        parts
+            .extensions
+            .insert(LivenessHandle { core: core.clone() });
         let inbound = Arc::new(Inbound::new(body, core.clone()));
         let request = http::Request::from_parts(parts, InboundBody::new(inbound.clone()));
         ResponseFuture::new(self.inner.call(request), core, inbound)

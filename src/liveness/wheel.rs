@@ -128,12 +128,17 @@ impl TimerWheel {
     /// Must be called within a tokio runtime (the first call spawns the drivers).
     pub fn insert(&self, at: Instant, token: u64, target: Weak<dyn WheelTarget>) {
         self.start();
-        let index = self.shared.next_shard.fetch_add(1, Ordering::Relaxed) % self.shared.shards.len();
+        let index =
+            self.shared.next_shard.fetch_add(1, Ordering::Relaxed) % self.shared.shards.len();
         let shard = &self.shared.shards[index];
         let tick = tick_at(self.shared.base, at);
         let mut ring = shard.lock();
         let tick = tick.max(ring.processed + 1);
-        ring.push(Entry { tick, token, target });
+        ring.push(Entry {
+            tick,
+            token,
+            target,
+        });
         if tick < ring.planned {
             ring.planned = tick;
             drop(ring);
@@ -202,7 +207,9 @@ impl Shard {
     fn lock(&self) -> MutexGuard<'_, Ring> {
         // A panic inside a callback never happens under this lock (callbacks run
         // outside it), so a poisoned ring still holds consistent entries.
-        self.ring.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.ring
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -259,13 +266,16 @@ async fn drive(base: Instant, current: Arc<Shard>, wheel: Weak<WheelShared>) {
             return;
         }
         let now = Instant::now();
-        let now_tick = u64::try_from(now.saturating_duration_since(base).as_millis()).unwrap_or(u64::MAX);
+        let now_tick =
+            u64::try_from(now.saturating_duration_since(base).as_millis()).unwrap_or(u64::MAX);
         {
             let mut ring = current.lock();
             ring.take_due(now_tick, &mut due);
         }
         for entry in due.drain(..) {
-            let Some(target) = entry.target.upgrade() else { continue };
+            let Some(target) = entry.target.upgrade() else {
+                continue;
+            };
             if let Some(at) = target.fire(entry.token, now) {
                 rearm.push((at, entry.token, entry.target));
             }
@@ -274,7 +284,11 @@ async fn drive(base: Instant, current: Arc<Shard>, wheel: Weak<WheelShared>) {
             let mut ring = current.lock();
             for (at, token, target) in rearm.drain(..) {
                 let tick = tick_at(base, at).max(ring.processed + 1);
-                ring.push(Entry { tick, token, target });
+                ring.push(Entry {
+                    tick,
+                    token,
+                    target,
+                });
             }
             let next = ring.next_occupied();
             ring.planned = next.unwrap_or(u64::MAX);
@@ -353,7 +367,11 @@ mod tests {
         let (token, when) = target.fired.lock().expect("test lock")[0];
         assert_eq!(token, 7);
         assert!(when >= at, "fired {:?} early", at - when);
-        assert!(when - at <= Duration::from_millis(2), "fired {:?} late", when - at);
+        assert!(
+            when - at <= Duration::from_millis(2),
+            "fired {:?} late",
+            when - at
+        );
     }
 
     /// Tests that entries beyond one turn of the ring wait for their round.
@@ -373,7 +391,11 @@ mod tests {
     async fn rearms_until_told_to_stop() {
         let wheel = TimerWheel::with_shards(1);
         let target = recorder(3, Duration::from_millis(100));
-        wheel.insert(Instant::now() + Duration::from_millis(100), 0, weak(&target));
+        wheel.insert(
+            Instant::now() + Duration::from_millis(100),
+            0,
+            weak(&target),
+        );
         wait_for_fires(&target, 4).await;
         let fired = target.fired.lock().expect("test lock").clone();
         for pair in fired.windows(2) {

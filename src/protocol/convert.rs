@@ -45,8 +45,14 @@ mod tests {
     #[test]
     fn durations_round_trip() {
         let duration = Duration::from_millis(10_250);
-        assert_eq!(proto_to_duration(&duration_to_proto(duration)), Some(duration));
-        let negative = prost_types::Duration { seconds: -1, nanos: 0 };
+        assert_eq!(
+            proto_to_duration(&duration_to_proto(duration)),
+            Some(duration)
+        );
+        let negative = prost_types::Duration {
+            seconds: -1,
+            nanos: 0,
+        };
         assert_eq!(proto_to_duration(&negative), None);
     }
 

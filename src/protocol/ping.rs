@@ -113,9 +113,15 @@ mod tests {
         assert_eq!(ledger.next_ping(start), 1);
         assert_eq!(ledger.next_ping(start), 2);
         let later = start + Duration::from_millis(5);
-        assert_eq!(ledger.pong(2, later), PongMatch::Answered(Duration::from_millis(5)));
+        assert_eq!(
+            ledger.pong(2, later),
+            PongMatch::Answered(Duration::from_millis(5))
+        );
         assert_eq!(ledger.pong(2, later), PongMatch::Unsolicited);
-        assert_eq!(ledger.pong(1, later), PongMatch::Answered(Duration::from_millis(5)));
+        assert_eq!(
+            ledger.pong(1, later),
+            PongMatch::Answered(Duration::from_millis(5))
+        );
         assert_eq!(ledger.pong(3, later), PongMatch::Unsolicited);
         assert_eq!(ledger.pong(0, later), PongMatch::Unsolicited);
     }

@@ -58,7 +58,9 @@ impl AdmissionGate {
 
     fn lock(&self) -> MutexGuard<'_, GateInner> {
         // Nothing under this lock can panic midway through an update.
-        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Takes a slot for the stream with `handle`, or says why not.

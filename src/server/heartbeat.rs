@@ -4,11 +4,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{
-    admission::Refusal,
-    session::SessionStream,
-    ServerShared,
-};
+use super::{admission::Refusal, session::SessionStream, ServerShared};
 use crate::{liveness::LivenessHandle, protocol::pb};
 
 /// The generated service's implementation; mounted behind the liveness layer.
@@ -32,12 +28,18 @@ impl pb::heartbeat_service_server::HeartbeatService for HeartbeatEndpoint {
             .ok_or_else(|| {
                 Status::internal("HeartbeatService must be mounted behind the liveness layer: use server::HeartbeatServer")
             })?;
-        let permit = self.shared.gate.admit(handle.clone()).map_err(|refusal| match refusal {
-            Refusal::Draining => Status::unavailable("the server is shutting down; reconnect to another instance or retry shortly"),
-            Refusal::Full { capacity } => Status::resource_exhausted(format!(
-                "the server holds its maximum of {capacity} sessions; retry later"
-            )),
-        })?;
+        let permit = self
+            .shared
+            .gate
+            .admit(handle.clone())
+            .map_err(|refusal| match refusal {
+                Refusal::Draining => Status::unavailable(
+                    "the server is shutting down; reconnect to another instance or retry shortly",
+                ),
+                Refusal::Full { capacity } => Status::resource_exhausted(format!(
+                    "the server holds its maximum of {capacity} sessions; retry later"
+                )),
+            })?;
         let peer = request.remote_addr();
         Ok(Response::new(SessionStream::new(
             self.shared.clone(),

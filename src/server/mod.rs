@@ -40,7 +40,9 @@ use std::{
     task::{Context, Poll},
 };
 
-use tonic::{codegen::BoxFuture, server::NamedService, transport::server::TcpIncoming, transport::Server};
+use tonic::{
+    codegen::BoxFuture, server::NamedService, transport::server::TcpIncoming, transport::Server,
+};
 use tower::{Layer, Service};
 use tracing::{info, warn};
 

@@ -129,10 +129,12 @@ impl SessionStream {
 
     fn on_frame(&mut self, frame: Option<In>, now: Instant) -> Step {
         match (self.open, frame) {
-            (false, Some(In::Hello(hello))) => match validate_hello(&hello, &self.shared.server.config.limits) {
-                Ok(()) => Step::Reply(self.open_session(hello, now)),
-                Err(problem) => Step::End(CloseReason::ProtocolViolation, problem),
-            },
+            (false, Some(In::Hello(hello))) => {
+                match validate_hello(&hello, &self.shared.server.config.limits) {
+                    Ok(()) => Step::Reply(self.open_session(hello, now)),
+                    Err(problem) => Step::End(CloseReason::ProtocolViolation, problem),
+                }
+            }
             (false, _) => Step::End(
                 CloseReason::ProtocolViolation,
                 "the first frame must be Hello".into(),
@@ -211,7 +213,10 @@ impl SessionStream {
     fn finish(&mut self, reason: CloseReason, message: &str) {
         self.finished = true;
         if self.open {
-            self.shared.server.registry.close(&self.shared.id, reason, message);
+            self.shared
+                .server
+                .registry
+                .close(&self.shared.id, reason, message);
         }
     }
 
@@ -220,7 +225,10 @@ impl SessionStream {
     fn end(&mut self, reason: CloseReason, message: &str) {
         self.finished = true;
         if self.open {
-            self.shared.server.registry.close(&self.shared.id, reason, message);
+            self.shared
+                .server
+                .registry
+                .close(&self.shared.id, reason, message);
         } else {
             debug!(%reason, message, "stream ended before Hello");
         }
@@ -299,7 +307,10 @@ impl Drop for SessionStream {
             Some(EndCause::Oversize) => CloseReason::ProtocolViolation,
             Some(EndCause::Requested) | None => CloseReason::Disconnected,
         };
-        self.shared.server.registry.close(&self.shared.id, reason, "");
+        self.shared
+            .server
+            .registry
+            .close(&self.shared.id, reason, "");
     }
 }
 
@@ -374,8 +385,8 @@ impl SessionLink for SessionShared {
     }
 
     fn end(&self, reason: CloseReason, message: &str) {
-        let reconnect_after = (reason == CloseReason::ServerShutdown)
-            .then_some(self.server.config.reconnect_after);
+        let reconnect_after =
+            (reason == CloseReason::ServerShutdown).then_some(self.server.config.reconnect_after);
         self.handle
             .end(farewell::ending_for(reason, message, reconnect_after));
     }
@@ -413,7 +424,9 @@ impl LivenessObserver for SessionObserver {
     }
 
     fn ended(&self, cause: EndCause) {
-        let Some(session) = self.session.upgrade() else { return };
+        let Some(session) = self.session.upgrade() else {
+            return;
+        };
         let (reason, message) = match cause {
             EndCause::Silence => (
                 CloseReason::Timeout,
@@ -472,7 +485,13 @@ mod tests {
         };
         assert_eq!(validate_hello(&ok, &limits), Ok(()));
         let cases = [
-            (pb::Hello { client_id: "a".repeat(257), ..Default::default() }, "client_id is 257 bytes"),
+            (
+                pb::Hello {
+                    client_id: "a".repeat(257),
+                    ..Default::default()
+                },
+                "client_id is 257 bytes",
+            ),
             (
                 pb::Hello {
                     labels: (0..33).map(|i| (i.to_string(), String::new())).collect(),
@@ -481,11 +500,17 @@ mod tests {
                 "33 labels",
             ),
             (
-                pb::Hello { labels: HashMap::from([(String::new(), "v".into())]), ..Default::default() },
+                pb::Hello {
+                    labels: HashMap::from([(String::new(), "v".into())]),
+                    ..Default::default()
+                },
                 "keys must be 1 to 63 bytes",
             ),
             (
-                pb::Hello { labels: HashMap::from([("k".into(), "v".repeat(257))]), ..Default::default() },
+                pb::Hello {
+                    labels: HashMap::from([("k".into(), "v".repeat(257))]),
+                    ..Default::default()
+                },
                 "value of 257 bytes",
             ),
         ];

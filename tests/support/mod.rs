@@ -153,7 +153,8 @@ impl RawSession {
     }
 
     pub async fn send(&mut self, frame: In) {
-        self.send_raw(pb::HeartbeatRequest { frame: Some(frame) }).await;
+        self.send_raw(pb::HeartbeatRequest { frame: Some(frame) })
+            .await;
     }
 
     pub async fn send_raw(&mut self, request: pb::HeartbeatRequest) {
@@ -218,10 +219,12 @@ impl RawSession {
     /// Waits for the end and checks its goodbye reason and status code.
     pub async fn expect_end(&mut self, reason: pb::GoodbyeReason, code: Code) -> Ended {
         let ended = self.ended().await;
-        let goodbye = ended
-            .goodbye
-            .as_ref()
-            .unwrap_or_else(|| panic!("expected Goodbye{{{reason:?}}}, got none; status {:?}", ended.status));
+        let goodbye = ended.goodbye.as_ref().unwrap_or_else(|| {
+            panic!(
+                "expected Goodbye{{{reason:?}}}, got none; status {:?}",
+                ended.status
+            )
+        });
         assert_eq!(goodbye.reason(), reason, "goodbye {goodbye:?}");
         assert_eq!(ended.status.code(), code, "status {:?}", ended.status);
         ended
@@ -240,7 +243,10 @@ pub async fn next_change(subscription: &mut Subscription) -> Change {
 pub async fn closed(subscription: &mut Subscription, session_id: &str) -> (CloseReason, Instant) {
     loop {
         let change = next_change(subscription).await;
-        if let SessionEvent::Closed { session, reason, .. } = &change.event {
+        if let SessionEvent::Closed {
+            session, reason, ..
+        } = &change.event
+        {
             if session.identity.session_id == session_id {
                 return (*reason, Instant::now());
             }

@@ -1,0 +1,141 @@
+//! The `heartbeat` command line: every bad flag exits non-zero with one line
+//! naming the value and the fix.
+
+use std::process::{Command, Output};
+
+fn heartbeat(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_heartbeat"));
+    command.args(args);
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    command.output().expect("run heartbeat")
+}
+
+/// Runs `heartbeat serve` with `args` and returns its one error line.
+fn serve_error(args: &[&str], env: &[(&str, &str)]) -> String {
+    let mut all = vec!["serve"];
+    all.extend_from_slice(args);
+    let output = heartbeat(&all, env);
+    assert!(!output.status.success(), "{args:?} should fail");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|line| line.starts_with("error:"))
+        .collect();
+    assert_eq!(errors.len(), 1, "one error line expected:\n{stderr}");
+    errors[0].to_owned()
+}
+
+/// Tests that a timeout not above the interval is refused, naming both.
+#[test]
+fn timeout_must_exceed_interval() {
+    let line = serve_error(&["--ping-interval", "10s", "--timeout", "10s"], &[]);
+    assert!(
+        line.contains("timeout 10s must be longer than ping_interval 10s"),
+        "{line}"
+    );
+}
+
+/// Tests that the same check applies to values from the environment.
+#[test]
+fn environment_values_are_validated_too() {
+    let line = serve_error(&[], &[("HEARTBEAT_TIMEOUT", "5s")]);
+    assert!(
+        line.contains("timeout 5s must be longer than ping_interval 10s"),
+        "{line}"
+    );
+}
+
+/// Tests that zero durations are refused with an example of a good one.
+#[test]
+fn zero_durations_are_refused() {
+    let line = serve_error(&["--min-ping-interval", "0s"], &[]);
+    assert!(
+        line.contains("min_ping_interval must be greater than zero (for example 1s)"),
+        "{line}"
+    );
+}
+
+/// Tests that a malformed duration says how to write one.
+#[test]
+fn malformed_durations_say_how_to_write_one() {
+    let line = serve_error(&["--timeout", "thirty"], &[]);
+    assert!(line.contains("'thirty' is not a duration"), "{line}");
+    assert!(line.contains("like 200ms, 10s or 1m"), "{line}");
+}
+
+/// Tests that a suspicion threshold outside (interval, timeout) is refused.
+#[test]
+fn suspect_after_must_lie_between_interval_and_timeout() {
+    let line = serve_error(&["--suspect-after", "5s"], &[]);
+    assert!(
+        line.contains(
+            "suspect_after 5s must be longer than ping_interval 10s and shorter than timeout 30s"
+        ),
+        "{line}"
+    );
+}
+
+/// Tests that min ping spacing at or above the interval is refused.
+#[test]
+fn min_ping_interval_must_be_below_interval() {
+    let line = serve_error(&["--min-ping-interval", "10s"], &[]);
+    assert!(
+        line.contains("min_ping_interval 10s must be shorter than ping_interval 10s"),
+        "{line}"
+    );
+}
+
+/// Tests that a zero session capacity is refused.
+#[test]
+fn zero_capacity_is_refused() {
+    let line = serve_error(&["--max-sessions", "0"], &[]);
+    assert!(line.contains("max_sessions must be at least 1"), "{line}");
+}
+
+/// Tests that an out-of-range frame limit is refused with its range.
+#[test]
+fn frame_limits_are_range_checked() {
+    let line = serve_error(&["--max-message-size", "10"], &[]);
+    assert!(
+        line.contains("max_message_size 10 is out of range: use 64 to 4194304"),
+        "{line}"
+    );
+}
+
+/// Tests that a malformed listen address is refused, naming it.
+#[test]
+fn malformed_listen_address_is_refused() {
+    let line = serve_error(&["--listen", "localhost:port"], &[]);
+    assert!(
+        line.contains("invalid value 'localhost:port' for '--listen <ADDR>'"),
+        "{line}"
+    );
+}
+
+/// Tests that an address in use is refused with what to do about it.
+#[test]
+fn address_in_use_is_refused() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("address").to_string();
+    let line = serve_error(&["--listen", &addr], &[]);
+    assert!(line.contains(&format!("cannot listen on {addr}")), "{line}");
+    assert!(line.contains("choose another --listen"), "{line}");
+}
+
+/// Tests that --help teaches: defaults and environment variables are shown.
+#[test]
+fn help_shows_defaults_and_environment() {
+    let output = heartbeat(&["serve", "--help"], &[]);
+    assert!(output.status.success());
+    let help = String::from_utf8_lossy(&output.stdout);
+    for expected in [
+        "HEARTBEAT_PING_INTERVAL",
+        "[default: 10s]",
+        "[default: 127.0.0.1:50051]",
+        "--shutdown-grace",
+    ] {
+        assert!(help.contains(expected), "--help lacks {expected}:\n{help}");
+    }
+}
