@@ -328,7 +328,8 @@ async fn same_client_id_replaces_the_older_session() {
     assert_eq!(server.handle.registry().len(), 1);
 }
 
-/// Tests that an evicted session gets Goodbye{EVICTED} with the message, and ABORTED.
+/// Tests that an evicted session gets Goodbye{EVICTED} with the message, and
+/// ABORTED, and is recorded as EVICTED.
 #[tokio::test]
 async fn eviction_ends_with_aborted() {
     let server = TestServer::start(fast_config()).await;

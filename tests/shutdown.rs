@@ -12,7 +12,10 @@ use std::{
 
 use support::*;
 use tonic::Code;
-use tonic_heartbeat::protocol::{pb::GoodbyeReason, proto_to_duration};
+use tonic_heartbeat::protocol::{
+    pb::{self, GoodbyeReason},
+    proto_to_duration,
+};
 
 /// Starts `heartbeat serve` on an ephemeral port and returns it with its address.
 fn spawn_binary(extra: &[&str]) -> (std::process::Child, SocketAddr) {
@@ -74,17 +77,105 @@ async fn sigterm_drains_every_session_and_exits_zero() {
     assert_eq!(exit.code(), Some(0), "{exit:?}");
 }
 
-/// Tests that once a drain begins new streams are refused with UNAVAILABLE and
-/// `serve` returns when the sessions have ended.
+/// Tests that a drain records every session as SERVER_SHUTDOWN, refuses new
+/// streams with UNAVAILABLE, and lets `serve` return once sessions have ended.
 #[tokio::test]
 async fn drain_refuses_new_streams() {
     let server = TestServer::start(fast_config()).await;
-    let (mut session, _) = RawSession::hello(server.addr, "d").await;
+    let mut events = server.handle.subscribe();
+    let (mut session, welcome) = RawSession::hello(server.addr, "d").await;
     server.handle.drain();
     session
         .expect_end(GoodbyeReason::ServerShutdown, Code::Unavailable)
         .await;
+    let (reason, _) = closed(&mut events, &welcome.session_id).await;
+    assert_eq!(reason, tonic_heartbeat::CloseReason::ServerShutdown);
     let refused = RawSession::open(server.addr).await.err().expect("refused");
     assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
     server.shutdown().await.expect("clean shutdown");
+}
+
+/// Opens a session on `addr` that floods pings and never reads, until its
+/// pongs fill the flow-control window and the server can send it nothing, not
+/// even a goodbye. Returns once the client's own sends are blocked too: the
+/// server reads pings only while it can answer them.
+async fn wedge_a_stream(addr: SocketAddr) -> RawSession {
+    let (mut session, _) = RawSession::hello(addr, "wedged").await;
+    within(WAIT, async {
+        for seq in 1.. {
+            let ping = pb::HeartbeatRequest {
+                frame: Some(pb::heartbeat_request::Frame::Ping(pb::Ping { seq })),
+            };
+            // A send blocked for a whole second is flow control holding it.
+            if tokio::time::timeout(Duration::from_secs(1), session.outbound_send(ping))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    })
+    .await;
+    session
+}
+
+fn flooding_flags(grace: &'static str) -> [&'static str; 6] {
+    [
+        "--shutdown-grace",
+        grace,
+        "--ping-strikes",
+        "4000000000",
+        "--min-ping-interval",
+        "1ms",
+    ]
+}
+
+fn signal(child: &std::process::Child, name: &str) {
+    let status = Command::new("kill")
+        .args([name, &child.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill {name}");
+}
+
+async fn exit_of(child: std::process::Child) -> std::process::ExitStatus {
+    let mut child = child;
+    within(WAIT, tokio::task::spawn_blocking(move || child.wait()))
+        .await
+        .expect("join")
+        .expect("wait")
+}
+
+/// Tests that the grace period bounds a drain that cannot complete: the server
+/// closes what is left once it passes, and still exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grace_period_bounds_a_stuck_drain() {
+    let (child, addr) = spawn_binary(&flooding_flags("700ms"));
+    let _wedged = wedge_a_stream(addr).await;
+    let signalled = tokio::time::Instant::now();
+    signal(&child, "-TERM");
+    let exit = exit_of(child).await;
+    assert_eq!(exit.code(), Some(0), "{exit:?}");
+    assert!(
+        signalled.elapsed() >= Duration::from_millis(700),
+        "exited after {:?}, before the grace period",
+        signalled.elapsed()
+    );
+}
+
+/// Tests that a second signal during a drain exits at once, with code 130.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_signal_exits_at_once() {
+    let (child, addr) = spawn_binary(&flooding_flags("60s"));
+    let (mut healthy, _) = RawSession::hello(addr, "healthy").await;
+    let _wedged = wedge_a_stream(addr).await;
+    signal(&child, "-TERM");
+    // The drain has begun once the healthy session hears of it; it then waits
+    // up to 60 s on the wedged stream, unless a second signal comes.
+    healthy
+        .expect_end(GoodbyeReason::ServerShutdown, Code::Unavailable)
+        .await;
+    signal(&child, "-TERM");
+    let exit = exit_of(child).await;
+    assert_eq!(exit.code(), Some(130), "{exit:?}");
 }

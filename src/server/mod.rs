@@ -97,6 +97,9 @@ impl HeartbeatServer {
         let layer = LivenessLayer::new(config.timeout)
             .suspect_after(config.effective_suspect_after())
             .max_message_size(config.limits.max_message_size)
+            // Reading ahead by one largest frame keeps a session moving; more
+            // would only let a client that stops reading pin more memory.
+            .inbound_buffer(config.limits.max_message_size as usize)
             .on_silence(farewell::ending_for(
                 CloseReason::Timeout,
                 &format!(
