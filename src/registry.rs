@@ -150,7 +150,8 @@ pub struct SessionStats {
 
 /// How the registry reaches a session's connection; the server implements it.
 pub trait SessionLink: Send + Sync {
-    /// The session's current counters and times.
+    /// The session's current counters and times. Called under the registry's
+    /// lock: it must be quick and must not call back into the registry.
     fn stats(&self) -> SessionStats;
     /// Ends the session's stream for `reason` (the registry has already recorded it).
     fn end(&self, reason: CloseReason, message: &str);
@@ -226,6 +227,11 @@ pub enum SubscriptionStart {
     },
 }
 
+/// The registry is shut down and opens no more sessions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the registry is shut down and opens no more sessions")]
+pub struct ShutDown;
+
 /// A subscriber that fell behind by more than its queue and was cut off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("the subscriber lagged: more than {queue} changes were waiting; resume from the last revision seen")]
@@ -293,6 +299,8 @@ struct Shared {
 
 #[derive(Default)]
 struct Inner {
+    /// Set by [`SessionRegistry::shut_down`]: no session opens any more.
+    shut_down: bool,
     revision: u64,
     sessions: HashMap<String, Entry>,
     /// The open session of each non-empty client id.
@@ -359,10 +367,18 @@ impl SessionRegistry {
 
     /// Opens a session. An open session with the same non-empty client id is
     /// closed as [`CloseReason::Replaced`] first, and its link told to end.
-    pub fn open(&self, identity: SessionIdentity, link: Arc<dyn SessionLink>) {
+    /// Fails once the registry has been [shut down](Self::shut_down).
+    pub fn open(
+        &self,
+        identity: SessionIdentity,
+        link: Arc<dyn SessionLink>,
+    ) -> Result<(), ShutDown> {
         let identity = Arc::new(identity);
         let replaced = {
             let mut inner = self.lock();
+            if inner.shut_down {
+                return Err(ShutDown);
+            }
             let replaced = if identity.client_id.is_empty() {
                 None
             } else {
@@ -397,6 +413,7 @@ impl SessionRegistry {
         if let Some((link, message)) = replaced {
             link.end(CloseReason::Replaced, &message);
         }
+        Ok(())
     }
 
     /// Marks a session suspect; no effect if it is not open and live.
@@ -455,11 +472,14 @@ impl SessionRegistry {
         }
     }
 
-    /// Closes every open session for `reason` and tells each link to end;
-    /// returns how many there were.
-    pub fn close_all(&self, reason: CloseReason, message: &str) -> usize {
+    /// Closes every open session as [`CloseReason::ServerShutdown`], tells
+    /// each link to end, and refuses every later [`open`](Self::open), all
+    /// under one lock so no session slips in between. Returns how many closed.
+    pub fn shut_down(&self, message: &str) -> usize {
+        let reason = CloseReason::ServerShutdown;
         let closed: Vec<_> = {
             let mut inner = self.lock();
+            inner.shut_down = true;
             let ids: Vec<String> = inner.sessions.keys().cloned().collect();
             ids.iter()
                 .filter_map(|id| self.close_locked(&mut inner, id, reason, message.to_owned()))
@@ -666,7 +686,9 @@ mod tests {
 
     fn open(registry: &SessionRegistry, session_id: &str, client_id: &str) -> Arc<RecordingLink> {
         let link = Arc::new(RecordingLink::default());
-        registry.open(identity(session_id, client_id), link.clone());
+        registry
+            .open(identity(session_id, client_id), link.clone())
+            .expect("open registry");
         link
     }
 
@@ -750,6 +772,21 @@ mod tests {
                 SubscriptionStart::Snapshot { reset: true, .. }
             ));
         }
+    }
+
+    /// Tests that shutting down closes every session and refuses later opens.
+    #[test]
+    fn shut_down_closes_all_and_refuses_opens() {
+        let registry = SessionRegistry::new(100, 100);
+        let link = open(&registry, "a", "");
+        assert_eq!(registry.shut_down("bye"), 1);
+        assert_eq!(
+            *link.ended.lock().expect("test lock"),
+            [CloseReason::ServerShutdown]
+        );
+        let late = registry.open(identity("b", ""), Arc::new(RecordingLink::default()));
+        assert_eq!(late, Err(ShutDown));
+        assert!(registry.is_empty());
     }
 
     /// Tests that an overflowing subscriber is cut off and told it lagged.

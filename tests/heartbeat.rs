@@ -395,3 +395,54 @@ async fn unknown_frames_keep_alive_and_earn_strikes() {
         .expect_end(GoodbyeReason::TooManyPings, Code::ResourceExhausted)
         .await;
 }
+
+/// Tests that a session whose client stops reading loses its slot at its
+/// timeout, although its HTTP/2 stream cannot even carry the goodbye.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_loses_its_slot_at_the_timeout() {
+    let config = ServerConfig {
+        max_sessions: 1,
+        ping_strikes: u32::MAX,
+        min_ping_interval: Duration::from_millis(1),
+        ..fast_config()
+    };
+    let server = TestServer::start(config).await;
+    let mut events = server.handle.subscribe();
+    let _wedged = wedge_a_stream(server.addr).await;
+    let opened = next_change(&mut events).await;
+    let (reason, _) = closed(&mut events, &opened.event.session().identity.session_id).await;
+    assert_eq!(reason, CloseReason::Timeout);
+    let (_, welcome) = RawSession::hello(server.addr, "next").await;
+    assert!(!welcome.session_id.is_empty());
+}
+
+/// Tests that a refusal before any frame is a trailers-only response (one
+/// HEADERS frame ending the stream), as every gRPC implementation expects.
+#[tokio::test]
+async fn refusals_are_trailers_only() {
+    let server = TestServer::start(fast_config()).await;
+    server.handle.drain();
+    let tcp = tokio::net::TcpStream::connect(server.addr)
+        .await
+        .expect("connect");
+    let (mut h2, connection) = h2::client::handshake(tcp).await.expect("handshake");
+    tokio::spawn(connection);
+    let request = http::Request::post(format!(
+        "{}/heartbeat.v1.HeartbeatService/Heartbeat",
+        server.url()
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .body(())
+    .expect("request");
+    let (response, _body) = h2.send_request(request, false).expect("send");
+    let response = within(WAIT, response).await.expect("response");
+    assert_eq!(
+        response.headers().get("grpc-status").map(|v| v.as_bytes()),
+        Some(&b"14"[..])
+    );
+    assert!(
+        response.body().is_end_stream(),
+        "the refusal should end the stream in its HEADERS frame"
+    );
+}

@@ -203,6 +203,31 @@ async fn ends_a_silent_call_of_an_unrelated_service() {
     );
 }
 
+/// Tests that a suspicion threshold longer than the timeout never delays the deadline.
+#[tokio::test]
+async fn a_long_suspicion_does_not_delay_the_deadline() {
+    let addr = echo_server(LivenessLayer::new(TIMEOUT).suspect_after(TIMEOUT * 3)).await;
+    let (notes, mut replies) = open_echo(addr).await;
+    notes
+        .send(Note {
+            text: "only".into(),
+        })
+        .await
+        .expect("send");
+    within(WAIT, replies.message()).await.expect("reply");
+    let last = Instant::now();
+    let status = within(WAIT, replies.message())
+        .await
+        .expect_err("call ends");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert_on_time(
+        "the deadline",
+        Instant::now(),
+        last + TIMEOUT,
+        Duration::from_millis(100),
+    );
+}
+
 /// Tests that messages keep an unrelated service's call alive past its timeout.
 #[tokio::test]
 async fn messages_keep_a_call_alive() {

@@ -12,10 +12,7 @@ use std::{
 
 use support::*;
 use tonic::Code;
-use tonic_heartbeat::protocol::{
-    pb::{self, GoodbyeReason},
-    proto_to_duration,
-};
+use tonic_heartbeat::protocol::{pb::GoodbyeReason, proto_to_duration};
 
 /// Starts `heartbeat serve` on an ephemeral port and returns it with its address.
 fn spawn_binary(extra: &[&str]) -> (std::process::Child, SocketAddr) {
@@ -93,30 +90,6 @@ async fn drain_refuses_new_streams() {
     let refused = RawSession::open(server.addr).await.err().expect("refused");
     assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
     server.shutdown().await.expect("clean shutdown");
-}
-
-/// Opens a session on `addr` that floods pings and never reads, until its
-/// pongs fill the flow-control window and the server can send it nothing, not
-/// even a goodbye. Returns once the client's own sends are blocked too: the
-/// server reads pings only while it can answer them.
-async fn wedge_a_stream(addr: SocketAddr) -> RawSession {
-    let (mut session, _) = RawSession::hello(addr, "wedged").await;
-    within(WAIT, async {
-        for seq in 1.. {
-            let ping = pb::HeartbeatRequest {
-                frame: Some(pb::heartbeat_request::Frame::Ping(pb::Ping { seq })),
-            };
-            // A send blocked for a whole second is flow control holding it.
-            if tokio::time::timeout(Duration::from_secs(1), session.outbound_send(ping))
-                .await
-                .is_err()
-            {
-                return;
-            }
-        }
-    })
-    .await;
-    session
 }
 
 fn flooding_flags(grace: &'static str) -> [&'static str; 6] {

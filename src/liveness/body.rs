@@ -37,8 +37,12 @@ pin_project! {
     impl<B> PinnedDrop for LivenessBody<B> {
         fn drop(this: Pin<&mut Self>) {
             // A body dropped before its end (the peer reset the stream, the
-            // connection broke) must not leave timers running for the call.
+            // connection broke) must not leave timers running for the call,
+            // nor a reader of the request waiting for frames that never come.
             this.core.finish();
+            if let Some(pump) = this.pump.as_ref() {
+                pump.close();
+            }
         }
     }
 }
@@ -104,7 +108,9 @@ where
                 }
                 // Dropping the service's body drops whatever work feeds it.
                 this.inner.set(None);
-                *this.pump = None;
+                if let Some(pump) = this.pump.take() {
+                    pump.close();
+                }
                 *this.farewell = Some(ending);
                 continue;
             }
@@ -133,7 +139,12 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.done && self.farewell.is_none()
+        if self.farewell.is_some() {
+            return false;
+        }
+        // Deferring to the service's body lets an error-only answer (tonic's
+        // `Status::into_http`) go out as a proper trailers-only response.
+        self.done || self.inner.as_ref().is_none_or(B::is_end_stream)
     }
 }
 

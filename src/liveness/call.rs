@@ -121,6 +121,9 @@ pub(crate) struct CallCore {
     cause: OnceLock<EndCause>,
     /// The task polling the response; woken to perform an ending.
     waker: Mutex<Option<Waker>>,
+    /// Serialises suspect/recover transitions with their callbacks, so an
+    /// observer hears them in the order they happened.
+    transitions: Mutex<()>,
     /// Who hears of suspicion, recovery and endings.
     observer: OnceLock<Arc<dyn LivenessObserver>>,
     /// A weak self-reference for timer entries.
@@ -223,6 +226,7 @@ impl CallCore {
             ending: Mutex::new(None),
             cause: OnceLock::new(),
             waker: Mutex::new(None),
+            transitions: Mutex::new(()),
             observer: OnceLock::new(),
             this: this.clone(),
         });
@@ -240,17 +244,22 @@ impl CallCore {
     }
 
     /// Records `messages` whole messages arriving now. The hot path: two atomic
-    /// writes, unless the call was suspect.
+    /// writes and a load, unless the call was suspect.
     pub(crate) fn touch(&self, messages: u64) {
         let now = Instant::now();
+        // SeqCst pairs with `suspect`: either this load sees SUSPECT and
+        // recovers, or `suspect` sees this store and takes suspicion back.
         self.last_seen
-            .store(micros_since(self.wheel.base(), now), Ordering::Release);
+            .store(micros_since(self.wheel.base(), now), Ordering::SeqCst);
         self.frames_in.fetch_add(messages, Ordering::Relaxed);
-        if self.state.load(Ordering::Acquire) == SUSPECT
-            && self
-                .state
-                .compare_exchange(SUSPECT, LIVE, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
+        if self.state.load(Ordering::SeqCst) != SUSPECT {
+            return;
+        }
+        let _transition = lock(&self.transitions);
+        if self
+            .state
+            .compare_exchange(SUSPECT, LIVE, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
         {
             // The entry armed for the timeout would check suspicion too late:
             // replace it with one at the new suspicion time.
@@ -259,6 +268,29 @@ impl CallCore {
             if let Some(observer) = self.observer.get() {
                 observer.recovered();
             }
+        }
+    }
+
+    /// Marks the call suspect if no message arrived since `seen` (microseconds
+    /// since the wheel's base); a message racing in takes the suspicion back.
+    fn suspect(&self, seen: u64) {
+        let _transition = lock(&self.transitions);
+        if self
+            .state
+            .compare_exchange(LIVE, SUSPECT, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
+            return;
+        }
+        if self.last_seen.load(Ordering::SeqCst) != seen {
+            // `touch` ran in between and saw LIVE; the peer is not late.
+            let _ = self
+                .state
+                .compare_exchange(SUSPECT, LIVE, Ordering::SeqCst, Ordering::SeqCst);
+            return;
+        }
+        if let Some(observer) = self.observer.get() {
+            observer.suspected();
         }
     }
 
@@ -327,24 +359,18 @@ impl WheelTarget for CallCore {
         if state == ENDED {
             return None;
         }
-        let last_seen = self.instant(self.last_seen.load(Ordering::Acquire));
+        let seen = self.last_seen.load(Ordering::SeqCst);
+        let last_seen = self.instant(seen);
         let silence = now.saturating_duration_since(last_seen);
         let policy = &self.policy;
         if silence >= policy.timeout {
             self.begin_end(EndCause::Silence, policy.on_silence.clone());
             return None;
         }
-        match policy.suspect_after {
+        match policy.suspicion() {
             Some(suspect_after) if state == LIVE && silence >= suspect_after => {
-                if self
-                    .state
-                    .compare_exchange(LIVE, SUSPECT, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok()
-                {
-                    if let Some(observer) = self.observer.get() {
-                        observer.suspected();
-                    }
-                }
+                self.suspect(seen);
+                // Check again at the deadline; a recovery re-arms earlier.
                 Some(last_seen + policy.timeout)
             }
             Some(suspect_after) if state == LIVE => Some(last_seen + suspect_after),

@@ -50,6 +50,9 @@ where
             pump.pump(cx);
         }
         if let Some(ending) = this.core.take_ending() {
+            if let Some(pump) = this.pump.take() {
+                pump.close();
+            }
             let mut response = http::Response::new(LivenessBody::ending(this.core.clone(), ending));
             response
                 .headers_mut()

@@ -27,6 +27,10 @@ use super::{
 pub(crate) trait Pump: Send + Sync {
     /// Reads what the request body has ready, up to the buffer limit.
     fn pump(&self, cx: &mut Context<'_>);
+
+    /// Stops reading for good: the service's reader sees the end of the stream
+    /// once it has taken what was queued.
+    fn close(&self);
 }
 
 /// The request body as the layer reads it, shared with the service's view of it.
@@ -98,7 +102,11 @@ where
                                 state.body = None;
                                 state.queue.clear();
                                 state.queued = 0;
+                                let reader = state.reader.take();
                                 drop(state);
+                                if let Some(reader) = reader {
+                                    reader.wake();
+                                }
                                 self.core
                                     .begin_end(EndCause::Oversize, policy.on_oversize.clone());
                                 return;
@@ -126,6 +134,16 @@ where
             if let Some(reader) = state.reader.take() {
                 reader.wake();
             }
+        }
+    }
+
+    fn close(&self) {
+        let mut state = lock(&self.state);
+        state.body = None;
+        let reader = state.reader.take();
+        drop(state);
+        if let Some(reader) = reader {
+            reader.wake();
         }
     }
 }

@@ -47,7 +47,8 @@ impl LivenessLayer {
     }
 
     /// Marks a call suspect after this much silence (reported to its
-    /// [`LivenessObserver`](super::LivenessObserver)). Default: never.
+    /// [`LivenessObserver`](super::LivenessObserver)). Ignored unless it is
+    /// non-zero and shorter than the timeout. Default: never.
     #[must_use]
     pub fn suspect_after(mut self, after: Duration) -> Self {
         self.policy.suspect_after = Some(after);

@@ -91,11 +91,15 @@ pub(crate) struct LivenessPolicy {
 }
 
 impl LivenessPolicy {
+    /// The suspicion threshold in force: only a non-zero one shorter than the
+    /// timeout means anything (a longer one would never come first).
+    fn suspicion(&self) -> Option<Duration> {
+        self.suspect_after
+            .filter(|after| !after.is_zero() && *after < self.timeout)
+    }
+
     /// How long after the last message the first deadline check is due.
     fn first_check(&self) -> Duration {
-        match self.suspect_after {
-            Some(after) if after < self.timeout => after,
-            _ => self.timeout,
-        }
+        self.suspicion().unwrap_or(self.timeout)
     }
 }

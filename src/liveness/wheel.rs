@@ -276,7 +276,12 @@ async fn drive(base: Instant, current: Arc<Shard>, wheel: Weak<WheelShared>) {
             let Some(target) = entry.target.upgrade() else {
                 continue;
             };
-            if let Some(at) = target.fire(entry.token, now) {
+            // A panicking callback must not stop every other deadline of the
+            // shard; the panic hook has reported it, and its entry is dropped.
+            let fired = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                target.fire(entry.token, now)
+            }));
+            if let Ok(Some(at)) = fired {
                 rearm.push((at, entry.token, entry.target));
             }
         }
@@ -403,6 +408,34 @@ mod tests {
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert_eq!(target.fired.lock().expect("test lock").len(), 4);
+    }
+
+    /// Fires by panicking.
+    struct Panicker;
+
+    impl WheelTarget for Panicker {
+        fn fire(&self, _token: u64, _now: Instant) -> Option<Instant> {
+            panic!("a broken timer callback");
+        }
+    }
+
+    /// Tests that a panicking callback does not stop the shard's other deadlines.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_panicking_target_does_not_stop_the_shard() {
+        let wheel = TimerWheel::with_shards(1);
+        let broken: Arc<dyn WheelTarget> = Arc::new(Panicker);
+        wheel.insert(
+            Instant::now() + Duration::from_millis(5),
+            0,
+            Arc::downgrade(&broken),
+        );
+        let healthy = recorder(0, Duration::ZERO);
+        wheel.insert(
+            Instant::now() + Duration::from_millis(10),
+            0,
+            weak(&healthy),
+        );
+        wait_for_fires(&healthy, 1).await;
     }
 
     /// Tests that an entry whose target is gone fizzles without firing.

@@ -112,13 +112,23 @@ impl AdmissionGate {
     }
 }
 
-impl Drop for AdmissionPermit {
-    fn drop(&mut self) {
+impl AdmissionPermit {
+    /// Frees the slot now; later calls (and the drop) do nothing more.
+    ///
+    /// A call's end frees its slot at once, even if its stream lingers: a
+    /// client that stops reading keeps its HTTP/2 stream (only the client or
+    /// the connection can end that) but not a session slot.
+    pub(crate) fn release(&self) {
         let mut inner = self.gate.lock();
-        inner.calls.remove(&self.key);
-        if inner.calls.is_empty() {
+        if inner.calls.remove(&self.key).is_some() && inner.calls.is_empty() {
             drop(inner);
             self.gate.idle.notify_waiters();
         }
+    }
+}
+
+impl Drop for AdmissionPermit {
+    fn drop(&mut self) {
+        self.release();
     }
 }

@@ -23,7 +23,7 @@ use tokio_stream::Stream;
 use tonic::{Status, Streaming};
 use tracing::debug;
 
-use super::{admission::AdmissionPermit, farewell, ServerShared};
+use super::{admission::AdmissionPermit, drain, farewell, ServerShared};
 use crate::{
     config::FrameLimits,
     liveness::{EndCause, LivenessHandle, LivenessObserver, WheelTarget},
@@ -51,6 +51,8 @@ pub(crate) struct SessionShared {
     srtt_micros: AtomicU64,
     /// Set by the timer wheel when the next server ping is due.
     ping_due: AtomicBool,
+    /// The stream's admission slot, freed the moment the call ends.
+    permit: AdmissionPermit,
 }
 
 /// The response stream of one `Heartbeat` call.
@@ -66,8 +68,6 @@ pub(crate) struct SessionStream {
     strikes: StrikeCounter,
     /// Set once the stream has finished by itself (goodbye, half-close).
     finished: bool,
-    /// Holds the admission slot for as long as the stream exists.
-    _permit: AdmissionPermit,
 }
 
 /// What one client frame calls for.
@@ -108,22 +108,27 @@ impl SessionStream {
             strikes: 0,
             last: None,
         };
+        let shared = Arc::new(SessionShared {
+            id: format!("{:016x}", rand::random::<u64>()),
+            handle,
+            server,
+            srtt_micros: AtomicU64::new(u64::MAX),
+            ping_due: AtomicBool::new(false),
+            permit,
+        });
+        // Observed from admission on, so that any end frees the slot at once.
+        shared.handle.observe(Arc::new(SessionObserver {
+            session: Arc::downgrade(&shared),
+        }));
         Self {
             inbound,
-            shared: Arc::new(SessionShared {
-                id: format!("{:016x}", rand::random::<u64>()),
-                handle,
-                server,
-                srtt_micros: AtomicU64::new(u64::MAX),
-                ping_due: AtomicBool::new(false),
-            }),
+            shared,
             open: false,
             peer,
             pings: PingLedger::default(),
             rtt: RttEstimator::default(),
             strikes,
             finished: false,
-            _permit: permit,
         }
     }
 
@@ -131,7 +136,7 @@ impl SessionStream {
         match (self.open, frame) {
             (false, Some(In::Hello(hello))) => {
                 match validate_hello(&hello, &self.shared.server.config.limits) {
-                    Ok(()) => Step::Reply(self.open_session(hello, now)),
+                    Ok(()) => self.open_session(hello, now),
                     Err(problem) => Step::End(CloseReason::ProtocolViolation, problem),
                 }
             }
@@ -178,12 +183,11 @@ impl SessionStream {
         })
     }
 
-    /// Registers the session and builds its `Welcome`.
-    fn open_session(&mut self, hello: pb::Hello, now: Instant) -> Out {
+    /// Registers the session and answers with its `Welcome`.
+    fn open_session(&mut self, hello: pb::Hello, now: Instant) -> Step {
         let shared = &self.shared;
         let server = &shared.server;
-        self.open = true;
-        server.registry.open(
+        let opened = server.registry.open(
             SessionIdentity {
                 session_id: shared.id.clone(),
                 client_id: hello.client_id,
@@ -193,20 +197,22 @@ impl SessionStream {
             },
             shared.clone(),
         );
-        shared.handle.observe(Arc::new(SessionObserver {
-            session: Arc::downgrade(shared),
-        }));
+        if opened.is_err() {
+            // The Hello raced a drain: this session never opens.
+            return Step::End(CloseReason::ServerShutdown, drain::SHUTDOWN_MESSAGE.into());
+        }
+        self.open = true;
         let ping_timer: Arc<dyn WheelTarget> = shared.clone();
         server.wheel.insert(
             now + server.config.ping_interval,
             0,
             Arc::downgrade(&ping_timer),
         );
-        Out::Welcome(pb::Welcome {
+        Step::Reply(Out::Welcome(pb::Welcome {
             session_id: shared.id.clone(),
             ping_interval: Some(duration_to_proto(server.config.ping_interval)),
             timeout: Some(duration_to_proto(server.config.timeout)),
-        })
+        }))
     }
 
     /// Records that the session ended by the client's doing.
@@ -297,6 +303,7 @@ impl Stream for SessionStream {
 
 impl Drop for SessionStream {
     fn drop(&mut self) {
+        self.shared.permit.release();
         if !self.open || self.finished {
             return;
         }
@@ -427,6 +434,7 @@ impl LivenessObserver for SessionObserver {
         let Some(session) = self.session.upgrade() else {
             return;
         };
+        session.permit.release();
         let (reason, message) = match cause {
             EndCause::Silence => (
                 CloseReason::Timeout,

@@ -277,3 +277,27 @@ pub fn assert_on_time(what: &str, at: Instant, earliest: Instant, slack: Duratio
         at - earliest
     );
 }
+
+/// Opens a session on `addr` that floods pings and never reads, until its
+/// pongs fill the flow-control window and the server can send it nothing, not
+/// even a goodbye. Returns once the client's own sends are blocked too: the
+/// server reads pings only while it can answer them.
+pub async fn wedge_a_stream(addr: SocketAddr) -> RawSession {
+    let (mut session, _) = RawSession::hello(addr, "wedged").await;
+    within(WAIT, async {
+        for seq in 1.. {
+            let ping = pb::HeartbeatRequest {
+                frame: Some(In::Ping(pb::Ping { seq })),
+            };
+            // A send blocked for a whole second is flow control holding it.
+            if tokio::time::timeout(Duration::from_secs(1), session.outbound_send(ping))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    })
+    .await;
+    session
+}
