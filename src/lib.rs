@@ -20,6 +20,7 @@
 //!
 //! The `heartbeat` binary's command line lives in the binary, not here.
 #![deny(missing_docs)]
+#![deny(clippy::disallowed_types)]
 #![deny(unreachable_pub)]
 #![forbid(unsafe_code)]
 

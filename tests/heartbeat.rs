@@ -272,6 +272,20 @@ async fn frame_over_the_size_limit_is_a_violation() {
     assert_eq!(reason, CloseReason::ProtocolViolation);
 }
 
+/// Half-closes `session` and checks it finishes with OK, recorded as `expected`.
+async fn assert_half_close_finishes_ok(
+    mut session: RawSession,
+    events: &mut tonic_heartbeat::registry::Subscription,
+    session_id: &str,
+    expected: CloseReason,
+) {
+    session.half_close();
+    let ended = session.ended().await;
+    assert_eq!(ended.status.code(), Code::Ok, "{:?}", ended.status);
+    let (reason, _) = closed(events, session_id).await;
+    assert_eq!(reason, expected);
+}
+
 /// Tests that a client goodbye finishes with OK and is recorded as CLIENT_GOODBYE.
 #[tokio::test]
 async fn client_goodbye_finishes_ok() {
@@ -284,11 +298,13 @@ async fn client_goodbye_finishes_ok() {
             ..Default::default()
         }))
         .await;
-    session.half_close();
-    let ended = session.ended().await;
-    assert_eq!(ended.status.code(), Code::Ok, "{:?}", ended.status);
-    let (reason, _) = closed(&mut events, &welcome.session_id).await;
-    assert_eq!(reason, CloseReason::ClientGoodbye);
+    assert_half_close_finishes_ok(
+        session,
+        &mut events,
+        &welcome.session_id,
+        CloseReason::ClientGoodbye,
+    )
+    .await;
 }
 
 /// Tests that a half-close without goodbye finishes with OK as CLIENT_HALF_CLOSE.
@@ -296,12 +312,14 @@ async fn client_goodbye_finishes_ok() {
 async fn half_close_finishes_ok() {
     let server = TestServer::start(fast_config()).await;
     let mut events = server.handle.subscribe();
-    let (mut session, welcome) = RawSession::hello(server.addr, "half").await;
-    session.half_close();
-    let ended = session.ended().await;
-    assert_eq!(ended.status.code(), Code::Ok, "{:?}", ended.status);
-    let (reason, _) = closed(&mut events, &welcome.session_id).await;
-    assert_eq!(reason, CloseReason::ClientHalfClose);
+    let (session, welcome) = RawSession::hello(server.addr, "half").await;
+    assert_half_close_finishes_ok(
+        session,
+        &mut events,
+        &welcome.session_id,
+        CloseReason::ClientHalfClose,
+    )
+    .await;
 }
 
 /// Tests that a Hello with a live client id replaces the older session with
