@@ -110,3 +110,33 @@ fn bind_hint(error: &io::Error) -> &'static str {
         _ => "",
     }
 }
+
+/// Backoff settings that cannot work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("invalid backoff: {0}")]
+pub struct InvalidBackoff(pub(crate) &'static str);
+
+/// The heartbeat client could not be built or closed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server address is not a usable URL.
+    #[error("invalid server URL {url:?}: {reason} (write http://host:port, or host:port)")]
+    InvalidUrl {
+        /// The address as given.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The backoff settings are invalid.
+    #[error(transparent)]
+    Backoff(#[from] InvalidBackoff),
+    /// The client's own thread could not be started.
+    #[error("cannot start the heartbeat client's thread: {0}")]
+    Thread(#[source] io::Error),
+    /// The client is closed; it will not connect again.
+    #[error("the heartbeat client is closed")]
+    Closed,
+    /// The server did not finish the session within the close timeout.
+    #[error("the server did not confirm the goodbye within {}", format_duration(*.0))]
+    CloseTimeout(Duration),
+}

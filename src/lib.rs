@@ -15,6 +15,8 @@
 //!   subscriptions (snapshot, then every change, with no gap).
 //! - [`server`]: the heartbeat service behind its layer, admission, drain, and
 //!   [`server::serve`] for the standalone server.
+//! - [`client`]: a reconnecting client that keeps a session alive on its own
+//!   thread and reports state, round-trip times and why sessions were lost.
 //! - [`config`]: validated settings and their defaults.
 //! - [`error`]: the errors returned at the library's boundaries.
 //!
@@ -24,6 +26,7 @@
 #![deny(unreachable_pub)]
 #![forbid(unsafe_code)]
 
+pub mod client;
 pub mod config;
 pub mod error;
 pub mod liveness;
@@ -31,6 +34,7 @@ pub mod protocol;
 pub mod registry;
 pub mod server;
 
+pub use client::Client;
 pub use config::{FrameLimits, ServerConfig};
 pub use registry::{CloseReason, SessionRegistry};
 pub use server::{HeartbeatHandle, HeartbeatServer};

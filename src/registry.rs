@@ -397,7 +397,7 @@ impl SessionRegistry {
             info!(
                 session_id = %identity.session_id,
                 client_id = %identity.client_id,
-                peer = ?identity.peer,
+                peer = %identity.peer.map_or_else(|| "-".to_owned(), |peer| peer.to_string()),
                 "session opened"
             );
             let entry = Entry {
@@ -508,7 +508,7 @@ impl SessionRegistry {
             .duration_since(entry.identity.opened_at)
             .unwrap_or_default();
         info!(
-            session_id,
+            %session_id,
             client_id = %entry.identity.client_id,
             %reason,
             lifetime_ms = u64::try_from(lifetime.as_millis()).unwrap_or(u64::MAX),

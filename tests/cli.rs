@@ -139,3 +139,27 @@ fn help_shows_defaults_and_environment() {
         assert!(help.contains(expected), "--help lacks {expected}:\n{help}");
     }
 }
+
+/// Tests that `heartbeat connect` refuses a bad URL with one line.
+#[test]
+fn connect_refuses_a_bad_url() {
+    let output = heartbeat(&["connect", "ftp://host:1"], &[]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("invalid server URL \"ftp://host:1\": the scheme must be http or https"),
+        "{stderr}"
+    );
+}
+
+/// Tests that `heartbeat connect` refuses a malformed label, saying how to write one.
+#[test]
+fn connect_refuses_a_bad_label() {
+    let output = heartbeat(&["connect", "127.0.0.1:1", "--label", "zone"], &[]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("label \"zone\" has no '=': write key=value"),
+        "{stderr}"
+    );
+}

@@ -81,12 +81,8 @@ impl ClientProcess {
         Self { child, session_id }
     }
 
-    fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([signal, &self.child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill {signal} failed");
+    fn signal(&self, name: &str) {
+        signal(&self.child, name);
     }
 }
 

@@ -2,59 +2,24 @@
 
 mod support;
 
-use std::{
-    io::{BufRead, BufReader},
-    net::SocketAddr,
-    process::{Command, Stdio},
-    sync::mpsc as std_mpsc,
-    time::Duration,
-};
+use std::time::Duration;
 
 use support::*;
 use tonic::Code;
 use tonic_heartbeat::protocol::{pb::GoodbyeReason, proto_to_duration};
-
-/// Starts `heartbeat serve` on an ephemeral port and returns it with its address.
-fn spawn_binary(extra: &[&str]) -> (std::process::Child, SocketAddr) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_heartbeat"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
-        .args(extra)
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn heartbeat");
-    let stderr = child.stderr.take().expect("piped stderr");
-    let (found, addr) = std_mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(rest) = line.split("\"listen\":\"").nth(1) {
-                let _ = found.send(rest.split('"').next().unwrap_or_default().to_owned());
-            }
-        }
-    });
-    let addr = addr
-        .recv_timeout(WAIT)
-        .expect("the server logs its address")
-        .parse()
-        .expect("a socket address");
-    (child, addr)
-}
 
 /// Tests that SIGTERM gives every session Goodbye{SERVER_SHUTDOWN} with a
 /// reconnect hint and UNAVAILABLE, ends streams that never said Hello too,
 /// and exits 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_every_session_and_exits_zero() {
-    let (mut child, addr) = spawn_binary(&["--reconnect-after", "2s"]);
+    let (mut child, addr) = spawn_server_process(&["--reconnect-after", "2s"]);
     let mut sessions = Vec::new();
     for id in ["a", "b", "c"] {
         sessions.push(RawSession::hello(addr, id).await.0);
     }
     let mut silent = RawSession::open(addr).await.expect("admitted");
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("run kill");
-    assert!(status.success());
+    signal(&child, "-TERM");
     for session in &mut sessions {
         let ended = session
             .expect_end(GoodbyeReason::ServerShutdown, Code::Unavailable)
@@ -103,14 +68,6 @@ fn flooding_flags(grace: &'static str) -> [&'static str; 6] {
     ]
 }
 
-fn signal(child: &std::process::Child, name: &str) {
-    let status = Command::new("kill")
-        .args([name, &child.id().to_string()])
-        .status()
-        .expect("run kill");
-    assert!(status.success(), "kill {name}");
-}
-
 async fn exit_of(child: std::process::Child) -> std::process::ExitStatus {
     let mut child = child;
     within(WAIT, tokio::task::spawn_blocking(move || child.wait()))
@@ -123,7 +80,7 @@ async fn exit_of(child: std::process::Child) -> std::process::ExitStatus {
 /// closes what is left once it passes, and still exits 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grace_period_bounds_a_stuck_drain() {
-    let (child, addr) = spawn_binary(&flooding_flags("700ms"));
+    let (child, addr) = spawn_server_process(&flooding_flags("700ms"));
     let _wedged = wedge_a_stream(addr).await;
     let signalled = tokio::time::Instant::now();
     signal(&child, "-TERM");
@@ -139,7 +96,7 @@ async fn grace_period_bounds_a_stuck_drain() {
 /// Tests that a second signal during a drain exits at once, with code 130.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn second_signal_exits_at_once() {
-    let (child, addr) = spawn_binary(&flooding_flags("60s"));
+    let (child, addr) = spawn_server_process(&flooding_flags("60s"));
     let (mut healthy, _) = RawSession::hello(addr, "healthy").await;
     let _wedged = wedge_a_stream(addr).await;
     signal(&child, "-TERM");

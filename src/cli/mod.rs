@@ -4,6 +4,7 @@
 //! (`--ping-interval` ↔ `HEARTBEAT_PING_INTERVAL`); the flag wins. Durations are
 //! written as people write them: `200ms`, `10s`, `1m30s`.
 
+mod connect;
 mod serve;
 
 use std::time::Duration;
@@ -38,6 +39,15 @@ enum Command {
     ///
     /// Example: heartbeat serve --listen 0.0.0.0:50051 --ping-interval 5s --timeout 15s
     Serve(serve::ServeArgs),
+
+    /// Hold a heartbeat session with a server and print what happens.
+    ///
+    /// Prints one line per state change and per round-trip sample (text, or
+    /// one JSON object a line with --output json). Reconnects with backoff when
+    /// the session is lost. Ctrl-C or SIGTERM says goodbye and exits 0.
+    ///
+    /// Example: heartbeat connect http://127.0.0.1:50051 --client-id worker-1 --label zone=eu-1
+    Connect(connect::ConnectArgs),
 }
 
 /// How log lines are written.
@@ -53,6 +63,7 @@ pub(crate) enum LogFormat {
 pub(crate) fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve::run(args),
+        Command::Connect(args) => connect::run(args),
     }
 }
 
@@ -63,6 +74,50 @@ pub(crate) fn init_tracing(format: LogFormat) {
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+/// SIGTERM and SIGINT, listened for from the moment this is created, so a
+/// signal that arrives before the program first waits is not lost (nor does it
+/// kill the process with the default action).
+pub(crate) struct ShutdownSignals {
+    #[cfg(unix)]
+    terminate: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    /// Starts listening; needs a running tokio runtime.
+    pub(crate) fn listen() -> anyhow::Result<Self> {
+        #[cfg(unix)]
+        {
+            use anyhow::Context;
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(Self {
+                terminate: signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?,
+                interrupt: signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?,
+            })
+        }
+        #[cfg(not(unix))]
+        {
+            Ok(Self {})
+        }
+    }
+
+    /// Completes on the next SIGTERM or SIGINT.
+    pub(crate) async fn recv(&mut self) {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = self.terminate.recv() => {}
+                _ = self.interrupt.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 

@@ -12,7 +12,7 @@ use tonic_heartbeat::{
 };
 use tracing::{info, warn};
 
-use super::parse_duration;
+use super::{parse_duration, ShutdownSignals};
 
 /// Flags of `heartbeat serve`; defaults keep sessions alive behind proxies
 /// with 60 s idle timeouts (nginx, cloud load balancers).
@@ -180,6 +180,9 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
+        // Listening before anything is announced: a signal sent as soon as
+        // the server says it is serving must drain it, not kill it.
+        let signals = ShutdownSignals::listen()?;
         let incoming = TcpIncoming::bind(args.listen)
             .map_err(|source| ServeError::Bind {
                 addr: args.listen,
@@ -188,42 +191,19 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<()> {
             .with_nodelay(Some(true));
         let listen = incoming.local_addr().unwrap_or(args.listen);
         info!(%listen, ping_interval = ?config.ping_interval, timeout = ?config.timeout, "serving");
-        server::serve(incoming, config, shutdown_signal(), |_| {}).await?;
+        server::serve(incoming, config, shutdown_signal(signals), |_| {}).await?;
         Ok(())
     })
 }
 
-/// Completes on the first SIGTERM or SIGINT, and arms a second one to exit at once.
-async fn shutdown_signal() {
-    wait_for_signal().await;
-    tokio::spawn(async {
-        wait_for_signal().await;
+/// Completes on the first signal, and arms the second to exit at once.
+async fn shutdown_signal(mut signals: ShutdownSignals) {
+    signals.recv().await;
+    tokio::spawn(async move {
+        signals.recv().await;
         warn!("second signal: exiting at once");
         std::process::exit(130);
     });
-}
-
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut terminate) => {
-                tokio::select! {
-                    _ = terminate.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            Err(error) => {
-                warn!(%error, "cannot listen for SIGTERM; only Ctrl-C will stop the server");
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
 }
 
 /// Many sessions mean many sockets: lift the soft open-files limit to the hard one.

@@ -4,7 +4,14 @@
 //! on events under a bounded timeout instead of sleeping.
 #![allow(dead_code)] // each test file uses its own subset of these helpers
 
-use std::{future::Future, net::SocketAddr, time::Duration};
+use std::{
+    future::Future,
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    process::{Child, Command, Stdio},
+    sync::mpsc as std_mpsc,
+    time::Duration,
+};
 
 use tokio::{
     sync::{mpsc, oneshot},
@@ -48,8 +55,13 @@ pub struct TestServer {
 
 impl TestServer {
     pub async fn start(config: ServerConfig) -> Self {
-        let incoming = TcpIncoming::bind("127.0.0.1:0".parse().expect("valid address"))
-            .expect("bind 127.0.0.1:0")
+        Self::start_at("127.0.0.1:0".parse().expect("valid address"), config).await
+    }
+
+    /// Starts a server on `addr` (for instance the port of a stopped one).
+    pub async fn start_at(addr: SocketAddr, config: ServerConfig) -> Self {
+        let incoming = TcpIncoming::bind(addr)
+            .expect("bind the test address")
             .with_nodelay(Some(true));
         let addr = incoming.local_addr().expect("bound address");
         let (stop, stopped) = oneshot::channel::<()>();
@@ -300,4 +312,43 @@ pub async fn wedge_a_stream(addr: SocketAddr) -> RawSession {
     })
     .await;
     session
+}
+
+/// Starts the real `heartbeat serve` binary with `args` (an ephemeral port
+/// unless `--listen` is among them) and returns it with the address it logged.
+pub fn spawn_server_process(args: &[&str]) -> (Child, SocketAddr) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_heartbeat"));
+    command.args(["serve", "--log-format", "json"]);
+    if !args.contains(&"--listen") {
+        command.args(["--listen", "127.0.0.1:0"]);
+    }
+    let mut child = command
+        .args(args)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn heartbeat");
+    let stderr = child.stderr.take().expect("piped stderr");
+    let (found, addr) = std_mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(rest) = line.split("\"listen\":\"").nth(1) {
+                let _ = found.send(rest.split('"').next().unwrap_or_default().to_owned());
+            }
+        }
+    });
+    let addr = addr
+        .recv_timeout(WAIT)
+        .expect("the server logs its address")
+        .parse()
+        .expect("a socket address");
+    (child, addr)
+}
+
+/// Sends `signal` (like "-STOP") to a child process with the `kill` command.
+pub fn signal(child: &Child, signal: &str) {
+    let status = Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill {signal} failed");
 }

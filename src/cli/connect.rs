@@ -1,0 +1,229 @@
+//! `heartbeat connect`: hold a session and print what happens to it.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use serde_json::json;
+use tonic_heartbeat::client::{Client, ClientEvent, LossReason};
+
+use super::ShutdownSignals;
+
+/// Flags of `heartbeat connect`.
+#[derive(Debug, Args)]
+pub(crate) struct ConnectArgs {
+    /// The server: http://127.0.0.1:50051, or a bare host:port.
+    #[arg(value_name = "URL")]
+    url: String,
+
+    /// The name this client goes by in presence; empty means anonymous.
+    #[arg(long, env = "HEARTBEAT_CLIENT_ID", default_value = "")]
+    client_id: String,
+
+    /// A label for presence filters, as key=value; repeat for more.
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+
+    /// How events are printed: text for people, json (one object a line) for programs.
+    #[arg(long, value_enum, default_value_t = Output::Text, env = "HEARTBEAT_OUTPUT")]
+    output: Output,
+}
+
+/// How events are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    /// One human-readable line per event.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Connects and prints events until a signal, then says goodbye.
+pub(crate) fn run(args: ConnectArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        // Listening before the session opens: a signal right after it must
+        // say goodbye, not kill the process.
+        let mut signals = ShutdownSignals::listen()?;
+        let mut builder = Client::builder(args.url.clone()).client_id(args.client_id);
+        for (key, value) in args.labels {
+            builder = builder.label(key, value);
+        }
+        let client = builder.connect()?;
+        let mut events = client.events();
+        loop {
+            tokio::select! {
+                event = events.next() => match event {
+                    Some(event) => print_event(&event, args.output),
+                    None => return Ok(()),
+                },
+                () = signals.recv() => break,
+            }
+        }
+        client.close().await?;
+        // The goodbye's outcome (and the final `closed`) is already queued.
+        while let Some(event) = events.next().await {
+            print_event(&event, args.output);
+        }
+        Ok(())
+    })
+}
+
+fn print_event(event: &ClientEvent, output: Output) {
+    match output {
+        Output::Text => println!("{}", text(event)),
+        Output::Json => println!("{}", json_of(event)),
+    }
+}
+
+/// Milliseconds with microsecond precision, without float noise in the output.
+fn ms(duration: Duration) -> f64 {
+    let micros = u32::try_from(duration.as_micros()).unwrap_or(u32::MAX);
+    f64::from(micros) / 1000.0
+}
+
+fn text(event: &ClientEvent) -> String {
+    match event {
+        ClientEvent::Connected {
+            session_id,
+            ping_interval,
+            timeout,
+        } => format!(
+            "connected session_id={session_id} ping_interval={} timeout={}",
+            humantime::format_duration(*ping_interval),
+            humantime::format_duration(*timeout)
+        ),
+        ClientEvent::Rtt {
+            sample, smoothed, ..
+        } => format!(
+            "rtt sample={:.3}ms smoothed={:.3}ms",
+            ms(*sample),
+            ms(*smoothed)
+        ),
+        ClientEvent::Lost { reason } => format!("lost {}", loss_text(reason)),
+        ClientEvent::Reconnecting { attempt, delay } => {
+            format!("reconnecting attempt={attempt} delay={:.0}ms", ms(*delay))
+        }
+        ClientEvent::Closed => "closed".into(),
+        ClientEvent::Missed { count } => format!("missed events={count}"),
+    }
+}
+
+fn loss_text(reason: &LossReason) -> String {
+    match reason {
+        LossReason::Timeout { silence } => {
+            format!("reason=timeout silence={:.0}ms", ms(*silence))
+        }
+        LossReason::Transport { message } => format!("reason=transport message={message:?}"),
+        LossReason::Status { code, message } => {
+            format!("reason=status code={code:?} message={message:?}")
+        }
+        LossReason::Goodbye {
+            reason,
+            message,
+            reconnect_after,
+        } => {
+            let hint = reconnect_after
+                .map(|after| format!(" reconnect_after={:.0}ms", ms(after)))
+                .unwrap_or_default();
+            format!(
+                "reason=goodbye goodbye={} message={message:?}{hint}",
+                reason.as_str_name()
+            )
+        }
+    }
+}
+
+fn json_of(event: &ClientEvent) -> serde_json::Value {
+    match event {
+        ClientEvent::Connected {
+            session_id,
+            ping_interval,
+            timeout,
+        } => json!({
+            "event": "connected",
+            "session_id": session_id,
+            "ping_interval_ms": ms(*ping_interval),
+            "timeout_ms": ms(*timeout),
+        }),
+        ClientEvent::Rtt {
+            sample,
+            smoothed,
+            variance,
+        } => json!({
+            "event": "rtt",
+            "sample_ms": ms(*sample),
+            "smoothed_ms": ms(*smoothed),
+            "variance_ms": ms(*variance),
+        }),
+        ClientEvent::Lost { reason } => {
+            let mut object = json!({ "event": "lost" });
+            let detail = match reason {
+                LossReason::Timeout { silence } => {
+                    json!({ "reason": "timeout", "silence_ms": ms(*silence) })
+                }
+                LossReason::Transport { message } => {
+                    json!({ "reason": "transport", "message": message })
+                }
+                LossReason::Status { code, message } => {
+                    json!({ "reason": "status", "code": format!("{code:?}"), "message": message })
+                }
+                LossReason::Goodbye {
+                    reason,
+                    message,
+                    reconnect_after,
+                } => json!({
+                    "reason": "goodbye",
+                    "goodbye": reason.as_str_name(),
+                    "message": message,
+                    "reconnect_after_ms": reconnect_after.map(ms),
+                }),
+            };
+            if let (Some(object), Some(detail)) = (object.as_object_mut(), detail.as_object()) {
+                object.extend(detail.clone());
+            }
+            object
+        }
+        ClientEvent::Reconnecting { attempt, delay } => json!({
+            "event": "reconnecting",
+            "attempt": attempt,
+            "delay_ms": ms(*delay),
+        }),
+        ClientEvent::Closed => json!({ "event": "closed" }),
+        ClientEvent::Missed { count } => json!({ "event": "missed", "count": count }),
+    }
+}
+
+/// Parses `key=value` for `--label`.
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some(("", _)) => Err(format!(
+            "label {text:?} has an empty key: write key=value, for example zone=eu-1"
+        )),
+        Some((key, value)) => Ok((key.to_owned(), value.to_owned())),
+        None => Err(format!(
+            "label {text:?} has no '=': write key=value, for example zone=eu-1"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Tests that labels parse as key=value and malformed ones say how to write them.
+    #[test]
+    fn labels_parse_as_key_value() {
+        assert_eq!(parse_label("zone=eu=1"), Ok(("zone".into(), "eu=1".into())));
+        assert_eq!(parse_label("empty="), Ok(("empty".into(), String::new())));
+        assert!(parse_label("zone")
+            .expect_err("no =")
+            .contains("write key=value"));
+        assert!(parse_label("=x")
+            .expect_err("empty key")
+            .contains("empty key"));
+    }
+}
