@@ -4,7 +4,10 @@
 
 use std::{env, fs, path::PathBuf};
 
-const PROTOS: &[&str] = &["proto/heartbeat/v1/heartbeat.proto"];
+const PROTOS: &[&str] = &[
+    "proto/heartbeat/v1/heartbeat.proto",
+    "proto/heartbeat/v1/presence.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");

@@ -5,9 +5,9 @@
 //! never idle for long, and a client is declared gone after 30 s (three missed
 //! intervals) rather than on one delayed packet.
 
-use std::time::Duration;
+use std::{fmt, net::SocketAddr, path::Path, time::Duration};
 
-use crate::error::ConfigError;
+use crate::error::{ConfigError, TokenError};
 
 /// Everything the heartbeat server can be told; see each field for its default.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,6 +37,59 @@ pub struct ServerConfig {
     pub watch_history: usize,
     /// Events queued for one watcher before it is ended as lagging. Default 1,024.
     pub watch_queue: usize,
+    /// The token every PresenceService call must present. Default: none (open).
+    pub admin_token: Option<AdminToken>,
+    /// Where [`serve`](crate::server::serve) answers `GET /metrics`. Default: nowhere.
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+/// A secret that PresenceService callers present as `authorization: Bearer …`.
+///
+/// Its `Debug` never shows it, and it is compared in constant time.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminToken(String);
+
+impl AdminToken {
+    /// Reads the token from `path`; surrounding white space is trimmed.
+    pub fn from_file(path: &Path) -> Result<Self, TokenError> {
+        let text = std::fs::read_to_string(path).map_err(|source| TokenError::Unreadable {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::new(text.trim()).ok_or_else(|| TokenError::Empty {
+            path: path.to_owned(),
+        })
+    }
+
+    /// A token with this value; `None` if it is empty.
+    pub fn new(token: impl Into<String>) -> Option<Self> {
+        let token = token.into();
+        (!token.is_empty()).then_some(Self(token))
+    }
+
+    /// The token's value, for sending it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether `presented` is the token, in time that depends only on the
+    /// lengths, never on where the first difference is.
+    pub fn matches(&self, presented: &[u8]) -> bool {
+        let expected = self.0.as_bytes();
+        let difference = expected
+            .iter()
+            .zip(presented)
+            .fold(expected.len() ^ presented.len(), |acc, (a, b)| {
+                acc | usize::from(a ^ b)
+            });
+        difference == 0
+    }
+}
+
+impl fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AdminToken(<redacted>)")
+    }
 }
 
 /// Size limits on client frames; a frame over them is a protocol violation.
@@ -69,6 +122,8 @@ impl Default for ServerConfig {
             limits: FrameLimits::default(),
             watch_history: 10_000,
             watch_queue: 1024,
+            admin_token: None,
+            metrics_listen: None,
         }
     }
 }
@@ -183,6 +238,37 @@ impl FrameLimits {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Tests that tokens match exactly, never show in Debug, and that empty
+    /// or unreadable files are refused naming the path.
+    #[test]
+    fn admin_tokens() {
+        let token = AdminToken::new("s3cret").expect("non-empty");
+        assert!(token.matches(b"s3cret"));
+        assert!(!token.matches(b"s3cre"));
+        assert!(!token.matches(b"s3cret!"));
+        assert!(!token.matches(b"S3cret"));
+        assert!(!format!("{token:?}").contains("s3cret"));
+        let dir = std::env::temp_dir().join(format!("heartbeat-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let file = dir.join("token");
+        std::fs::write(&file, "  s3cret\n").expect("write");
+        assert_eq!(AdminToken::from_file(&file).expect("readable"), token);
+        std::fs::write(&file, " \n").expect("write");
+        let empty = AdminToken::from_file(&file).expect_err("empty").to_string();
+        assert!(
+            empty.contains("is empty: write the token into it"),
+            "{empty}"
+        );
+        let missing = AdminToken::from_file(&dir.join("absent"))
+            .expect_err("absent")
+            .to_string();
+        assert!(
+            missing.contains("cannot read the admin token file"),
+            "{missing}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     /// Tests that the defaults are valid and derive suspicion at 20 s.
     #[test]

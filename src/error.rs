@@ -77,6 +77,25 @@ pub enum ConfigError {
     },
 }
 
+/// The admin token file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    /// The file could not be read.
+    #[error("cannot read the admin token file {path}: {source}")]
+    Unreadable {
+        /// The file's path.
+        path: std::path::PathBuf,
+        /// Why reading failed.
+        source: io::Error,
+    },
+    /// The file holds only white space.
+    #[error("the admin token file {path} is empty: write the token into it (surrounding white space is ignored)")]
+    Empty {
+        /// The file's path.
+        path: std::path::PathBuf,
+    },
+}
+
 /// The standalone server could not start or failed while serving.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -94,6 +113,9 @@ pub enum ServeError {
     /// The HTTP/2 server failed.
     #[error("the server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The reflection service could not be built from the descriptors.
+    #[error("cannot build gRPC reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
 }
 
 fn bind_hint(error: &io::Error) -> &'static str {

@@ -30,6 +30,7 @@ pub mod client;
 pub mod config;
 pub mod error;
 pub mod liveness;
+pub mod metrics;
 pub mod protocol;
 pub mod registry;
 pub mod server;

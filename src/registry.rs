@@ -35,6 +35,8 @@ use std::{
 use tokio::{sync::mpsc, time::Instant};
 use tracing::info;
 
+use crate::metrics::Metrics;
+
 /// Why a session ended: one vocabulary for clients, observers, logs and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum CloseReason {
@@ -272,7 +274,9 @@ impl Subscription {
 /// use tonic_heartbeat::registry::{SessionRegistry, SubscriptionStart};
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
-/// let registry = SessionRegistry::new(10_000, 1024);
+/// # use std::sync::Arc;
+/// # use tonic_heartbeat::metrics::Metrics;
+/// let registry = SessionRegistry::new(10_000, 1024, Arc::new(Metrics::new(&[], &[])));
 /// let mut subscription = registry.subscribe();
 /// let SubscriptionStart::Snapshot { snapshot, .. } = &subscription.start else { unreachable!() };
 /// assert!(snapshot.sessions.is_empty());
@@ -289,6 +293,8 @@ pub struct SessionRegistry {
 struct Shared {
     /// Never 0; differs between server runs.
     epoch: u64,
+    /// Session gauges and counters, updated with each change.
+    metrics: Arc<Metrics>,
     /// Changes kept for resuming.
     history_limit: usize,
     /// Queue bound of each subscriber.
@@ -324,8 +330,8 @@ struct Subscriber {
 
 impl SessionRegistry {
     /// A registry keeping `history` changes for resuming, with subscriber
-    /// queues of `queue` changes.
-    pub fn new(history: usize, queue: usize) -> Self {
+    /// queues of `queue` changes, recording into `metrics`.
+    pub fn new(history: usize, queue: usize, metrics: Arc<Metrics>) -> Self {
         let epoch = loop {
             let candidate: u64 = rand::random();
             if candidate != 0 {
@@ -335,6 +341,7 @@ impl SessionRegistry {
         Self {
             shared: Arc::new(Shared {
                 epoch,
+                metrics,
                 history_limit: history,
                 queue: queue.max(1),
                 inner: Mutex::new(Inner::default()),
@@ -407,6 +414,7 @@ impl SessionRegistry {
             };
             let info = info_of(&entry);
             inner.sessions.insert(identity.session_id.clone(), entry);
+            self.shared.metrics.session_opened();
             self.publish(&mut inner, SessionEvent::Opened(info));
             replaced
         };
@@ -437,8 +445,14 @@ impl SessionRegistry {
         entry.state = state;
         let info = info_of(entry);
         let event = match state {
-            SessionState::Suspect => SessionEvent::Suspected(info),
-            SessionState::Live => SessionEvent::Recovered(info),
+            SessionState::Suspect => {
+                self.shared.metrics.session_suspected();
+                SessionEvent::Suspected(info)
+            }
+            SessionState::Live => {
+                self.shared.metrics.session_recovered();
+                SessionEvent::Recovered(info)
+            }
         };
         self.publish(&mut inner, event);
     }
@@ -474,16 +488,22 @@ impl SessionRegistry {
 
     /// Closes every open session as [`CloseReason::ServerShutdown`], tells
     /// each link to end, and refuses every later [`open`](Self::open), all
-    /// under one lock so no session slips in between. Returns how many closed.
+    /// under one lock so no session slips in between. Subscriptions end (after
+    /// the closes) and new ones get only their start. Returns how many closed.
     pub fn shut_down(&self, message: &str) -> usize {
         let reason = CloseReason::ServerShutdown;
         let closed: Vec<_> = {
             let mut inner = self.lock();
             inner.shut_down = true;
             let ids: Vec<String> = inner.sessions.keys().cloned().collect();
-            ids.iter()
+            let closed = ids
+                .iter()
                 .filter_map(|id| self.close_locked(&mut inner, id, reason, message.to_owned()))
-                .collect()
+                .collect::<Vec<_>>();
+            // Dropping the senders ends every subscription once it has read
+            // the closes above.
+            inner.subscribers.clear();
+            closed
         };
         for (link, message) in &closed {
             link.end(reason, message);
@@ -504,6 +524,9 @@ impl SessionRegistry {
             inner.by_client.remove(client_id);
         }
         let info = info_of(&entry);
+        self.shared
+            .metrics
+            .session_closed(reason.as_str(), entry.state == SessionState::Suspect);
         let lifetime = SystemTime::now()
             .duration_since(entry.identity.opened_at)
             .unwrap_or_default();
@@ -592,10 +615,12 @@ impl SessionRegistry {
                 },
             }
         };
-        inner.subscribers.push(Subscriber {
-            changes: sender,
-            lagged: lagged.clone(),
-        });
+        if !inner.shut_down {
+            inner.subscribers.push(Subscriber {
+                changes: sender,
+                lagged: lagged.clone(),
+            });
+        }
         Subscription {
             epoch: self.shared.epoch,
             start,
@@ -674,6 +699,10 @@ mod tests {
         }
     }
 
+    fn registry(history: usize, queue: usize) -> SessionRegistry {
+        SessionRegistry::new(history, queue, Arc::new(Metrics::new(&[], &[])))
+    }
+
     fn identity(session_id: &str, client_id: &str) -> SessionIdentity {
         SessionIdentity {
             session_id: session_id.into(),
@@ -696,7 +725,7 @@ mod tests {
     /// consecutive revisions.
     #[tokio::test]
     async fn snapshot_then_changes_without_gap() {
-        let registry = SessionRegistry::new(100, 100);
+        let registry = registry(100, 100);
         open(&registry, "a", "");
         let mut subscription = registry.subscribe();
         let SubscriptionStart::Snapshot { snapshot, reset } = &subscription.start else {
@@ -725,7 +754,7 @@ mod tests {
     /// Tests that the first close reason wins and later ones are ignored.
     #[test]
     fn first_close_reason_wins() {
-        let registry = SessionRegistry::new(100, 100);
+        let registry = registry(100, 100);
         open(&registry, "a", "");
         assert!(registry.close("a", CloseReason::Timeout, ""));
         assert!(!registry.close("a", CloseReason::Disconnected, ""));
@@ -734,7 +763,7 @@ mod tests {
     /// Tests that a Hello with a live client id replaces the older session.
     #[test]
     fn same_client_id_replaces() {
-        let registry = SessionRegistry::new(100, 100);
+        let registry = registry(100, 100);
         let older = open(&registry, "a", "worker-1");
         open(&registry, "b", "worker-1");
         assert_eq!(
@@ -751,7 +780,7 @@ mod tests {
     /// the epoch differs or history no longer covers the revision.
     #[test]
     fn resume_replays_or_resets() {
-        let registry = SessionRegistry::new(3, 100);
+        let registry = registry(3, 100);
         let epoch = registry.epoch();
         for id in ["a", "b", "c", "d"] {
             open(&registry, id, "");
@@ -777,7 +806,7 @@ mod tests {
     /// Tests that shutting down closes every session and refuses later opens.
     #[test]
     fn shut_down_closes_all_and_refuses_opens() {
-        let registry = SessionRegistry::new(100, 100);
+        let registry = registry(100, 100);
         let link = open(&registry, "a", "");
         assert_eq!(registry.shut_down("bye"), 1);
         assert_eq!(
@@ -792,7 +821,7 @@ mod tests {
     /// Tests that an overflowing subscriber is cut off and told it lagged.
     #[tokio::test]
     async fn lagging_subscriber_is_cut_off() {
-        let registry = SessionRegistry::new(100, 2);
+        let registry = registry(100, 2);
         let mut slow = registry.subscribe();
         for id in ["a", "b", "c"] {
             open(&registry, id, "");

@@ -3,11 +3,11 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Args, ValueEnum};
+use clap::Args;
 use serde_json::json;
 use tonic_heartbeat::client::{Client, ClientEvent, LossReason};
 
-use super::ShutdownSignals;
+use super::{parse_label, Output, ShutdownSignals};
 
 /// Flags of `heartbeat connect`.
 #[derive(Debug, Args)]
@@ -29,15 +29,6 @@ pub(crate) struct ConnectArgs {
     output: Output,
 }
 
-/// How events are printed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Output {
-    /// One human-readable line per event.
-    Text,
-    /// One JSON object per line.
-    Json,
-}
-
 /// Connects and prints events until a signal, then says goodbye.
 pub(crate) fn run(args: ConnectArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -57,13 +48,21 @@ pub(crate) fn run(args: ConnectArgs) -> anyhow::Result<()> {
         loop {
             tokio::select! {
                 event = events.next() => match event {
+                    // Closed for good (replaced by another instance): done.
+                    Some(ClientEvent::Closed) | None => {
+                        print_event(&ClientEvent::Closed, args.output);
+                        return Ok(());
+                    }
                     Some(event) => print_event(&event, args.output),
-                    None => return Ok(()),
                 },
                 () = signals.recv() => break,
             }
         }
-        client.close().await?;
+        if let Err(error) = client.close().await {
+            // Stopping was asked for and the goodbye is sent; a server that
+            // does not confirm it in time is worth a word, not a failure.
+            tracing::warn!(%error, "closing without the server's confirmation");
+        }
         // The goodbye's outcome (and the final `closed`) is already queued.
         while let Some(event) = events.next().await {
             print_event(&event, args.output);
@@ -79,10 +78,9 @@ fn print_event(event: &ClientEvent, output: Output) {
     }
 }
 
-/// Milliseconds with microsecond precision, without float noise in the output.
+/// Milliseconds rounded to the microsecond, without float noise in the output.
 fn ms(duration: Duration) -> f64 {
-    let micros = u32::try_from(duration.as_micros()).unwrap_or(u32::MAX);
-    f64::from(micros) / 1000.0
+    (duration.as_secs_f64() * 1_000_000.0).round() / 1000.0
 }
 
 fn text(event: &ClientEvent) -> String {
@@ -194,36 +192,5 @@ fn json_of(event: &ClientEvent) -> serde_json::Value {
         }),
         ClientEvent::Closed => json!({ "event": "closed" }),
         ClientEvent::Missed { count } => json!({ "event": "missed", "count": count }),
-    }
-}
-
-/// Parses `key=value` for `--label`.
-fn parse_label(text: &str) -> Result<(String, String), String> {
-    match text.split_once('=') {
-        Some(("", _)) => Err(format!(
-            "label {text:?} has an empty key: write key=value, for example zone=eu-1"
-        )),
-        Some((key, value)) => Ok((key.to_owned(), value.to_owned())),
-        None => Err(format!(
-            "label {text:?} has no '=': write key=value, for example zone=eu-1"
-        )),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Tests that labels parse as key=value and malformed ones say how to write them.
-    #[test]
-    fn labels_parse_as_key_value() {
-        assert_eq!(parse_label("zone=eu=1"), Ok(("zone".into(), "eu=1".into())));
-        assert_eq!(parse_label("empty="), Ok(("empty".into(), String::new())));
-        assert!(parse_label("zone")
-            .expect_err("no =")
-            .contains("write key=value"));
-        assert!(parse_label("=x")
-            .expect_err("empty key")
-            .contains("empty key"));
     }
 }

@@ -6,6 +6,7 @@
 
 mod connect;
 mod serve;
+mod sessions;
 
 use std::time::Duration;
 
@@ -48,6 +49,15 @@ enum Command {
     ///
     /// Example: heartbeat connect http://127.0.0.1:50051 --client-id worker-1 --label zone=eu-1
     Connect(connect::ConnectArgs),
+
+    /// Show the server's open sessions, watch them change, or evict one.
+    ///
+    /// Without options, prints a table of the open sessions. --watch prints
+    /// every change as it happens and resumes by itself after a dropped stream.
+    /// --evict ends one session (the client gets Goodbye{EVICTED}).
+    ///
+    /// Example: heartbeat sessions http://127.0.0.1:50051 --label zone=eu-1 --watch
+    Sessions(sessions::SessionsArgs),
 }
 
 /// How log lines are written.
@@ -64,6 +74,7 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve::run(args),
         Command::Connect(args) => connect::run(args),
+        Command::Sessions(args) => sessions::run(args),
     }
 }
 
@@ -74,6 +85,28 @@ pub(crate) fn init_tracing(format: LogFormat) {
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+/// How a command prints what it reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Output {
+    /// Lines for people.
+    Text,
+    /// One JSON object per line, for programs.
+    Json,
+}
+
+/// Parses `key=value` for `--label`.
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some(("", _)) => Err(format!(
+            "label {text:?} has an empty key: write key=value, for example zone=eu-1"
+        )),
+        Some((key, value)) => Ok((key.to_owned(), value.to_owned())),
+        None => Err(format!(
+            "label {text:?} has no '=': write key=value, for example zone=eu-1"
+        )),
     }
 }
 
@@ -137,6 +170,19 @@ mod tests {
     fn command_line_is_consistent() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
+    }
+
+    /// Tests that labels parse as key=value and malformed ones say how to write them.
+    #[test]
+    fn labels_parse_as_key_value() {
+        assert_eq!(parse_label("zone=eu=1"), Ok(("zone".into(), "eu=1".into())));
+        assert_eq!(parse_label("empty="), Ok(("empty".into(), String::new())));
+        assert!(parse_label("zone")
+            .expect_err("no =")
+            .contains("write key=value"));
+        assert!(parse_label("=x")
+            .expect_err("empty key")
+            .contains("empty key"));
     }
 
     /// Tests that durations parse in human form and bad ones say how to write them.

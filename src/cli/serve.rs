@@ -1,11 +1,12 @@
 //! `heartbeat serve`: the standalone server.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Context;
 use clap::Args;
 use tonic::transport::server::TcpIncoming;
 use tonic_heartbeat::{
+    config::AdminToken,
     error::ServeError,
     server::{self},
     FrameLimits, ServerConfig,
@@ -141,11 +142,25 @@ pub(crate) struct ServeArgs {
         value_name = "N"
     )]
     watch_queue: usize,
+
+    /// A file holding the admin token (surrounding white space ignored); when
+    /// set, every PresenceService call needs `authorization: Bearer <token>`.
+    #[arg(long, env = "HEARTBEAT_ADMIN_TOKEN_FILE", value_name = "PATH")]
+    admin_token_file: Option<PathBuf>,
+
+    /// Serve Prometheus metrics at http://ADDR/metrics (for example 127.0.0.1:9090).
+    #[arg(long, env = "HEARTBEAT_METRICS_LISTEN", value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 impl ServeArgs {
-    fn config(&self) -> ServerConfig {
-        ServerConfig {
+    fn config(&self) -> anyhow::Result<ServerConfig> {
+        let admin_token = self
+            .admin_token_file
+            .as_deref()
+            .map(AdminToken::from_file)
+            .transpose()?;
+        Ok(ServerConfig {
             ping_interval: self.ping_interval,
             timeout: self.timeout,
             suspect_after: self.suspect_after,
@@ -164,13 +179,15 @@ impl ServeArgs {
             },
             watch_history: self.watch_history,
             watch_queue: self.watch_queue,
-        }
+            admin_token,
+            metrics_listen: self.metrics_listen,
+        })
     }
 }
 
 /// Validates the flags, binds, and serves until a signal.
 pub(crate) fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let config = args.config();
+    let config = args.config()?;
     config
         .validate()
         .context("invalid flags (see heartbeat serve --help)")?;

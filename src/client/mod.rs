@@ -198,7 +198,8 @@ pub struct ClientBuilder {
 #[derive(Debug)]
 pub struct Client {
     state: watch::Receiver<ClientState>,
-    events: broadcast::Sender<ClientEvent>,
+    /// Weak, so that the event streams end when the session task does.
+    events: broadcast::WeakSender<ClientEvent>,
     /// The receiver created before the session started, for the first
     /// subscriber, so it sees every event from the start.
     first_events: Mutex<Option<broadcast::Receiver<ClientEvent>>>,
@@ -285,6 +286,12 @@ impl ClientBuilder {
     /// Validates the settings and starts the session; returns at once.
     pub fn connect(self) -> Result<Client, ClientError> {
         let endpoint = endpoint_for(&self.target)?;
+        if endpoint.uri().scheme_str() == Some("https") && self.configure.is_none() {
+            return Err(ClientError::InvalidUrl {
+                url: self.target,
+                reason: "https needs TLS settings: pass them with configure_endpoint".into(),
+            });
+        }
         let endpoint = match &self.configure {
             Some(configure) => configure(endpoint).map_err(|error| ClientError::InvalidUrl {
                 url: self.target.clone(),
@@ -335,7 +342,7 @@ impl ClientBuilder {
         }
         Ok(Client {
             state,
-            events,
+            events: events.downgrade(),
             first_events: Mutex::new(Some(first_events)),
             close,
             finished: Some(finished),
@@ -344,8 +351,9 @@ impl ClientBuilder {
     }
 }
 
-/// Turns `http://host:port`, `https://…` or a bare `host:port` into an endpoint.
-fn endpoint_for(target: &str) -> Result<Endpoint, ClientError> {
+/// Turns `http://host:port`, `https://…` or a bare `host:port` into a tonic
+/// endpoint, refusing anything that is not a server address.
+pub fn endpoint_for(target: &str) -> Result<Endpoint, ClientError> {
     let invalid = |reason: String| ClientError::InvalidUrl {
         url: target.to_owned(),
         reason,
@@ -376,6 +384,17 @@ fn endpoint_for(target: &str) -> Result<Endpoint, ClientError> {
             uri.path()
         )));
     }
+    if uri.query().is_some() || url.contains('#') {
+        return Err(invalid("a server address has no query or fragment".into()));
+    }
+    if uri
+        .authority()
+        .is_some_and(|authority| authority.as_str().contains('@'))
+    {
+        return Err(invalid(
+            "a server address has no user name or password".into(),
+        ));
+    }
     Endpoint::from_shared(url).map_err(|error| invalid(error.to_string()))
 }
 
@@ -393,7 +412,9 @@ impl Client {
         self.state.borrow().clone()
     }
 
-    /// A receiver of every state change, `tokio::sync::watch` style.
+    /// A receiver of every state change, `tokio::sync::watch` style. Do not
+    /// hold its `borrow()` across slow work: the session waits for it to
+    /// record the next state.
     pub fn watch(&self) -> watch::Receiver<ClientState> {
         self.state.clone()
     }
@@ -407,9 +428,12 @@ impl Client {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .take();
-        ClientEvents {
-            receiver: first.unwrap_or_else(|| self.events.subscribe()),
-        }
+        let receiver = first.unwrap_or_else(|| match self.events.upgrade() {
+            Some(events) => events.subscribe(),
+            // The session has ended: an empty stream that is already over.
+            None => broadcast::channel(1).1,
+        });
+        ClientEvents { receiver }
     }
 
     /// Waits until a session is live and returns its id; fails if the client
@@ -462,6 +486,8 @@ mod tests {
             ("ftp://host:1", "the scheme must be http or https"),
             ("http://host:1/path", "has no path"),
             ("http://:1", "invalid"),
+            ("http://user:pw@host:1", "no user name"),
+            ("http://host:1/?q=1", "no query"),
             ("not a url", "invalid"),
         ] {
             let error = endpoint_for(bad).expect_err(bad).to_string();

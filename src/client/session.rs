@@ -23,6 +23,14 @@ use crate::protocol::{
 /// which the timeout will notice.
 const OUTBOUND_QUEUE: usize = 16;
 
+/// The interval used if `Welcome` has none, and the bounds on any it has.
+const DEFAULT_INTERVAL: Duration = Duration::from_secs(10);
+const MIN_INTERVAL: Duration = Duration::from_millis(10);
+const MAX_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// The longest `reconnect_after` hint the client honours.
+const MAX_RECONNECT_HINT: Duration = Duration::from_secs(600);
+
 /// Everything the task needs; built by [`super::ClientBuilder::connect`].
 pub(super) struct SessionTask {
     pub(super) endpoint: Endpoint,
@@ -60,15 +68,17 @@ impl SessionTask {
         let mut rng = StdRng::from_os_rng();
         let mut attempt = 0u32;
         loop {
-            let _ = self.state.send(ClientState::Connecting);
+            self.state.send_replace(ClientState::Connecting);
             let (reason, live_for) = match self.session().await {
                 SessionEnd::Closed => break,
                 SessionEnd::Lost { reason, live_for } => (reason, live_for),
             };
-            self.emit(ClientEvent::Lost {
+            // State first, then the event, so a subscriber reading the state on
+            // an event sees the state that event announced.
+            self.state.send_replace(ClientState::Lost {
                 reason: reason.clone(),
             });
-            let _ = self.state.send(ClientState::Lost {
+            self.emit(ClientEvent::Lost {
                 reason: reason.clone(),
             });
             if live_for >= self.backoff.reset_after() {
@@ -79,12 +89,15 @@ impl SessionTask {
                 Retry::After(delay) => delay,
                 Retry::Never => break,
             };
+            if *self.close.borrow() {
+                break;
+            }
             self.emit(ClientEvent::Reconnecting { attempt, delay });
             if self.closed_within(delay).await {
                 break;
             }
         }
-        let _ = self.state.send(ClientState::Closed);
+        self.state.send_replace(ClientState::Closed);
         self.emit(ClientEvent::Closed);
     }
 
@@ -111,10 +124,11 @@ impl SessionTask {
                 reason: GoodbyeReason::Replaced,
                 ..
             } => Retry::Never,
+            // Spread a fleet told the same hint over half as long again.
             LossReason::Goodbye {
                 reconnect_after: Some(after),
                 ..
-            } => Retry::After(*after + jitter(backoff.base(), rng)),
+            } => Retry::After(*after + jitter((*after / 2).max(backoff.base()), rng)),
             // The server objected to this client's behaviour or evicted it:
             // coming straight back would only repeat it.
             LossReason::Goodbye {
@@ -123,7 +137,7 @@ impl SessionTask {
                     | GoodbyeReason::ProtocolViolation
                     | GoodbyeReason::Evicted,
                 ..
-            } => Retry::After(backoff.cap()),
+            } => Retry::After(backoff.cap() / 2 + jitter(backoff.cap() / 2, rng)),
             _ => Retry::After(backoff.delay(attempt, rng)),
         }
     }
@@ -139,11 +153,13 @@ impl SessionTask {
             opened = &mut handshake => opened,
             () = close_asked(&mut close) => {
                 // The server may have opened the session already (it does at
-                // Hello): finish the handshake briefly so it hears why.
+                // Hello): finish the handshake briefly so it hears why. One
+                // deadline covers both waits, as `Client::close` expects.
+                let deadline = Instant::now() + self.close_timeout;
                 if let Ok(Ok(Ok((outbound, mut inbound, _)))) =
-                    tokio::time::timeout(self.close_timeout, &mut handshake).await
+                    tokio::time::timeout_at(deadline, &mut handshake).await
                 {
-                    self.say_goodbye(outbound, &mut inbound).await;
+                    self.say_goodbye(outbound, &mut inbound, deadline).await;
                 }
                 return SessionEnd::Closed;
             }
@@ -168,20 +184,9 @@ impl SessionTask {
                 }
             }
         };
-        let ping_interval = welcome
-            .ping_interval
-            .as_ref()
-            .and_then(proto_to_duration)
-            .filter(|interval| !interval.is_zero())
-            .unwrap_or(Duration::from_secs(10));
-        let timeout = welcome
-            .timeout
-            .as_ref()
-            .and_then(proto_to_duration)
-            .filter(|timeout| !timeout.is_zero())
-            .unwrap_or(ping_interval * 3);
+        let (ping_interval, timeout) = adopt(&welcome);
         let opened_at = Instant::now();
-        let _ = self.state.send(ClientState::Live {
+        self.state.send_replace(ClientState::Live {
             session_id: welcome.session_id.clone(),
         });
         self.emit(ClientEvent::Connected {
@@ -195,6 +200,8 @@ impl SessionTask {
         let mut last_frame = Instant::now();
         let mut next_ping = last_frame + ping_interval;
         let mut goodbye: Option<pb::Goodbye> = None;
+        // Set when the deadline passed once and the frames were checked again.
+        let mut rechecked = false;
         loop {
             let deadline = last_frame + timeout;
             tokio::select! {
@@ -211,6 +218,7 @@ impl SessionTask {
                         }
                     };
                     last_frame = Instant::now();
+                    rechecked = false;
                     match frame {
                         Some(In::Ping(ping)) => {
                             let _ = outbound.try_send(request(Out::Pong(pb::Pong { seq: ping.seq })));
@@ -230,19 +238,35 @@ impl SessionTask {
                     }
                 }
                 () = close_asked(&mut close) => {
-                    self.say_goodbye(outbound, &mut inbound).await;
+                    let deadline = Instant::now() + self.close_timeout;
+                    self.say_goodbye(outbound, &mut inbound, deadline).await;
                     return SessionEnd::Closed;
                 }
                 () = sleep_until(deadline) => {
+                    if let Some(goodbye) = goodbye {
+                        // The server said why; its status is just late.
+                        return self.lost(Some(goodbye), None, opened_at);
+                    }
+                    if !rechecked {
+                        // This task may have been held up (on a shared runtime):
+                        // let the connection deliver what has arrived, then look
+                        // at the frames once more before declaring silence.
+                        rechecked = true;
+                        tokio::task::yield_now().await;
+                        continue;
+                    }
                     return SessionEnd::Lost {
                         reason: LossReason::Timeout { silence: last_frame.elapsed() },
                         live_for: opened_at.elapsed(),
                     };
                 }
-                () = sleep_until(next_ping) => {
-                    let seq = pings.next_ping(Instant::now());
+                () = sleep_until(next_ping), if goodbye.is_none() => {
+                    let now = Instant::now();
+                    let seq = pings.next_ping(now);
                     let _ = outbound.try_send(request(Out::Ping(pb::Ping { seq })));
-                    next_ping += ping_interval;
+                    // From now, not from the missed tick: a late loop must not
+                    // catch up with a burst the server would count as a flood.
+                    next_ping = now + ping_interval;
                 }
             }
         }
@@ -283,8 +307,12 @@ impl SessionTask {
             Ok(Some(pb::HeartbeatResponse {
                 frame: Some(In::Goodbye(goodbye)),
             })) => Err(goodbye_loss(goodbye)),
-            Ok(other) => Err(LossReason::Transport {
+            Ok(Some(other)) => Err(LossReason::Transport {
                 message: format!("expected Welcome, got {other:?}"),
+            }),
+            Ok(None) => Err(LossReason::Status {
+                code: tonic::Code::Ok,
+                message: "the server ended the call before Welcome".into(),
             }),
             Err(status) => Err(status_loss(status)),
         }
@@ -296,6 +324,7 @@ impl SessionTask {
         &self,
         outbound: mpsc::Sender<pb::HeartbeatRequest>,
         inbound: &mut Streaming<pb::HeartbeatResponse>,
+        deadline: Instant,
     ) {
         let _ = outbound.try_send(request(Out::Goodbye(pb::Goodbye {
             reason: GoodbyeReason::ClientShutdown.into(),
@@ -303,7 +332,7 @@ impl SessionTask {
             reconnect_after: None,
         })));
         drop(outbound);
-        let _ = tokio::time::timeout(self.close_timeout, async {
+        let _ = tokio::time::timeout_at(deadline, async {
             while let Ok(Some(_)) = inbound.message().await {}
         })
         .await;
@@ -318,8 +347,9 @@ impl SessionTask {
         let reason = match (goodbye, status) {
             (Some(goodbye), _) => goodbye_loss(goodbye),
             (None, Some(status)) => status_loss(status),
-            (None, None) => LossReason::Transport {
-                message: "the server ended the stream without a goodbye".into(),
+            (None, None) => LossReason::Status {
+                code: tonic::Code::Ok,
+                message: "the server ended the session without a goodbye".into(),
             },
         };
         SessionEnd::Lost {
@@ -327,6 +357,26 @@ impl SessionTask {
             live_for: opened_at.elapsed(),
         }
     }
+}
+
+/// Timing the client adopts from `Welcome`, kept within sane bounds: a server
+/// cannot make it spin (a tiny interval), overflow its clock (a huge one), or
+/// wait for a timeout that is not longer than the interval.
+fn adopt(welcome: &pb::Welcome) -> (Duration, Duration) {
+    let interval = welcome
+        .ping_interval
+        .as_ref()
+        .and_then(proto_to_duration)
+        .unwrap_or(DEFAULT_INTERVAL)
+        .clamp(MIN_INTERVAL, MAX_INTERVAL);
+    let timeout = welcome
+        .timeout
+        .as_ref()
+        .and_then(proto_to_duration)
+        .filter(|timeout| *timeout > interval)
+        .unwrap_or(interval * 3)
+        .min(MAX_INTERVAL * 3);
+    (interval, timeout)
 }
 
 /// Completes once a close is asked for, or the handle is dropped.
@@ -342,7 +392,11 @@ fn request(frame: Out) -> pb::HeartbeatRequest {
 fn goodbye_loss(goodbye: pb::Goodbye) -> LossReason {
     LossReason::Goodbye {
         reason: goodbye.reason(),
-        reconnect_after: goodbye.reconnect_after.as_ref().and_then(proto_to_duration),
+        reconnect_after: goodbye
+            .reconnect_after
+            .as_ref()
+            .and_then(proto_to_duration)
+            .map(|after| after.min(MAX_RECONNECT_HINT)),
         message: goodbye.message,
     }
 }

@@ -13,7 +13,10 @@ mod convert;
 mod ping;
 
 pub use codec::CompactCodec;
-pub use convert::{duration_to_proto, goodbye_reason_of, proto_to_duration};
+pub use convert::{
+    change_to_proto, close_reason_to_proto, duration_to_proto, goodbye_reason_of,
+    proto_to_duration, session_to_proto, timestamp_to_proto,
+};
 pub use ping::{PingLedger, PongMatch, RttEstimator};
 
 /// The generated `heartbeat.v1` types, clients and servers.

@@ -26,6 +26,16 @@ pub(crate) enum Refusal {
     },
 }
 
+impl Refusal {
+    /// The refusal's name in metrics.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Draining => "draining",
+            Self::Full { .. } => "capacity",
+        }
+    }
+}
+
 /// Counts admitted streams against the capacity and refuses during a drain.
 pub(crate) struct AdmissionGate {
     capacity: usize,

@@ -29,8 +29,10 @@
 
 mod admission;
 mod drain;
+mod exposition;
 mod farewell;
 mod heartbeat;
+mod presence;
 mod session;
 
 use std::{
@@ -46,12 +48,19 @@ use tonic::{
 use tower::{Layer, Service};
 use tracing::{info, warn};
 
-use self::{admission::AdmissionGate, heartbeat::HeartbeatEndpoint};
+use self::{
+    admission::{AdmissionGate, Refusal},
+    heartbeat::HeartbeatEndpoint,
+};
 use crate::{
     config::ServerConfig,
     error::{ConfigError, ServeError},
     liveness::{Liveness, LivenessBody, LivenessLayer, ResponseFuture, TimerWheel},
-    protocol::pb::heartbeat_service_server::HeartbeatServiceServer,
+    metrics::Metrics,
+    protocol::pb::{
+        self, heartbeat_service_server::HeartbeatServiceServer,
+        presence_service_server::PresenceServiceServer,
+    },
     registry::{CloseReason, SessionRegistry, Subscription},
 };
 
@@ -59,6 +68,8 @@ use crate::{
 pub(crate) struct ServerShared {
     /// The validated settings.
     config: ServerConfig,
+    /// Gauges and counters of sessions, frames and watchers.
+    metrics: Arc<Metrics>,
     /// The open sessions.
     registry: SessionRegistry,
     /// Capacity, draining, and every admitted stream.
@@ -87,8 +98,20 @@ impl HeartbeatServer {
     pub fn new(config: ServerConfig) -> Result<(HeartbeatHandle, HeartbeatServer), ConfigError> {
         config.validate()?;
         let wheel = TimerWheel::new();
+        let metrics = Arc::new(Metrics::new(
+            &CloseReason::ALL.map(CloseReason::as_str),
+            &[
+                Refusal::Full { capacity: 0 }.as_str(),
+                Refusal::Draining.as_str(),
+            ],
+        ));
         let shared = Arc::new(ServerShared {
-            registry: SessionRegistry::new(config.watch_history, config.watch_queue),
+            registry: SessionRegistry::new(
+                config.watch_history,
+                config.watch_queue,
+                metrics.clone(),
+            ),
+            metrics,
             gate: Arc::new(AdmissionGate::new(config.max_sessions)),
             wheel: wheel.clone(),
             config,
@@ -170,6 +193,19 @@ impl HeartbeatHandle {
         self.shared.registry.evict(session_id, message)
     }
 
+    /// The server's metrics, to expose wherever you serve yours.
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
+    /// The `heartbeat.v1.PresenceService` of this server's sessions, to mount
+    /// next to the heartbeat service. It requires `config.admin_token` when set.
+    pub fn presence(
+        &self,
+    ) -> PresenceServiceServer<impl pb::presence_service_server::PresenceService> {
+        PresenceServiceServer::new(presence::PresenceEndpoint::new(self.shared.clone()))
+    }
+
     /// The settings the server runs with.
     pub fn config(&self) -> &ServerConfig {
         &self.shared.config
@@ -202,8 +238,14 @@ impl std::fmt::Debug for HeartbeatHandle {
 }
 
 /// Runs the standalone heartbeat server on `incoming` until `shutdown`
-/// completes, then drains: every session gets its goodbye, and the server waits
-/// up to `config.shutdown_grace` for the endings to reach the clients.
+/// completes, then drains: health turns `NOT_SERVING`, every session gets its
+/// goodbye, and the server waits up to `config.shutdown_grace` for the endings
+/// to reach the clients and for presence watches to finish.
+///
+/// Next to the heartbeat service it serves `PresenceService`, `grpc.health.v1.Health`
+/// (for `heartbeat.v1.HeartbeatService`, `heartbeat.v1.PresenceService` and the
+/// empty name) and gRPC reflection (v1 and v1alpha), and `GET /metrics` on
+/// `config.metrics_listen` when set.
 ///
 /// `on_ready` receives the handle once the services are built, for callers that
 /// want to watch sessions (tests, an embedding binary).
@@ -215,14 +257,53 @@ pub async fn serve(
 ) -> Result<(), ServeError> {
     let (handle, heartbeat) = HeartbeatServer::new(config)?;
     let config = handle.config().clone();
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::Bind { addr, source })?,
+        ),
+        None => None,
+    };
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let health_names = [
+        "",
+        HeartbeatServer::NAME,
+        <PresenceServiceServer<presence::PresenceEndpoint> as NamedService>::NAME,
+    ];
+    for name in health_names {
+        health
+            .set_service_status(name, tonic_health::ServingStatus::Serving)
+            .await;
+    }
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
     on_ready(handle.clone());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    if let Some(listener) = metrics_listener {
+        tokio::spawn(exposition::serve_metrics(
+            listener,
+            handle.shared.metrics.clone(),
+            stopped.clone(),
+        ));
+    }
+    let mut server_stopped = stopped.clone();
     let server = Server::builder()
         .max_concurrent_streams(config.max_streams_per_connection)
+        .add_service(health_service)
         .add_service(heartbeat)
-        .serve_with_incoming_shutdown(incoming, async {
-            // Either a send or a dropped sender means stop.
-            let _ = stopped.await;
+        .add_service(handle.presence())
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .serve_with_incoming_shutdown(incoming, async move {
+            // A send or a dropped sender both mean stop.
+            let _ = server_stopped.wait_for(|stop| *stop).await;
         });
     tokio::pin!(server);
     tokio::select! {
@@ -234,8 +315,13 @@ pub async fn serve(
         grace_ms = u64::try_from(config.shutdown_grace.as_millis()).unwrap_or(u64::MAX),
         "shutting down"
     );
+    for name in health_names {
+        health
+            .set_service_status(name, tonic_health::ServingStatus::NotServing)
+            .await;
+    }
     handle.drain();
-    let _ = stop.send(());
+    let _ = stop.send(true);
     let finished = tokio::time::timeout(config.shutdown_grace, async {
         handle.idle().await;
         (&mut server).await

@@ -153,6 +153,7 @@ impl SessionStream {
                 .unwrap_or(Step::Reply(Out::Pong(pb::Pong { seq: ping.seq }))),
             (true, Some(In::Pong(pong))) => match self.pings.pong(pong.seq, now) {
                 PongMatch::Answered(rtt) => {
+                    self.shared.server.metrics.rtt(rtt);
                     self.rtt.sample(rtt);
                     if let Some(srtt) = self.rtt.smoothed() {
                         let micros = u64::try_from(srtt.as_micros()).unwrap_or(u64::MAX - 1);
@@ -171,7 +172,11 @@ impl SessionStream {
 
     /// Counts an unsolicited frame; `Some` ends the session for too many.
     fn unsolicited(&mut self, now: Instant) -> Option<Step> {
-        self.strikes.over_limit(now).then(|| {
+        let (struck, over) = self.strikes.record(now);
+        if struck {
+            self.shared.server.metrics.ping_strike();
+        }
+        over.then(|| {
             Step::End(
                 CloseReason::TooManyPings,
                 format!(
@@ -213,6 +218,12 @@ impl SessionStream {
             ping_interval: Some(duration_to_proto(server.config.ping_interval)),
             timeout: Some(duration_to_proto(server.config.timeout)),
         }))
+    }
+
+    /// Wraps a frame for sending, and counts it.
+    fn send(&self, frame: Out) -> pb::HeartbeatResponse {
+        self.shared.server.metrics.frame_sent();
+        pb::HeartbeatResponse { frame: Some(frame) }
     }
 
     /// Records that the session ended by the client's doing.
@@ -260,8 +271,9 @@ impl Stream for SessionStream {
             budget -= 1;
             match Pin::new(&mut this.inbound).poll_next(cx) {
                 Poll::Ready(Some(Ok(request))) => {
+                    this.shared.server.metrics.frame_received();
                     match this.on_frame(request.frame, Instant::now()) {
-                        Step::Reply(frame) => return Poll::Ready(Some(Ok(response(frame)))),
+                        Step::Reply(frame) => return Poll::Ready(Some(Ok(this.send(frame)))),
                         Step::Continue => {}
                         Step::Finish(reason, message) => {
                             this.finish(reason, &message);
@@ -295,7 +307,7 @@ impl Stream for SessionStream {
         }
         if this.open && this.shared.ping_due.swap(false, Ordering::AcqRel) {
             let seq = this.pings.next_ping(Instant::now());
-            return Poll::Ready(Some(Ok(response(Out::Ping(pb::Ping { seq })))));
+            return Poll::Ready(Some(Ok(this.send(Out::Ping(pb::Ping { seq })))));
         }
         Poll::Pending
     }
@@ -319,10 +331,6 @@ impl Drop for SessionStream {
             .registry
             .close(&self.shared.id, reason, "");
     }
-}
-
-fn response(frame: Out) -> pb::HeartbeatResponse {
-    pb::HeartbeatResponse { frame: Some(frame) }
 }
 
 /// Checks a `Hello` against the limits; the error says which and by how much.
@@ -363,18 +371,20 @@ fn validate_hello(hello: &pb::Hello, limits: &FrameLimits) -> Result<(), String>
 // === impl StrikeCounter ===
 
 impl StrikeCounter {
-    /// Records an unsolicited frame at `now`; true once the strikes exceed the
-    /// allowance. A frame that keeps its distance forgives earlier strikes.
-    fn over_limit(&mut self, now: Instant) -> bool {
-        if let Some(last) = self.last {
-            if now.saturating_duration_since(last) < self.min_spacing {
-                self.strikes += 1;
-            } else {
-                self.strikes = 0;
-            }
+    /// Records an unsolicited frame at `now`: whether it earned a strike, and
+    /// whether the strikes now exceed the allowance. A frame that keeps its
+    /// distance forgives earlier strikes.
+    fn record(&mut self, now: Instant) -> (bool, bool) {
+        let struck = self
+            .last
+            .is_some_and(|last| now.saturating_duration_since(last) < self.min_spacing);
+        if struck {
+            self.strikes = self.strikes.saturating_add(1);
+        } else {
+            self.strikes = 0;
         }
         self.last = Some(now);
-        self.strikes > self.allowed
+        (struck, self.strikes > self.allowed)
     }
 }
 
@@ -473,14 +483,14 @@ mod tests {
             strikes: 0,
             last: None,
         };
-        let at = |ms| start + Duration::from_millis(ms);
-        assert!(!counter.over_limit(at(0)));
-        assert!(!counter.over_limit(at(100)));
-        assert!(!counter.over_limit(at(200)));
-        assert!(!counter.over_limit(at(1300)), "a spaced frame forgives");
-        assert!(!counter.over_limit(at(1400)));
-        assert!(!counter.over_limit(at(1500)));
-        assert!(counter.over_limit(at(1600)));
+        let mut over_limit = |ms| counter.record(start + Duration::from_millis(ms)).1;
+        assert!(!over_limit(0));
+        assert!(!over_limit(100));
+        assert!(!over_limit(200));
+        assert!(!over_limit(1300), "a spaced frame forgives");
+        assert!(!over_limit(1400));
+        assert!(!over_limit(1500));
+        assert!(over_limit(1600));
     }
 
     /// Tests that each Hello limit is enforced with a message naming it.

@@ -1,0 +1,280 @@
+//! Metric names and recorders, exposed in the Prometheus text format.
+//!
+//! Every family has `# HELP` and `# TYPE`. Close reasons use the same lower-case
+//! names as logs and the `CloseReason` enum (`timeout`, `client_goodbye`, …), so
+//! one vocabulary serves clients, observers, operators and dashboards.
+//!
+//! prometheus-client writes OpenMetrics; scrapers that ask for it get it as is.
+//! Everyone else gets the classic Prometheus text format (version 0.0.4), which
+//! differs in two ways: a counter's `# HELP`/`# TYPE` lines name its `_total`
+//! sample, and there is no `# EOF`.
+
+use std::{fmt::Write, time::Duration};
+
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{exponential_buckets, Histogram},
+    },
+    registry::Registry,
+};
+
+/// Content type of the classic Prometheus text format.
+pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+/// Content type of the OpenMetrics text format.
+pub const OPENMETRICS_TEXT: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+type ReasonCounter = Family<[(&'static str, &'static str); 1], Counter>;
+
+/// The server's metrics; cheap to share behind an `Arc`.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    sessions_open: Gauge,
+    sessions_suspect: Gauge,
+    sessions_opened: Counter,
+    sessions_closed: ReasonCounter,
+    rtt: Histogram,
+    frames_received: Counter,
+    frames_sent: Counter,
+    ping_strikes: Counter,
+    admission_rejections: ReasonCounter,
+    watchers: Gauge,
+    watchers_lagged: Counter,
+}
+
+impl Metrics {
+    /// Registers every family. The `reason` series of closes and rejections
+    /// start at zero for each of the given names, so dashboards see them all.
+    pub fn new(close_reasons: &[&'static str], rejection_reasons: &[&'static str]) -> Self {
+        let mut registry = Registry::default();
+        let metrics = Self {
+            sessions_open: Gauge::default(),
+            sessions_suspect: Gauge::default(),
+            sessions_opened: Counter::default(),
+            sessions_closed: ReasonCounter::default(),
+            // 100 µs to about 26 s.
+            rtt: Histogram::new(exponential_buckets(0.0001, 2.0, 19)),
+            frames_received: Counter::default(),
+            frames_sent: Counter::default(),
+            ping_strikes: Counter::default(),
+            admission_rejections: ReasonCounter::default(),
+            watchers: Gauge::default(),
+            watchers_lagged: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "heartbeat_sessions_open",
+            "Heartbeat sessions open now (Hello received, not yet closed)",
+            metrics.sessions_open.clone(),
+        );
+        registry.register(
+            "heartbeat_sessions_suspect",
+            "Open sessions whose client has been silent past the suspicion threshold",
+            metrics.sessions_suspect.clone(),
+        );
+        registry.register(
+            "heartbeat_sessions_opened",
+            "Sessions opened (Hello received)",
+            metrics.sessions_opened.clone(),
+        );
+        registry.register(
+            "heartbeat_sessions_closed",
+            "Sessions closed, by close reason",
+            metrics.sessions_closed.clone(),
+        );
+        registry.register(
+            "heartbeat_rtt_seconds",
+            "Round-trip time of the server's pings, per answered ping",
+            metrics.rtt.clone(),
+        );
+        registry.register(
+            "heartbeat_frames_received",
+            "Frames received from clients",
+            metrics.frames_received.clone(),
+        );
+        registry.register(
+            "heartbeat_frames_sent",
+            "Frames sent to clients",
+            metrics.frames_sent.clone(),
+        );
+        registry.register(
+            "heartbeat_ping_strikes",
+            "Unsolicited client frames that came closer together than the minimum spacing",
+            metrics.ping_strikes.clone(),
+        );
+        registry.register(
+            "heartbeat_admission_rejections",
+            "Streams refused before any frame, by reason",
+            metrics.admission_rejections.clone(),
+        );
+        registry.register(
+            "heartbeat_watchers",
+            "Presence watches open now",
+            metrics.watchers.clone(),
+        );
+        registry.register(
+            "heartbeat_watchers_lagged",
+            "Presence watches ended because they fell too far behind",
+            metrics.watchers_lagged.clone(),
+        );
+        // Creating each series is the point; the returned guard is not needed.
+        for reason in close_reasons {
+            let _ = metrics.sessions_closed.get_or_create(&[("reason", reason)]);
+        }
+        for reason in rejection_reasons {
+            let _ = metrics
+                .admission_rejections
+                .get_or_create(&[("reason", reason)]);
+        }
+        Self {
+            registry,
+            ..metrics
+        }
+    }
+
+    /// A session said Hello.
+    pub fn session_opened(&self) {
+        self.sessions_opened.inc();
+        self.sessions_open.inc();
+    }
+
+    /// A session closed for `reason`; `was_suspect` if it was suspect then.
+    pub fn session_closed(&self, reason: &'static str, was_suspect: bool) {
+        self.sessions_open.dec();
+        if was_suspect {
+            self.sessions_suspect.dec();
+        }
+        self.sessions_closed
+            .get_or_create(&[("reason", reason)])
+            .inc();
+    }
+
+    /// A session became suspect.
+    pub fn session_suspected(&self) {
+        self.sessions_suspect.inc();
+    }
+
+    /// A suspect session recovered.
+    pub fn session_recovered(&self) {
+        self.sessions_suspect.dec();
+    }
+
+    /// A client answered a server ping after `rtt`.
+    pub fn rtt(&self, rtt: Duration) {
+        self.rtt.observe(rtt.as_secs_f64());
+    }
+
+    /// A frame arrived from a client.
+    pub fn frame_received(&self) {
+        self.frames_received.inc();
+    }
+
+    /// A frame went to a client.
+    pub fn frame_sent(&self) {
+        self.frames_sent.inc();
+    }
+
+    /// A client earned a ping strike.
+    pub fn ping_strike(&self) {
+        self.ping_strikes.inc();
+    }
+
+    /// A stream was refused before any frame, for `reason`.
+    pub fn admission_rejected(&self, reason: &'static str) {
+        self.admission_rejections
+            .get_or_create(&[("reason", reason)])
+            .inc();
+    }
+
+    /// A presence watch started.
+    pub fn watcher_started(&self) {
+        self.watchers.inc();
+    }
+
+    /// A presence watch ended; `lagged` if it was cut off for falling behind.
+    pub fn watcher_ended(&self, lagged: bool) {
+        self.watchers.dec();
+        if lagged {
+            self.watchers_lagged.inc();
+        }
+    }
+
+    /// The metrics in OpenMetrics if `openmetrics`, else in the classic
+    /// Prometheus text format; with the matching content type.
+    pub fn render(&self, openmetrics: bool) -> (String, &'static str) {
+        let mut text = String::new();
+        // Writing to a String cannot fail.
+        let _ = encode(&mut text, &self.registry);
+        if openmetrics {
+            (text, OPENMETRICS_TEXT)
+        } else {
+            (to_prometheus_text(&text), PROMETHEUS_TEXT)
+        }
+    }
+}
+
+/// Rewrites OpenMetrics text as classic Prometheus text (version 0.0.4).
+fn to_prometheus_text(openmetrics: &str) -> String {
+    let counters: Vec<&str> = openmetrics
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let described = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(&name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        let _ = writeln!(out, "{}", described.as_deref().unwrap_or(line));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Tests that the classic format names counters with `_total` in HELP and
+    /// TYPE, drops `# EOF`, and keeps every family described.
+    #[test]
+    fn classic_text_describes_counters_by_their_samples() {
+        let metrics = Metrics::new(&["timeout"], &["capacity"]);
+        metrics.session_opened();
+        metrics.session_closed("timeout", false);
+        metrics.rtt(Duration::from_millis(3));
+        let (text, content_type) = metrics.render(false);
+        assert_eq!(content_type, PROMETHEUS_TEXT);
+        assert!(
+            text.contains("# TYPE heartbeat_sessions_closed_total counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# HELP heartbeat_sessions_closed_total Sessions closed"),
+            "{text}"
+        );
+        assert!(
+            text.contains("heartbeat_sessions_closed_total{reason=\"timeout\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE heartbeat_sessions_open gauge\n"),
+            "{text}"
+        );
+        assert!(text.contains("heartbeat_rtt_seconds_count 1\n"), "{text}");
+        assert!(!text.contains("# EOF"));
+        let (open, content_type) = metrics.render(true);
+        assert_eq!(content_type, OPENMETRICS_TEXT);
+        assert!(open.ends_with("# EOF\n"));
+    }
+}

@@ -1,0 +1,227 @@
+//! `heartbeat.v1.PresenceService`: list, watch and evict sessions.
+//!
+//! A watch is a snapshot (or a replay) from the registry followed by its
+//! changes, forwarded by one small task per watcher into a short channel. The
+//! registry bounds each watcher's queue; a watcher that cannot keep up is cut
+//! off there and told so here (`RESOURCE_EXHAUSTED`), never silently dropped
+//! behind, and never slowing the sessions or other watchers.
+
+use std::{collections::HashMap, pin::Pin, sync::Arc};
+
+use tokio::sync::mpsc;
+use tokio_stream::{wrappers::ReceiverStream, Stream};
+use tonic::{Request, Response, Status};
+
+use super::ServerShared;
+use crate::{
+    protocol::{
+        change_to_proto,
+        pb::{self, watch_sessions_response::Event},
+        session_to_proto,
+    },
+    registry::{SessionIdentity, Subscription, SubscriptionStart},
+};
+
+/// Events in flight between a watcher's forwarding task and its stream; the
+/// registry's per-watcher queue is the real bound.
+const FORWARD_QUEUE: usize = 32;
+
+/// The service behind [`HeartbeatHandle::presence`](super::HeartbeatHandle::presence).
+pub(crate) struct PresenceEndpoint {
+    shared: Arc<ServerShared>,
+}
+
+/// Which sessions a list or watch covers.
+#[derive(Clone)]
+struct SessionFilter {
+    client_id: String,
+    labels: HashMap<String, String>,
+}
+
+impl SessionFilter {
+    fn matches(&self, identity: &SessionIdentity) -> bool {
+        (self.client_id.is_empty() || self.client_id == identity.client_id)
+            && self
+                .labels
+                .iter()
+                .all(|(key, value)| identity.labels.get(key) == Some(value))
+    }
+}
+
+impl PresenceEndpoint {
+    pub(crate) fn new(shared: Arc<ServerShared>) -> Self {
+        Self { shared }
+    }
+
+    /// Refuses the call unless it carries the admin token, when one is set.
+    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let Some(token) = &self.shared.config.admin_token else {
+            return Ok(());
+        };
+        let presented = request
+            .metadata()
+            .get("authorization")
+            .and_then(|value| value.as_bytes().strip_prefix(b"Bearer "));
+        match presented {
+            Some(presented) if token.matches(presented) => Ok(()),
+            Some(_) => Err(Status::unauthenticated(
+                "the admin token is wrong: send authorization: Bearer <token> with the server's token",
+            )),
+            None => Err(Status::unauthenticated(
+                "this server requires an admin token: send authorization: Bearer <token>",
+            )),
+        }
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchSessionsResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::presence_service_server::PresenceService for PresenceEndpoint {
+    type WatchSessionsStream = WatchStream;
+
+    async fn list_sessions(
+        &self,
+        request: Request<pb::ListSessionsRequest>,
+    ) -> Result<Response<pb::ListSessionsResponse>, Status> {
+        self.authorize(&request)?;
+        let request = request.into_inner();
+        let filter = SessionFilter {
+            client_id: request.client_id,
+            labels: request.labels,
+        };
+        let snapshot = self.shared.registry.snapshot();
+        Ok(Response::new(pb::ListSessionsResponse {
+            sessions: snapshot
+                .sessions
+                .iter()
+                .filter(|session| filter.matches(&session.identity))
+                .map(session_to_proto)
+                .collect(),
+            epoch: snapshot.epoch,
+            revision: snapshot.revision,
+        }))
+    }
+
+    async fn watch_sessions(
+        &self,
+        request: Request<pb::WatchSessionsRequest>,
+    ) -> Result<Response<WatchStream>, Status> {
+        self.authorize(&request)?;
+        let request = request.into_inner();
+        let filter = SessionFilter {
+            client_id: request.client_id,
+            labels: request.labels,
+        };
+        let subscription = self
+            .shared
+            .registry
+            .resume(request.resume_epoch, request.resume_after);
+        let (events, stream) = mpsc::channel(FORWARD_QUEUE);
+        let metrics = self.shared.metrics.clone();
+        metrics.watcher_started();
+        tokio::spawn(async move {
+            let lagged = forward(subscription, filter, events).await;
+            metrics.watcher_ended(lagged);
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(stream))))
+    }
+
+    async fn evict_session(
+        &self,
+        request: Request<pb::EvictSessionRequest>,
+    ) -> Result<Response<pb::EvictSessionResponse>, Status> {
+        self.authorize(&request)?;
+        let request = request.into_inner();
+        if self
+            .shared
+            .registry
+            .evict(&request.session_id, &request.message)
+        {
+            Ok(Response::new(pb::EvictSessionResponse {}))
+        } else {
+            Err(Status::not_found(format!(
+                "no session {:?} is open; list them with ListSessions",
+                request.session_id
+            )))
+        }
+    }
+}
+
+type Sender = mpsc::Sender<Result<pb::WatchSessionsResponse, Status>>;
+
+/// Sends the subscription's start, `synced`, then its changes, until the
+/// watcher leaves or the registry ends it. Returns whether it lagged.
+async fn forward(mut subscription: Subscription, filter: SessionFilter, events: Sender) -> bool {
+    let epoch = subscription.epoch;
+    let start = std::mem::replace(
+        &mut subscription.start,
+        SubscriptionStart::Replay {
+            changes: Vec::new(),
+            revision: 0,
+        },
+    );
+    let synced_at = match start {
+        SubscriptionStart::Snapshot { reset, snapshot } => {
+            let revision = snapshot.revision;
+            if reset && !send(&events, Event::Reset(pb::Reset {}), revision).await {
+                return false;
+            }
+            for session in snapshot
+                .sessions
+                .iter()
+                .filter(|s| filter.matches(&s.identity))
+            {
+                if !send(&events, Event::Opened(session_to_proto(session)), revision).await {
+                    return false;
+                }
+            }
+            revision
+        }
+        SubscriptionStart::Replay { changes, revision } => {
+            for change in changes
+                .iter()
+                .filter(|change| filter.matches(&change.event.session().identity))
+            {
+                if events.send(Ok(change_to_proto(change))).await.is_err() {
+                    return false;
+                }
+            }
+            revision
+        }
+    };
+    let synced = Event::Synced(pb::Synced {
+        epoch,
+        revision: synced_at,
+    });
+    if !send(&events, synced, synced_at).await {
+        return false;
+    }
+    loop {
+        let ending = match subscription.next().await {
+            Ok(Some(change)) => {
+                if filter.matches(&change.event.session().identity)
+                    && events.send(Ok(change_to_proto(&change))).await.is_err()
+                {
+                    return false;
+                }
+                continue;
+            }
+            Ok(None) => Status::unavailable(
+                "the server is shutting down; resume the watch from the last revision seen",
+            ),
+            Err(lagged) => Status::resource_exhausted(lagged.to_string()),
+        };
+        let lagged = ending.code() == tonic::Code::ResourceExhausted;
+        let _ = events.send(Err(ending)).await;
+        return lagged;
+    }
+}
+
+async fn send(events: &Sender, event: Event, revision: u64) -> bool {
+    let response = pb::WatchSessionsResponse {
+        event: Some(event),
+        revision,
+    };
+    events.send(Ok(response)).await.is_ok()
+}
