@@ -153,9 +153,31 @@ impl RawSession {
     }
 
     pub async fn say_hello(&mut self, client_id: &str) -> pb::Welcome {
+        self.say_hello_with(client_id, &[("zone", "test")]).await
+    }
+
+    /// Opens a stream and completes Hello → Welcome with these labels.
+    pub async fn hello_with(
+        addr: SocketAddr,
+        client_id: &str,
+        labels: &[(&str, &str)],
+    ) -> (Self, pb::Welcome) {
+        let mut session = Self::open(addr).await.expect("admitted");
+        let welcome = session.say_hello_with(client_id, labels).await;
+        (session, welcome)
+    }
+
+    pub async fn say_hello_with(
+        &mut self,
+        client_id: &str,
+        labels: &[(&str, &str)],
+    ) -> pb::Welcome {
         self.send(In::Hello(pb::Hello {
             client_id: client_id.into(),
-            labels: [("zone".to_string(), "test".to_string())].into(),
+            labels: labels
+                .iter()
+                .map(|(key, value)| (key.to_string(), value.to_string()))
+                .collect(),
         }))
         .await;
         match self.next_frame().await {
@@ -351,4 +373,12 @@ pub fn signal(child: &Child, signal: &str) {
         .status()
         .expect("run kill");
     assert!(status.success(), "kill {signal} failed");
+}
+
+/// A port on 127.0.0.1 that was free a moment ago, for listeners that the
+/// server binds itself (the metrics endpoint).
+pub fn free_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
 }
