@@ -14,6 +14,16 @@ use tonic_heartbeat::{
     ServerConfig,
 };
 
+/// Flags of a server process with the timing of `fast_config`.
+const FAST_SERVER: [&str; 6] = [
+    "--ping-interval",
+    "100ms",
+    "--timeout",
+    "300ms",
+    "--min-ping-interval",
+    "20ms",
+];
+
 /// A backoff fast enough for tests: 20 ms base, 160 ms cap.
 fn quick_backoff() -> Backoff {
     Backoff::try_new(
@@ -177,14 +187,7 @@ async fn restarted_server_is_reconnected_with_jittered_backoff() {
 /// reconnects once the server resumes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frozen_server_is_lost_on_time_and_rejoined() {
-    let (mut server, addr) = spawn_server_process(&[
-        "--ping-interval",
-        "100ms",
-        "--timeout",
-        "300ms",
-        "--min-ping-interval",
-        "20ms",
-    ]);
+    let (mut server, addr) = spawn_server_process(&FAST_SERVER);
     let client = client(addr, "freeze");
     let mut events = client.events();
     let first_session = connected(&mut events).await;
@@ -332,19 +335,14 @@ async fn close_says_goodbye_and_drop_leaks_nothing() {
 /// the timeout causes no false loss on a multi-threaded runtime.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blocked_application_thread_causes_no_false_loss() {
-    let (mut server, addr) = spawn_server_process(&[
-        "--ping-interval",
-        "100ms",
-        "--timeout",
-        "300ms",
-        "--min-ping-interval",
-        "20ms",
-    ]);
+    let (mut server, addr) = spawn_server_process(&FAST_SERVER);
     let client = client(addr, "busy");
     let mut events = client.events();
     connected(&mut events).await;
+    // Three timeouts of a worker thread doing blocking work, on both workers.
+    const BLOCKED_FOR: Duration = Duration::from_millis(900);
     let blockers: Vec<_> = (0..2)
-        .map(|_| tokio::spawn(async { std::thread::sleep(Duration::from_millis(900)) }))
+        .map(|_| tokio::spawn(async { std::thread::sleep(BLOCKED_FOR) }))
         .collect();
     no_loss_for(&mut events, Duration::from_millis(1200)).await;
     for blocker in blockers {

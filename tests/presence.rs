@@ -648,11 +648,42 @@ async fn health_turns_not_serving_on_drain() {
         .expect("clean shutdown");
 }
 
+/// The service names a reflection service of version `$version` lists; one
+/// body for both versions, whose generated types differ only in their module.
+macro_rules! reflected_services {
+    ($version:ident, $channel:expr) => {{
+        use tonic_reflection::pb::$version::{
+            server_reflection_client::ServerReflectionClient,
+            server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+            ServerReflectionRequest,
+        };
+        let request = ServerReflectionRequest {
+            message_request: Some(MessageRequest::ListServices(String::new())),
+            ..Default::default()
+        };
+        let mut responses = ServerReflectionClient::new($channel)
+            .server_reflection_info(tokio_stream::iter([request]))
+            .await
+            .expect("reflection")
+            .into_inner();
+        let response = within(WAIT, responses.next())
+            .await
+            .expect("a response")
+            .expect("ok");
+        let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+            panic!("expected a service list");
+        };
+        list.service
+            .into_iter()
+            .map(|s| s.name)
+            .collect::<HashSet<String>>()
+    }};
+}
+
 /// Tests that reflection (v1 and v1alpha) lists both heartbeat services and health.
 #[tokio::test]
 async fn reflection_lists_the_services() {
     use tokio_stream::StreamExt;
-    use tonic_reflection::pb::{v1, v1alpha};
     let server = TestServer::start(fast_config()).await;
     let expected = [
         "heartbeat.v1.HeartbeatService",
@@ -660,60 +691,15 @@ async fn reflection_lists_the_services() {
         "grpc.health.v1.Health",
     ];
 
-    let mut client =
-        v1::server_reflection_client::ServerReflectionClient::new(channel(server.addr).await);
-    let request = v1::ServerReflectionRequest {
-        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
-            String::new(),
-        )),
-        ..Default::default()
-    };
-    let mut responses = client
-        .server_reflection_info(tokio_stream::iter([request]))
-        .await
-        .expect("reflection")
-        .into_inner();
-    let response = within(WAIT, responses.next())
-        .await
-        .expect("a response")
-        .expect("ok");
-    let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
-        response.message_response
-    else {
-        panic!("expected a service list");
-    };
-    let names: HashSet<String> = list.service.into_iter().map(|s| s.name).collect();
+    let v1_names = reflected_services!(v1, channel(server.addr).await);
+    let v1alpha_names = reflected_services!(v1alpha, channel(server.addr).await);
     for name in expected {
-        assert!(names.contains(name), "v1 lacks {name}: {names:?}");
+        assert!(v1_names.contains(name), "v1 lacks {name}: {v1_names:?}");
+        assert!(
+            v1alpha_names.contains(name),
+            "v1alpha lacks {name}: {v1alpha_names:?}"
+        );
     }
-
-    let mut alpha =
-        v1alpha::server_reflection_client::ServerReflectionClient::new(channel(server.addr).await);
-    let request = v1alpha::ServerReflectionRequest {
-        message_request: Some(
-            v1alpha::server_reflection_request::MessageRequest::ListServices(String::new()),
-        ),
-        ..Default::default()
-    };
-    let mut responses = alpha
-        .server_reflection_info(tokio_stream::iter([request]))
-        .await
-        .expect("reflection")
-        .into_inner();
-    let response = within(WAIT, responses.next())
-        .await
-        .expect("a response")
-        .expect("ok");
-    let Some(v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
-        response.message_response
-    else {
-        panic!("expected a service list");
-    };
-    let names: HashSet<String> = list.service.into_iter().map(|s| s.name).collect();
-    assert!(
-        names.contains("heartbeat.v1.PresenceService"),
-        "v1alpha: {names:?}"
-    );
 }
 
 /// Scrapes `/metrics` with a plain HTTP/1.1 GET; returns headers and body.

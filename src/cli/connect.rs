@@ -2,12 +2,11 @@
 
 use std::time::Duration;
 
-use anyhow::Context;
 use clap::Args;
 use serde_json::json;
 use tonic_heartbeat::client::{Client, ClientEvent, LossReason};
 
-use super::{parse_label, Output, ShutdownSignals};
+use super::{current_thread_runtime, parse_label, Output, ShutdownSignals};
 
 /// Flags of `heartbeat connect`.
 #[derive(Debug, Args)]
@@ -31,10 +30,7 @@ pub(crate) struct ConnectArgs {
 
 /// Connects and prints events until a signal, then says goodbye.
 pub(crate) fn run(args: ConnectArgs) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let runtime = current_thread_runtime()?;
     runtime.block_on(async move {
         // Listening before the session opens: a signal right after it must
         // say goodbye, not kill the process.

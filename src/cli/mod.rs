@@ -110,6 +110,15 @@ fn parse_label(text: &str) -> Result<(String, String), String> {
     }
 }
 
+/// The small runtime of a command that talks to one server.
+fn current_thread_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    use anyhow::Context;
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
 /// SIGTERM and SIGINT, listened for from the moment this is created, so a
 /// signal that arrives before the program first waits is not lost (nor does it
 /// kill the process with the default action).

@@ -21,7 +21,7 @@ use tonic_heartbeat::{
     },
 };
 
-use super::{parse_label, Output, ShutdownSignals};
+use super::{current_thread_runtime, parse_label, Output, ShutdownSignals};
 
 /// Flags of `heartbeat sessions`.
 #[derive(Debug, Args)]
@@ -86,10 +86,7 @@ pub(crate) fn run(args: SessionsArgs) -> anyhow::Result<()> {
         .as_deref()
         .map(AdminToken::from_file)
         .transpose()?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let runtime = current_thread_runtime()?;
     runtime.block_on(async move {
         let mut signals = ShutdownSignals::listen()?;
         let channel = endpoint
