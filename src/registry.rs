@@ -401,12 +401,6 @@ impl SessionRegistry {
                         )
                     })
             };
-            info!(
-                session_id = %identity.session_id,
-                client_id = %identity.client_id,
-                peer = %identity.peer.map_or_else(|| "-".to_owned(), |peer| peer.to_string()),
-                "session opened"
-            );
             let entry = Entry {
                 identity: identity.clone(),
                 state: SessionState::Live,
@@ -418,9 +412,18 @@ impl SessionRegistry {
             self.publish(&mut inner, SessionEvent::Opened(info));
             replaced
         };
-        if let Some((link, message)) = replaced {
-            link.end(CloseReason::Replaced, &message);
+        // Logging and ending happen outside the lock: the timer wheel's
+        // callbacks wait on it, and a slow log sink must not delay deadlines.
+        if let Some(closed) = replaced {
+            closed.log();
+            closed.end();
         }
+        info!(
+            session_id = %identity.session_id,
+            client_id = %identity.client_id,
+            peer = %identity.peer.map_or_else(|| "-".to_owned(), |peer| peer.to_string()),
+            "session opened"
+        );
         Ok(())
     }
 
@@ -460,9 +463,17 @@ impl SessionRegistry {
     /// Records that a session ended. The first reason recorded wins; returns
     /// false if the session was not open.
     pub fn close(&self, session_id: &str, reason: CloseReason, message: &str) -> bool {
-        let mut inner = self.lock();
-        self.close_locked(&mut inner, session_id, reason, message.to_owned())
-            .is_some()
+        let closed = {
+            let mut inner = self.lock();
+            self.close_locked(&mut inner, session_id, reason, message.to_owned())
+        };
+        match closed {
+            Some(closed) => {
+                closed.log();
+                true
+            }
+            None => false,
+        }
     }
 
     /// Ends a session on an administrator's behalf (recorded as
@@ -478,8 +489,9 @@ impl SessionRegistry {
             )
         };
         match closed {
-            Some((link, message)) => {
-                link.end(CloseReason::Evicted, &message);
+            Some(closed) => {
+                closed.log();
+                closed.end();
                 true
             }
             None => false,
@@ -505,8 +517,9 @@ impl SessionRegistry {
             inner.subscribers.clear();
             closed
         };
-        for (link, message) in &closed {
-            link.end(reason, message);
+        for closed in &closed {
+            closed.log();
+            closed.end();
         }
         closed.len()
     }
@@ -517,7 +530,7 @@ impl SessionRegistry {
         session_id: &str,
         reason: CloseReason,
         message: String,
-    ) -> Option<(Arc<dyn SessionLink>, String)> {
+    ) -> Option<Closed> {
         let entry = inner.sessions.remove(session_id)?;
         let client_id = &entry.identity.client_id;
         if inner.by_client.get(client_id).map(String::as_str) == Some(session_id) {
@@ -527,16 +540,6 @@ impl SessionRegistry {
         self.shared
             .metrics
             .session_closed(reason.as_str(), entry.state == SessionState::Suspect);
-        let lifetime = SystemTime::now()
-            .duration_since(entry.identity.opened_at)
-            .unwrap_or_default();
-        info!(
-            %session_id,
-            client_id = %entry.identity.client_id,
-            %reason,
-            lifetime_ms = u64::try_from(lifetime.as_millis()).unwrap_or(u64::MAX),
-            "session closed"
-        );
         self.publish(
             inner,
             SessionEvent::Closed {
@@ -545,7 +548,12 @@ impl SessionRegistry {
                 message: message.clone(),
             },
         );
-        Some((entry.link, message))
+        Some(Closed {
+            identity: entry.identity,
+            link: entry.link,
+            reason,
+            message,
+        })
     }
 
     fn publish(&self, inner: &mut Inner, event: SessionEvent) {
@@ -558,7 +566,11 @@ impl SessionRegistry {
             |subscriber| match subscriber.changes.try_send(change.clone()) {
                 Ok(()) => true,
                 Err(mpsc::error::TrySendError::Full(_)) => {
-                    subscriber.lagged.store(true, Ordering::Release);
+                    // During a shutdown the burst of closes is not the
+                    // watcher's fault: it just ends, like every other watch.
+                    if !inner.shut_down {
+                        subscriber.lagged.store(true, Ordering::Release);
+                    }
                     false
                 }
                 Err(mpsc::error::TrySendError::Closed(_)) => false,
@@ -574,15 +586,24 @@ impl SessionRegistry {
 
     /// The open sessions now, with the revision they reflect.
     pub fn snapshot(&self) -> Snapshot {
-        let inner = self.lock();
-        self.snapshot_locked(&inner)
+        let draft = self.draft_locked(&self.lock());
+        draft.finish(self.shared.epoch)
     }
 
-    fn snapshot_locked(&self, inner: &Inner) -> Snapshot {
-        Snapshot {
-            epoch: self.shared.epoch,
+    /// The set of sessions at this revision: only shared pointers are copied
+    /// under the lock; their counters are read after it is released.
+    fn draft_locked(&self, inner: &Inner) -> SnapshotDraft {
+        SnapshotDraft {
             revision: inner.revision,
-            sessions: inner.sessions.values().map(info_of).collect(),
+            entries: inner
+                .sessions
+                .values()
+                .map(|entry| Entry {
+                    identity: entry.identity.clone(),
+                    state: entry.state,
+                    link: entry.link.clone(),
+                })
+                .collect(),
         }
     }
 
@@ -597,30 +618,32 @@ impl SessionRegistry {
     pub fn resume(&self, epoch: u64, revision: u64) -> Subscription {
         let (sender, receiver) = mpsc::channel(self.shared.queue);
         let lagged = Arc::new(AtomicBool::new(false));
-        let mut inner = self.lock();
-        let start = if epoch == 0 {
-            SubscriptionStart::Snapshot {
-                reset: false,
-                snapshot: self.snapshot_locked(&inner),
+        let start = {
+            let mut inner = self.lock();
+            let replay = if epoch == 0 {
+                None
+            } else {
+                self.replay_locked(&inner, epoch, revision)
+            };
+            let start = match replay {
+                Some(changes) => Ok((changes, inner.revision)),
+                None => Err((epoch != 0, self.draft_locked(&inner))),
+            };
+            if !inner.shut_down {
+                inner.subscribers.push(Subscriber {
+                    changes: sender,
+                    lagged: lagged.clone(),
+                });
             }
-        } else {
-            match self.replay_locked(&inner, epoch, revision) {
-                Some(changes) => SubscriptionStart::Replay {
-                    changes,
-                    revision: inner.revision,
-                },
-                None => SubscriptionStart::Snapshot {
-                    reset: true,
-                    snapshot: self.snapshot_locked(&inner),
-                },
-            }
+            start
         };
-        if !inner.shut_down {
-            inner.subscribers.push(Subscriber {
-                changes: sender,
-                lagged: lagged.clone(),
-            });
-        }
+        let start = match start {
+            Ok((changes, revision)) => SubscriptionStart::Replay { changes, revision },
+            Err((reset, draft)) => SubscriptionStart::Snapshot {
+                reset,
+                snapshot: draft.finish(self.shared.epoch),
+            },
+        };
         Subscription {
             epoch: self.shared.epoch,
             start,
@@ -657,6 +680,50 @@ impl fmt::Debug for SessionRegistry {
         f.debug_struct("SessionRegistry")
             .field("epoch", &self.shared.epoch)
             .finish_non_exhaustive()
+    }
+}
+
+/// A session just closed, to log and to end once the lock is released.
+struct Closed {
+    identity: Arc<SessionIdentity>,
+    link: Arc<dyn SessionLink>,
+    reason: CloseReason,
+    message: String,
+}
+
+impl Closed {
+    fn log(&self) {
+        let lifetime = SystemTime::now()
+            .duration_since(self.identity.opened_at)
+            .unwrap_or_default();
+        info!(
+            session_id = %self.identity.session_id,
+            client_id = %self.identity.client_id,
+            reason = %self.reason,
+            lifetime_ms = u64::try_from(lifetime.as_millis()).unwrap_or(u64::MAX),
+            "session closed"
+        );
+    }
+
+    /// Tells the session's connection to end, with the recorded reason.
+    fn end(&self) {
+        self.link.end(self.reason, &self.message);
+    }
+}
+
+/// The sessions of a snapshot before their counters are read.
+struct SnapshotDraft {
+    revision: u64,
+    entries: Vec<Entry>,
+}
+
+impl SnapshotDraft {
+    fn finish(self, epoch: u64) -> Snapshot {
+        Snapshot {
+            epoch,
+            revision: self.revision,
+            sessions: self.entries.iter().map(info_of).collect(),
+        }
     }
 }
 

@@ -262,7 +262,23 @@ async fn resume_replays_exactly_the_missed_changes() {
     let mut client = presence(server.addr).await;
     let mut stream = watch(&mut client, watch_request(0, 0)).await;
     let (_, synced) = until_synced(&mut stream).await;
+    let watching = || {
+        server
+            .handle
+            .metrics()
+            .render(false)
+            .0
+            .contains("\nheartbeat_watchers 1\n")
+    };
+    assert!(watching());
     drop(stream);
+    // The server notices a watcher that left without waiting for a change.
+    within(WAIT, async {
+        while watching() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
     let (mut second, _) = RawSession::hello(server.addr, "second").await;
     let (_third, _) = RawSession::hello(server.addr, "third").await;
     second.half_close();
@@ -403,6 +419,11 @@ async fn every_close_reason_is_observed_through_a_watch() {
         closed_via_watch(&mut stream, by_client("twin")).await,
         CloseReason::ServerShutdown
     );
+    let refused = client
+        .list_sessions(pb::ListSessionsRequest::default())
+        .await
+        .expect_err("refused while draining");
+    assert_eq!(refused.code(), Code::Unavailable);
     let ended = within(WAIT, async {
         loop {
             match stream.message().await {
@@ -588,6 +609,14 @@ async fn admin_token_is_required_when_set() {
         .expect_err("wrong");
     assert_eq!(wrong.code(), Code::Unauthenticated);
     assert!(client.list_sessions(with(Some("s3cret"))).await.is_ok());
+    let mut lower = Request::new(pb::ListSessionsRequest::default());
+    lower
+        .metadata_mut()
+        .insert("authorization", "bearer s3cret".parse().expect("value"));
+    assert!(
+        client.list_sessions(lower).await.is_ok(),
+        "the scheme is case-insensitive"
+    );
     let mut request = Request::new(watch_request(0, 0));
     request
         .metadata_mut()
@@ -601,7 +630,8 @@ async fn admin_token_is_required_when_set() {
     assert_eq!(evict.code(), Code::Unauthenticated);
 }
 
-/// Tests that health serves every name, and turns NOT_SERVING as a drain begins.
+/// Tests that health serves every name, turns NOT_SERVING as a drain begins,
+/// and ends its watches so that they do not hold the shutdown.
 #[tokio::test]
 async fn health_turns_not_serving_on_drain() {
     use tonic_health::pb::{
@@ -636,16 +666,26 @@ async fn health_turns_not_serving_on_drain() {
         .expect("open")
         .expect("status");
     assert_eq!(first.status(), ServingStatus::Serving);
+    let grace = server.handle.config().shutdown_grace;
+    let started = tokio::time::Instant::now();
     let stopping = tokio::spawn(server.shutdown());
     let next = within(WAIT, watch.message())
         .await
         .expect("open")
         .expect("status");
     assert_eq!(next.status(), ServingStatus::NotServing);
+    // Then the watch ends, so it does not hold the shutdown for its grace.
+    let end = within(WAIT, watch.message()).await;
+    assert!(!matches!(end, Ok(Some(_))), "the watch should end: {end:?}");
     within(WAIT, stopping)
         .await
         .expect("join")
         .expect("clean shutdown");
+    assert!(
+        started.elapsed() < grace,
+        "shutdown waited {:?}",
+        started.elapsed()
+    );
 }
 
 /// The service names a reflection service of version `$version` lists; one
@@ -887,6 +927,10 @@ async fn sessions_command_lists_filters_and_evicts() {
     assert!(!refused.status.success());
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("requires an admin token"), "{stderr}");
+    assert!(
+        stderr.contains("pass the token file with --admin-token-file"),
+        "{stderr}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -929,4 +973,39 @@ async fn sessions_watch_prints_events() {
         .expect("join")
         .expect("wait");
     assert_eq!(exit.code(), Some(0));
+}
+
+/// Tests that a drain ending more sessions than a watcher's queue holds ends
+/// the watch as a shutdown (UNAVAILABLE), not as a lagging watcher.
+#[tokio::test]
+async fn a_shutdown_burst_is_not_reported_as_lag() {
+    let config = ServerConfig {
+        watch_queue: 4,
+        ..fast_config()
+    };
+    let server = TestServer::start(config).await;
+    let mut sessions = Vec::new();
+    for round in 0..12 {
+        sessions.push(RawSession::hello(server.addr, &format!("s{round}")).await.0);
+    }
+    let mut client = presence(server.addr).await;
+    let mut stream = watch(&mut client, watch_request(0, 0)).await;
+    until_synced(&mut stream).await;
+    server.handle.drain();
+    let ended = within(WAIT, async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => {}
+                Ok(None) => break Status::ok(""),
+                Err(status) => break status,
+            }
+        }
+    })
+    .await;
+    assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
+    let metrics = server.handle.metrics().render(false).0;
+    assert!(
+        metrics.contains("\nheartbeat_watchers_lagged_total 0\n"),
+        "{metrics}"
+    );
 }

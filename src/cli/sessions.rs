@@ -69,9 +69,11 @@ impl Presence {
     fn request<T>(&self, message: T) -> anyhow::Result<Request<T>> {
         let mut request = Request::new(message);
         if let Some(token) = &self.token {
-            let value = format!("Bearer {}", token.expose())
+            let mut value: tonic::metadata::MetadataValue<_> = format!("Bearer {}", token.expose())
                 .parse()
                 .context("the admin token is not valid in a header: it must be printable ASCII")?;
+            // Kept out of HTTP/2 header compression tables.
+            value.set_sensitive(true);
             request.metadata_mut().insert("authorization", value);
         }
         Ok(request)
@@ -113,17 +115,20 @@ pub(crate) fn run(args: SessionsArgs) -> anyhow::Result<()> {
     })
 }
 
-fn refused(status: Status) -> anyhow::Error {
-    match status.code() {
-        Code::Unauthenticated => anyhow::anyhow!(
-            "the server refused the admin token: {} (pass the right file with --admin-token-file)",
-            status.message()
-        ),
-        _ => anyhow::anyhow!(
-            "the server answered {:?}: {}",
-            status.code(),
-            status.message()
-        ),
+impl Presence {
+    /// The error for a call the server refused, saying what to do about it.
+    fn refused(&self, status: Status) -> anyhow::Error {
+        match (status.code(), &self.token) {
+            (Code::Unauthenticated, None) => anyhow::anyhow!(
+                "{} (pass the token file with --admin-token-file)",
+                status.message()
+            ),
+            (Code::Unauthenticated, Some(_)) => anyhow::anyhow!(
+                "the server refused the admin token: {} (check the file given to --admin-token-file)",
+                status.message()
+            ),
+            (code, _) => anyhow::anyhow!("the server answered {code:?}: {}", status.message()),
+        }
     }
 }
 
@@ -148,7 +153,7 @@ async fn evict(
         Err(status) if status.code() == Code::NotFound => {
             bail!("no session {session_id:?} is open (list them with heartbeat sessions URL)")
         }
-        Err(status) => Err(refused(status)),
+        Err(status) => Err(presence.refused(status)),
     }
 }
 
@@ -162,11 +167,10 @@ async fn list(
         client_id: client_id.to_owned(),
         labels: labels.clone(),
     })?;
-    let response = presence
-        .client
-        .list_sessions(request)
-        .await
-        .map_err(refused)?;
+    let response = match presence.client.list_sessions(request).await {
+        Ok(response) => response,
+        Err(status) => return Err(presence.refused(status)),
+    };
     let mut sessions = response.into_inner().sessions;
     sessions.sort_by(|a, b| (&a.client_id, &a.session_id).cmp(&(&b.client_id, &b.session_id)));
     match output {
@@ -181,6 +185,10 @@ async fn list(
 }
 
 /// Watches, resuming from the last revision seen whenever the stream drops.
+///
+/// Only a revision reached after `synced` is a place to resume from: a stream
+/// that drops in the middle of a snapshot resumes from where it was before
+/// that snapshot (or afresh), so no session of the snapshot is skipped.
 async fn watch(
     presence: &mut Presence,
     client_id: &str,
@@ -199,13 +207,17 @@ async fn watch(
         let ended = match presence.client.watch_sessions(request).await {
             Ok(response) => {
                 let mut stream = response.into_inner();
+                let mut synced = false;
                 loop {
                     match stream.message().await {
                         Ok(Some(event)) => {
                             delay = Duration::from_millis(200);
-                            revision = event.revision;
-                            if let Some(Event::Synced(synced)) = &event.event {
-                                epoch = synced.epoch;
+                            if let Some(Event::Synced(marker)) = &event.event {
+                                synced = true;
+                                epoch = marker.epoch;
+                            }
+                            if synced {
+                                revision = event.revision;
                             }
                             print_event(&event, output);
                         }
@@ -216,8 +228,17 @@ async fn watch(
             }
             Err(status) => status,
         };
-        if ended.code() == Code::Unauthenticated {
-            return Err(refused(ended));
+        // Only what may pass is worth waiting for: a restart, a lag, a hiccup.
+        let transient = matches!(
+            ended.code(),
+            Code::Unavailable
+                | Code::ResourceExhausted
+                | Code::Aborted
+                | Code::Internal
+                | Code::Unknown
+        );
+        if !transient {
+            return Err(presence.refused(ended));
         }
         eprintln!(
             "watch interrupted ({:?}: {}); resuming after revision {revision} in {}",

@@ -103,6 +103,11 @@ impl AdmissionGate {
         inner.calls.values().cloned().collect()
     }
 
+    /// Whether a drain has begun.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.lock().draining
+    }
+
     /// How many streams hold a slot.
     pub(crate) fn admitted(&self) -> usize {
         self.lock().calls.len()

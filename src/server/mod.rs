@@ -31,6 +31,7 @@ mod admission;
 mod drain;
 mod exposition;
 mod farewell;
+mod health;
 mod heartbeat;
 mod presence;
 mod session;
@@ -265,7 +266,11 @@ pub async fn serve(
         ),
         None => None,
     };
-    let (health, health_service) = tonic_health::server::health_reporter();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let (health, _) = tonic_health::server::health_reporter();
+    let health_service = tonic_health::pb::health_server::HealthServer::new(
+        health::DrainingHealth::new(health.clone(), stopped.clone()),
+    );
     let health_names = [
         "",
         HeartbeatServer::NAME,
@@ -285,7 +290,6 @@ pub async fn serve(
     let reflection_v1alpha = reflection().build_v1alpha()?;
     on_ready(handle.clone());
 
-    let (stop, stopped) = tokio::sync::watch::channel(false);
     if let Some(listener) = metrics_listener {
         tokio::spawn(exposition::serve_metrics(
             listener,

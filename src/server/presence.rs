@@ -53,15 +53,21 @@ impl PresenceEndpoint {
         Self { shared }
     }
 
-    /// Refuses the call unless it carries the admin token, when one is set.
+    /// Refuses the call while the server drains, and unless it carries the
+    /// admin token, when one is set.
     fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        if self.shared.gate.is_closed() {
+            return Err(Status::unavailable(
+                "the server is shutting down; retry against another instance",
+            ));
+        }
         let Some(token) = &self.shared.config.admin_token else {
             return Ok(());
         };
         let presented = request
             .metadata()
             .get("authorization")
-            .and_then(|value| value.as_bytes().strip_prefix(b"Bearer "));
+            .and_then(|value| bearer_token(value.as_bytes()));
         match presented {
             Some(presented) if token.matches(presented) => Ok(()),
             Some(_) => Err(Status::unauthenticated(
@@ -72,6 +78,15 @@ impl PresenceEndpoint {
             )),
         }
     }
+}
+
+/// The credentials of an `authorization: Bearer <token>` value; the scheme is
+/// case-insensitive (RFC 7235) and surrounding white space is ignored.
+fn bearer_token(value: &[u8]) -> Option<&[u8]> {
+    let (scheme, rest) = value.split_at_checked(7)?;
+    scheme
+        .eq_ignore_ascii_case(b"bearer ")
+        .then(|| rest.trim_ascii())
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchSessionsResponse, Status>> + Send>>;
@@ -198,7 +213,12 @@ async fn forward(mut subscription: Subscription, filter: SessionFilter, events: 
         return false;
     }
     loop {
-        let ending = match subscription.next().await {
+        let next = tokio::select! {
+            next = subscription.next() => next,
+            // A watcher that left is noticed now, not at the next change.
+            () = events.closed() => return false,
+        };
+        let ending = match next {
             Ok(Some(change)) => {
                 if filter.matches(&change.event.session().identity)
                     && events.send(Ok(change_to_proto(&change))).await.is_err()
