@@ -17,6 +17,7 @@
 //!   [`server::serve`] for the standalone server.
 //! - [`client`]: a reconnecting client that keeps a session alive on its own
 //!   thread and reports state, round-trip times and why sessions were lost.
+//! - [`metrics`]: metric names and recorders, in Prometheus text.
 //! - [`config`]: validated settings and their defaults.
 //! - [`error`]: the errors returned at the library's boundaries.
 //!

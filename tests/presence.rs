@@ -63,6 +63,21 @@ async fn next_event(
         .expect("watch not ended")
 }
 
+/// Reads the watch to its end and returns the status it ended with (OK if it
+/// just stopped).
+async fn watch_end(stream: &mut Streaming<pb::WatchSessionsResponse>) -> Status {
+    within(WAIT, async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => {}
+                Ok(None) => break Status::ok(""),
+                Err(status) => break status,
+            }
+        }
+    })
+    .await
+}
+
 /// Reads events until `synced`; returns the events before it and the marker.
 async fn until_synced(
     stream: &mut Streaming<pb::WatchSessionsResponse>,
@@ -424,16 +439,7 @@ async fn every_close_reason_is_observed_through_a_watch() {
         .await
         .expect_err("refused while draining");
     assert_eq!(refused.code(), Code::Unavailable);
-    let ended = within(WAIT, async {
-        loop {
-            match stream.message().await {
-                Ok(Some(_)) => {}
-                Ok(None) => break Status::ok(""),
-                Err(status) => break status,
-            }
-        }
-    })
-    .await;
+    let ended = watch_end(&mut stream).await;
     assert_eq!(
         ended.code(),
         Code::Unavailable,
@@ -562,16 +568,7 @@ async fn a_lagging_watcher_is_cut_off_and_the_server_stays_responsive() {
     }
     let (_alive, welcome) = RawSession::hello(server.addr, "still-served").await;
     assert!(!welcome.session_id.is_empty(), "the server keeps serving");
-    let ended = within(WAIT, async {
-        loop {
-            match slow.message().await {
-                Ok(Some(_)) => {}
-                Ok(None) => panic!("the watch ended without a status"),
-                Err(status) => break status,
-            }
-        }
-    })
-    .await;
+    let ended = watch_end(&mut slow).await;
     assert_eq!(ended.code(), Code::ResourceExhausted, "{ended:?}");
     assert!(ended.message().contains("lagged"), "{ended:?}");
     let listed = client
@@ -992,16 +989,7 @@ async fn a_shutdown_burst_is_not_reported_as_lag() {
     let mut stream = watch(&mut client, watch_request(0, 0)).await;
     until_synced(&mut stream).await;
     server.handle.drain();
-    let ended = within(WAIT, async {
-        loop {
-            match stream.message().await {
-                Ok(Some(_)) => {}
-                Ok(None) => break Status::ok(""),
-                Err(status) => break status,
-            }
-        }
-    })
-    .await;
+    let ended = watch_end(&mut stream).await;
     assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
     let metrics = server.handle.metrics().render(false).0;
     assert!(
