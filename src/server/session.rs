@@ -240,15 +240,10 @@ impl SessionStream {
     /// Ends the session from the server's side: the registry first, then the
     /// liveness layer, which sends the goodbye and the status.
     fn end(&mut self, reason: CloseReason, message: &str) {
-        self.finished = true;
-        if self.open {
-            self.shared
-                .server
-                .registry
-                .close(&self.shared.id, reason, message);
-        } else {
+        if !self.open {
             debug!(%reason, message, "stream ended before Hello");
         }
+        self.finish(reason, message);
         self.shared.end(reason, message);
     }
 }
