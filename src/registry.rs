@@ -27,11 +27,12 @@ use std::{
     net::SocketAddr,
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc, Mutex, MutexGuard,
+        Arc,
     },
     time::{Duration, SystemTime},
 };
 
+use parking_lot::Mutex;
 use tokio::{sync::mpsc, time::Instant};
 use tracing::info;
 
@@ -349,14 +350,6 @@ impl SessionRegistry {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        // Nothing under this lock panics midway through a change.
-        self.shared
-            .inner
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
     /// The server's epoch: never 0, new on every start.
     pub fn epoch(&self) -> u64 {
         self.shared.epoch
@@ -364,7 +357,7 @@ impl SessionRegistry {
 
     /// How many sessions are open.
     pub fn len(&self) -> usize {
-        self.lock().sessions.len()
+        self.shared.inner.lock().sessions.len()
     }
 
     /// Whether no session is open.
@@ -382,7 +375,7 @@ impl SessionRegistry {
     ) -> Result<(), ShutDown> {
         let identity = Arc::new(identity);
         let replaced = {
-            let mut inner = self.lock();
+            let mut inner = self.shared.inner.lock();
             if inner.shut_down {
                 return Err(ShutDown);
             }
@@ -438,7 +431,7 @@ impl SessionRegistry {
     }
 
     fn set_state(&self, session_id: &str, state: SessionState) {
-        let mut inner = self.lock();
+        let mut inner = self.shared.inner.lock();
         let Some(entry) = inner.sessions.get_mut(session_id) else {
             return;
         };
@@ -464,7 +457,7 @@ impl SessionRegistry {
     /// false if the session was not open.
     pub fn close(&self, session_id: &str, reason: CloseReason, message: &str) -> bool {
         let closed = {
-            let mut inner = self.lock();
+            let mut inner = self.shared.inner.lock();
             self.close_locked(&mut inner, session_id, reason, message.to_owned())
         };
         match closed {
@@ -480,7 +473,7 @@ impl SessionRegistry {
     /// [`CloseReason::Evicted`]); false if no such session is open.
     pub fn evict(&self, session_id: &str, message: &str) -> bool {
         let closed = {
-            let mut inner = self.lock();
+            let mut inner = self.shared.inner.lock();
             self.close_locked(
                 &mut inner,
                 session_id,
@@ -505,7 +498,7 @@ impl SessionRegistry {
     pub fn shut_down(&self, message: &str) -> usize {
         let reason = CloseReason::ServerShutdown;
         let closed: Vec<_> = {
-            let mut inner = self.lock();
+            let mut inner = self.shared.inner.lock();
             inner.shut_down = true;
             let ids: Vec<String> = inner.sessions.keys().cloned().collect();
             let closed = ids
@@ -586,7 +579,7 @@ impl SessionRegistry {
 
     /// The open sessions now, with the revision they reflect.
     pub fn snapshot(&self) -> Snapshot {
-        let draft = self.draft_locked(&self.lock());
+        let draft = self.draft_locked(&self.shared.inner.lock());
         draft.finish(self.shared.epoch)
     }
 
@@ -619,7 +612,7 @@ impl SessionRegistry {
         let (sender, receiver) = mpsc::channel(self.shared.queue);
         let lagged = Arc::new(AtomicBool::new(false));
         let start = {
-            let mut inner = self.lock();
+            let mut inner = self.shared.inner.lock();
             let replay = if epoch == 0 {
                 None
             } else {

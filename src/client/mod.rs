@@ -49,7 +49,9 @@
 mod backoff;
 mod session;
 
-use std::{collections::HashMap, sync::Arc, sync::Mutex, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use parking_lot::Mutex;
 
 use tokio::{
     runtime::Handle,
@@ -422,12 +424,7 @@ impl Client {
     /// The client's events. The first call sees every event since the client
     /// started; later calls see events from the moment of the call.
     pub fn events(&self) -> ClientEvents {
-        // Never poisoned: nothing panics while holding it.
-        let first = self
-            .first_events
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .take();
+        let first = self.first_events.lock().take();
         let receiver = first.unwrap_or_else(|| match self.events.upgrade() {
             Some(events) => events.subscribe(),
             // The session has ended: an empty stream that is already over.

@@ -5,7 +5,7 @@ use std::{
     fmt,
     sync::{
         atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering},
-        Arc, Mutex, MutexGuard, OnceLock, Weak,
+        Arc, OnceLock, Weak,
     },
     task::{Context, Waker},
     time::Duration,
@@ -13,11 +13,12 @@ use std::{
 
 use bytes::Bytes;
 use http::HeaderMap;
+use parking_lot::Mutex;
 use tokio::time::Instant;
 
 use super::{
+    policy::LivenessPolicy,
     wheel::{TimerWheel, WheelTarget},
-    LivenessPolicy,
 };
 
 /// Whether the peer of a call is keeping up.
@@ -255,7 +256,7 @@ impl CallCore {
         if self.state.load(Ordering::SeqCst) != SUSPECT {
             return;
         }
-        let _transition = lock(&self.transitions);
+        let _transition = self.transitions.lock();
         if self
             .state
             .compare_exchange(SUSPECT, LIVE, Ordering::SeqCst, Ordering::SeqCst)
@@ -274,7 +275,7 @@ impl CallCore {
     /// Marks the call suspect if no message arrived since `seen` (microseconds
     /// since the wheel's base); a message racing in takes the suspicion back.
     fn suspect(&self, seen: u64) {
-        let _transition = lock(&self.transitions);
+        let _transition = self.transitions.lock();
         if self
             .state
             .compare_exchange(LIVE, SUSPECT, Ordering::SeqCst, Ordering::SeqCst)
@@ -308,7 +309,7 @@ impl CallCore {
             return false;
         }
         let _ = self.cause.set(cause);
-        *lock(&self.ending) = Some(ending);
+        *self.ending.lock() = Some(ending);
         if let Some(observer) = self.observer.get() {
             observer.ended(cause);
         }
@@ -326,12 +327,12 @@ impl CallCore {
         if self.state.load(Ordering::Acquire) != ENDED {
             return None;
         }
-        lock(&self.ending).take()
+        self.ending.lock().take()
     }
 
     /// Remembers the task to wake for an ending.
     pub(crate) fn register(&self, cx: &Context<'_>) {
-        let mut waker = lock(&self.waker);
+        let mut waker = self.waker.lock();
         match &*waker {
             Some(current) if current.will_wake(cx.waker()) => {}
             _ => *waker = Some(cx.waker().clone()),
@@ -344,7 +345,7 @@ impl CallCore {
     }
 
     pub(crate) fn wake(&self) {
-        if let Some(waker) = lock(&self.waker).as_ref() {
+        if let Some(waker) = self.waker.lock().as_ref() {
             waker.wake_by_ref();
         }
     }
@@ -381,12 +382,4 @@ impl WheelTarget for CallCore {
 
 fn micros_since(base: Instant, at: Instant) -> u64 {
     u64::try_from(at.saturating_duration_since(base).as_micros()).unwrap_or(u64::MAX)
-}
-
-/// Locks a mutex that is never held across a panic-prone call, so poisoning
-/// cannot leave its data half-written.
-pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }

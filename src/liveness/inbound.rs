@@ -11,15 +11,16 @@
 use std::{
     collections::VecDeque,
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::Arc,
     task::{Context, Poll, Waker},
 };
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+use parking_lot::Mutex;
 
 use super::{
-    call::{lock, CallCore, EndCause},
+    call::{CallCore, EndCause},
     framing::MessageFramer,
 };
 
@@ -85,7 +86,7 @@ where
 {
     fn pump(&self, cx: &mut Context<'_>) {
         let policy = self.core.policy();
-        let mut state = lock(&self.state);
+        let mut state = self.state.lock();
         let mut arrived = false;
         while state.queued < policy.inbound_buffer {
             let Some(body) = state.body.as_mut() else {
@@ -138,7 +139,7 @@ where
     }
 
     fn close(&self) {
-        let mut state = lock(&self.state);
+        let mut state = self.state.lock();
         state.body = None;
         let reader = state.reader.take();
         drop(state);
@@ -169,7 +170,7 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let inbound = &self.inbound;
-        let mut state = lock(&inbound.state);
+        let mut state = inbound.state.lock();
         if let Some(frame) = state.queue.pop_front() {
             let was_full = state.queued >= inbound.core.policy().inbound_buffer;
             if let Some(data) = frame.data_ref() {
@@ -196,7 +197,7 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        let state = lock(&self.inbound.state);
+        let state = self.inbound.state.lock();
         state.body.is_none() && state.queue.is_empty() && state.error.is_none()
     }
 

@@ -4,7 +4,7 @@ use std::{sync::Arc, time::Duration};
 
 use tower::Layer;
 
-use super::{call::Ending, service::Liveness, wheel::TimerWheel, LivenessPolicy};
+use super::{call::Ending, policy::LivenessPolicy, service::Liveness, wheel::TimerWheel};
 
 /// gRPC status code `DEADLINE_EXCEEDED`.
 const DEADLINE_EXCEEDED: u8 = 4;

@@ -60,10 +60,9 @@ mod framing;
 mod future;
 mod inbound;
 mod layer;
+mod policy;
 mod service;
 mod wheel;
-
-use std::time::Duration;
 
 pub use body::LivenessBody;
 pub use call::{EndCause, Ending, LivenessHandle, LivenessObserver, LivenessState};
@@ -72,34 +71,3 @@ pub use inbound::InboundBody;
 pub use layer::LivenessLayer;
 pub use service::Liveness;
 pub use wheel::{TimerWheel, WheelTarget};
-
-/// The settings every call of one layer shares.
-#[derive(Clone, Debug)]
-pub(crate) struct LivenessPolicy {
-    /// Silence after which a call ends.
-    timeout: Duration,
-    /// Silence after which a call is suspect, if ever.
-    suspect_after: Option<Duration>,
-    /// The largest message a peer may announce.
-    max_message_size: u32,
-    /// How far the layer reads ahead of the service, in bytes.
-    inbound_buffer: usize,
-    /// How a silent call ends.
-    on_silence: Ending,
-    /// How a call with an oversized message ends.
-    on_oversize: Ending,
-}
-
-impl LivenessPolicy {
-    /// The suspicion threshold in force: only a non-zero one shorter than the
-    /// timeout means anything (a longer one would never come first).
-    fn suspicion(&self) -> Option<Duration> {
-        self.suspect_after
-            .filter(|after| !after.is_zero() && *after < self.timeout)
-    }
-
-    /// How long after the last message the first deadline check is due.
-    fn first_check(&self) -> Duration {
-        self.suspicion().unwrap_or(self.timeout)
-    }
-}

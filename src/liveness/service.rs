@@ -14,8 +14,8 @@ use super::{
     call::{CallCore, LivenessHandle},
     future::ResponseFuture,
     inbound::{Inbound, InboundBody},
+    policy::LivenessPolicy,
     wheel::TimerWheel,
-    LivenessPolicy,
 };
 
 /// Tracks the liveness of every call to `S` and ends silent ones.

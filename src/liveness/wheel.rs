@@ -18,11 +18,12 @@
 use std::{
     sync::{
         atomic::{AtomicUsize, Ordering},
-        Arc, Mutex, MutexGuard, OnceLock, Weak,
+        Arc, OnceLock, Weak,
     },
     time::Duration,
 };
 
+use parking_lot::Mutex;
 use tokio::{sync::Notify, time::Instant};
 
 /// Slots per shard ring: 4096 one-millisecond slots, about four seconds.
@@ -132,7 +133,7 @@ impl TimerWheel {
             self.shared.next_shard.fetch_add(1, Ordering::Relaxed) % self.shared.shards.len();
         let shard = &self.shared.shards[index];
         let tick = tick_at(self.shared.base, at);
-        let mut ring = shard.lock();
+        let mut ring = shard.ring.lock();
         let tick = tick.max(ring.processed + 1);
         ring.push(Entry {
             tick,
@@ -201,18 +202,6 @@ impl Drop for WheelShared {
     }
 }
 
-// === impl Shard ===
-
-impl Shard {
-    fn lock(&self) -> MutexGuard<'_, Ring> {
-        // A panic inside a callback never happens under this lock (callbacks run
-        // outside it), so a poisoned ring still holds consistent entries.
-        self.ring
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-}
-
 // === impl Ring ===
 
 impl Ring {
@@ -269,7 +258,7 @@ async fn drive(base: Instant, current: Arc<Shard>, wheel: Weak<WheelShared>) {
         let now_tick =
             u64::try_from(now.saturating_duration_since(base).as_millis()).unwrap_or(u64::MAX);
         {
-            let mut ring = current.lock();
+            let mut ring = current.ring.lock();
             ring.take_due(now_tick, &mut due);
         }
         for entry in due.drain(..) {
@@ -286,7 +275,7 @@ async fn drive(base: Instant, current: Arc<Shard>, wheel: Weak<WheelShared>) {
             }
         }
         let wake_at = {
-            let mut ring = current.lock();
+            let mut ring = current.ring.lock();
             for (at, token, target) in rearm.drain(..) {
                 let tick = tick_at(base, at).max(ring.processed + 1);
                 ring.push(Entry {

@@ -5,11 +5,9 @@
 //! the stream. It also keeps each stream's liveness handle, so a drain can end
 //! the streams that have not said Hello and are not in the registry yet.
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex, MutexGuard},
-};
+use std::{collections::HashMap, sync::Arc};
 
+use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 use crate::liveness::LivenessHandle;
@@ -66,19 +64,12 @@ impl AdmissionGate {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, GateInner> {
-        // Nothing under this lock can panic midway through an update.
-        self.inner
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
     /// Takes a slot for the stream with `handle`, or says why not.
     pub(crate) fn admit(
         self: &Arc<Self>,
         handle: LivenessHandle,
     ) -> Result<AdmissionPermit, Refusal> {
-        let mut inner = self.lock();
+        let mut inner = self.inner.lock();
         if inner.draining {
             return Err(Refusal::Draining);
         }
@@ -98,19 +89,19 @@ impl AdmissionGate {
 
     /// Refuses every new stream from now on and returns the admitted ones.
     pub(crate) fn close(&self) -> Vec<LivenessHandle> {
-        let mut inner = self.lock();
+        let mut inner = self.inner.lock();
         inner.draining = true;
         inner.calls.values().cloned().collect()
     }
 
     /// Whether a drain has begun.
     pub(crate) fn is_closed(&self) -> bool {
-        self.lock().draining
+        self.inner.lock().draining
     }
 
     /// How many streams hold a slot.
     pub(crate) fn admitted(&self) -> usize {
-        self.lock().calls.len()
+        self.inner.lock().calls.len()
     }
 
     /// Waits until no stream holds a slot.
@@ -134,7 +125,7 @@ impl AdmissionPermit {
     /// client that stops reading keeps its HTTP/2 stream (only the client or
     /// the connection can end that) but not a session slot.
     pub(crate) fn release(&self) {
-        let mut inner = self.gate.lock();
+        let mut inner = self.gate.inner.lock();
         if inner.calls.remove(&self.key).is_some() && inner.calls.is_empty() {
             drop(inner);
             self.gate.idle.notify_waiters();

@@ -8,7 +8,7 @@
 //! Ending is immediate; the grace period (in [`serve`](super::serve)) only bounds
 //! how long the server waits for those endings to reach the clients.
 
-use super::{farewell, ServerShared};
+use super::{farewell, shared::ServerShared};
 use crate::registry::CloseReason;
 
 /// The message of every shutdown goodbye.

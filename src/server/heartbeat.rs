@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{admission::Refusal, session::SessionStream, ServerShared};
+use super::{admission::Refusal, session::SessionStream, shared::ServerShared};
 use crate::{liveness::LivenessHandle, protocol::pb};
 
 /// The generated service's implementation; mounted behind the liveness layer.

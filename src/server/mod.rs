@@ -35,6 +35,7 @@ mod health;
 mod heartbeat;
 mod presence;
 mod session;
+mod shared;
 
 use std::{
     convert::Infallible,
@@ -52,6 +53,7 @@ use tracing::{info, warn};
 use self::{
     admission::{AdmissionGate, Refusal},
     heartbeat::HeartbeatEndpoint,
+    shared::ServerShared,
 };
 use crate::{
     config::ServerConfig,
@@ -64,20 +66,6 @@ use crate::{
     },
     registry::{CloseReason, SessionRegistry, Subscription},
 };
-
-/// What every part of one server shares.
-pub(crate) struct ServerShared {
-    /// The validated settings.
-    config: ServerConfig,
-    /// Gauges and counters of sessions, frames and watchers.
-    metrics: Arc<Metrics>,
-    /// The open sessions.
-    registry: SessionRegistry,
-    /// Capacity, draining, and every admitted stream.
-    gate: Arc<AdmissionGate>,
-    /// Deadlines and ping timers of every session.
-    wheel: TimerWheel,
-}
 
 /// The `heartbeat.v1.HeartbeatService` behind its liveness layer, ready to
 /// mount with `Server::add_service`. See the [module docs](self).

@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use tokio_stream::{wrappers::ReceiverStream, Stream};
 use tonic::{Request, Response, Status};
 
-use super::ServerShared;
+use super::shared::ServerShared;
 use crate::{
     protocol::{
         change_to_proto,

@@ -23,7 +23,7 @@ use tokio_stream::Stream;
 use tonic::{Status, Streaming};
 use tracing::debug;
 
-use super::{admission::AdmissionPermit, drain, farewell, ServerShared};
+use super::{admission::AdmissionPermit, drain, farewell, shared::ServerShared};
 use crate::{
     config::FrameLimits,
     liveness::{EndCause, LivenessHandle, LivenessObserver, WheelTarget},
