@@ -107,36 +107,47 @@ pub struct FrameLimits {
     pub max_label_value: usize,
 }
 
+impl ServerConfig {
+    /// The defaults, as a constant: the one place they are written. The
+    /// command line shows and uses these same values.
+    pub const DEFAULT: Self = Self {
+        ping_interval: Duration::from_secs(10),
+        timeout: Duration::from_secs(30),
+        suspect_after: None,
+        min_ping_interval: Duration::from_secs(1),
+        ping_strikes: 2,
+        max_sessions: 100_000,
+        shutdown_grace: Duration::from_secs(10),
+        reconnect_after: Duration::from_secs(1),
+        max_streams_per_connection: 4096,
+        limits: FrameLimits::DEFAULT,
+        watch_history: 10_000,
+        watch_queue: 1024,
+        admin_token: None,
+        metrics_listen: None,
+    };
+}
+
 impl Default for ServerConfig {
     fn default() -> Self {
-        Self {
-            ping_interval: Duration::from_secs(10),
-            timeout: Duration::from_secs(30),
-            suspect_after: None,
-            min_ping_interval: Duration::from_secs(1),
-            ping_strikes: 2,
-            max_sessions: 100_000,
-            shutdown_grace: Duration::from_secs(10),
-            reconnect_after: Duration::from_secs(1),
-            max_streams_per_connection: 4096,
-            limits: FrameLimits::default(),
-            watch_history: 10_000,
-            watch_queue: 1024,
-            admin_token: None,
-            metrics_listen: None,
-        }
+        Self::DEFAULT
     }
+}
+
+impl FrameLimits {
+    /// The defaults, as a constant; see [`ServerConfig::DEFAULT`].
+    pub const DEFAULT: Self = Self {
+        max_message_size: 16 * 1024,
+        max_client_id: 256,
+        max_labels: 32,
+        max_label_key: 63,
+        max_label_value: 256,
+    };
 }
 
 impl Default for FrameLimits {
     fn default() -> Self {
-        Self {
-            max_message_size: 16 * 1024,
-            max_client_id: 256,
-            max_labels: 32,
-            max_label_key: 63,
-            max_label_value: 256,
-        }
+        Self::DEFAULT
     }
 }
 

@@ -163,9 +163,18 @@ impl ShutdownSignals {
     }
 }
 
+/// A duration as people write it (`200ms`, `10s`, `1m30s`), and as `--help`
+/// shows a default.
+type HumanDuration = humantime::Duration;
+
+/// A default duration as `--help` shows it.
+fn human(duration: Duration) -> HumanDuration {
+    duration.into()
+}
+
 /// Parses a human duration (`200ms`, `10s`, `1m30s`) for clap.
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text).map_err(|_| {
+fn parse_duration(text: &str) -> Result<HumanDuration, String> {
+    text.parse::<HumanDuration>().map_err(|_| {
         format!("'{text}' is not a duration: write a number and a unit, like 200ms, 10s or 1m")
     })
 }
@@ -179,6 +188,18 @@ mod tests {
     fn command_line_is_consistent() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
+    }
+
+    /// Tests that `heartbeat serve` with no flags runs with exactly the
+    /// library's defaults, so the two can never drift apart.
+    #[test]
+    fn serve_defaults_are_the_library_defaults() {
+        let cli = Cli::try_parse_from(["heartbeat", "serve"]).expect("no flags parse");
+        let Command::Serve(args) = cli.command else {
+            panic!("parsed as another command");
+        };
+        let config = args.config().expect("defaults are usable");
+        assert_eq!(config, tonic_heartbeat::ServerConfig::default());
     }
 
     /// Tests that labels parse as key=value and malformed ones say how to write them.
@@ -197,8 +218,11 @@ mod tests {
     /// Tests that durations parse in human form and bad ones say how to write them.
     #[test]
     fn parses_human_durations() {
-        assert_eq!(parse_duration("200ms"), Ok(Duration::from_millis(200)));
-        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(
+            parse_duration("200ms"),
+            Ok(human(Duration::from_millis(200)))
+        );
+        assert_eq!(parse_duration("1m30s"), Ok(human(Duration::from_secs(90))));
         let error = parse_duration("ten").expect_err("not a duration");
         assert!(error.contains("like 200ms, 10s or 1m"), "{error}");
     }

@@ -1,6 +1,6 @@
 //! `heartbeat serve`: the standalone server.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{net::SocketAddr, path::PathBuf};
 
 use anyhow::Context;
 use clap::Args;
@@ -13,7 +13,10 @@ use tonic_heartbeat::{
 };
 use tracing::{info, warn};
 
-use super::{parse_duration, ShutdownSignals};
+use super::{human, parse_duration, HumanDuration, ShutdownSignals};
+
+/// Every default of the server, written once in the library.
+const DEFAULTS: ServerConfig = ServerConfig::DEFAULT;
 
 /// Flags of `heartbeat serve`; defaults keep sessions alive behind proxies
 /// with 60 s idle timeouts (nginx, cloud load balancers).
@@ -30,30 +33,30 @@ pub(crate) struct ServeArgs {
 
     /// How often the server pings each session (and tells clients to ping).
     /// Keep it well under the idle timeout of any proxy on the path.
-    #[arg(long, env = "HEARTBEAT_PING_INTERVAL", default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
-    ping_interval: Duration,
+    #[arg(long, env = "HEARTBEAT_PING_INTERVAL", default_value_t = human(DEFAULTS.ping_interval), value_parser = parse_duration, value_name = "DURATION")]
+    ping_interval: HumanDuration,
 
     /// Silence after which a session is ended (Goodbye{TIMEOUT}, DEADLINE_EXCEEDED).
     /// Must be longer than --ping-interval; 3 intervals rides out one lost ping.
-    #[arg(long, env = "HEARTBEAT_TIMEOUT", default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
-    timeout: Duration,
+    #[arg(long, env = "HEARTBEAT_TIMEOUT", default_value_t = human(DEFAULTS.timeout), value_parser = parse_duration, value_name = "DURATION")]
+    timeout: HumanDuration,
 
     /// Silence after which a session is reported suspect (still open, but late).
     /// Between --ping-interval and --timeout. Default: the smaller of
     /// 2 × interval and the midpoint of interval and timeout.
     #[arg(long, env = "HEARTBEAT_SUSPECT_AFTER", value_parser = parse_duration, value_name = "DURATION")]
-    suspect_after: Option<Duration>,
+    suspect_after: Option<HumanDuration>,
 
     /// Unsolicited client frames (pings, unknown frames, stray pongs) closer
     /// together than this earn a strike. Must be shorter than --ping-interval.
-    #[arg(long, env = "HEARTBEAT_MIN_PING_INTERVAL", default_value = "1s", value_parser = parse_duration, value_name = "DURATION")]
-    min_ping_interval: Duration,
+    #[arg(long, env = "HEARTBEAT_MIN_PING_INTERVAL", default_value_t = human(DEFAULTS.min_ping_interval), value_parser = parse_duration, value_name = "DURATION")]
+    min_ping_interval: HumanDuration,
 
     /// Strikes allowed; one more ends the session with Goodbye{TOO_MANY_PINGS}.
     #[arg(
         long,
         env = "HEARTBEAT_PING_STRIKES",
-        default_value_t = 2,
+        default_value_t = DEFAULTS.ping_strikes,
         value_name = "N"
     )]
     ping_strikes: u32,
@@ -62,38 +65,38 @@ pub(crate) struct ServeArgs {
     #[arg(
         long,
         env = "HEARTBEAT_MAX_SESSIONS",
-        default_value_t = 100_000,
+        default_value_t = DEFAULTS.max_sessions,
         value_name = "N"
     )]
     max_sessions: usize,
 
     /// On SIGTERM/SIGINT, how long to wait for goodbyes to reach clients before
     /// closing what is left.
-    #[arg(long, env = "HEARTBEAT_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
-    shutdown_grace: Duration,
+    #[arg(long, env = "HEARTBEAT_SHUTDOWN_GRACE", default_value_t = human(DEFAULTS.shutdown_grace), value_parser = parse_duration, value_name = "DURATION")]
+    shutdown_grace: HumanDuration,
 
     /// The reconnect_after hint sent with Goodbye{SERVER_SHUTDOWN}.
-    #[arg(long, env = "HEARTBEAT_RECONNECT_AFTER", default_value = "1s", value_parser = parse_duration, value_name = "DURATION")]
-    reconnect_after: Duration,
+    #[arg(long, env = "HEARTBEAT_RECONNECT_AFTER", default_value_t = human(DEFAULTS.reconnect_after), value_parser = parse_duration, value_name = "DURATION")]
+    reconnect_after: HumanDuration,
 
     /// HTTP/2 streams one connection may hold open (one session is one stream).
     #[arg(
         long,
         env = "HEARTBEAT_MAX_STREAMS_PER_CONNECTION",
-        default_value_t = 4096,
+        default_value_t = DEFAULTS.max_streams_per_connection,
         value_name = "N"
     )]
     max_streams_per_connection: u32,
 
     /// Largest encoded client frame, in bytes; a larger one is a protocol violation.
-    #[arg(long, env = "HEARTBEAT_MAX_MESSAGE_SIZE", default_value_t = 16 * 1024, value_name = "BYTES")]
+    #[arg(long, env = "HEARTBEAT_MAX_MESSAGE_SIZE", default_value_t = DEFAULTS.limits.max_message_size, value_name = "BYTES")]
     max_message_size: u32,
 
     /// Longest Hello.client_id, in bytes of UTF-8.
     #[arg(
         long,
         env = "HEARTBEAT_MAX_CLIENT_ID",
-        default_value_t = 256,
+        default_value_t = DEFAULTS.limits.max_client_id,
         value_name = "BYTES"
     )]
     max_client_id: usize,
@@ -102,7 +105,7 @@ pub(crate) struct ServeArgs {
     #[arg(
         long,
         env = "HEARTBEAT_MAX_LABELS",
-        default_value_t = 32,
+        default_value_t = DEFAULTS.limits.max_labels,
         value_name = "N"
     )]
     max_labels: usize,
@@ -111,7 +114,7 @@ pub(crate) struct ServeArgs {
     #[arg(
         long,
         env = "HEARTBEAT_MAX_LABEL_KEY",
-        default_value_t = 63,
+        default_value_t = DEFAULTS.limits.max_label_key,
         value_name = "BYTES"
     )]
     max_label_key: usize,
@@ -120,7 +123,7 @@ pub(crate) struct ServeArgs {
     #[arg(
         long,
         env = "HEARTBEAT_MAX_LABEL_VALUE",
-        default_value_t = 256,
+        default_value_t = DEFAULTS.limits.max_label_value,
         value_name = "BYTES"
     )]
     max_label_value: usize,
@@ -129,7 +132,7 @@ pub(crate) struct ServeArgs {
     #[arg(
         long,
         env = "HEARTBEAT_WATCH_HISTORY",
-        default_value_t = 10_000,
+        default_value_t = DEFAULTS.watch_history,
         value_name = "N"
     )]
     watch_history: usize,
@@ -138,7 +141,7 @@ pub(crate) struct ServeArgs {
     #[arg(
         long,
         env = "HEARTBEAT_WATCH_QUEUE",
-        default_value_t = 1024,
+        default_value_t = DEFAULTS.watch_queue,
         value_name = "N"
     )]
     watch_queue: usize,
@@ -154,21 +157,21 @@ pub(crate) struct ServeArgs {
 }
 
 impl ServeArgs {
-    fn config(&self) -> anyhow::Result<ServerConfig> {
+    pub(super) fn config(&self) -> anyhow::Result<ServerConfig> {
         let admin_token = self
             .admin_token_file
             .as_deref()
             .map(AdminToken::from_file)
             .transpose()?;
         Ok(ServerConfig {
-            ping_interval: self.ping_interval,
-            timeout: self.timeout,
-            suspect_after: self.suspect_after,
-            min_ping_interval: self.min_ping_interval,
+            ping_interval: self.ping_interval.into(),
+            timeout: self.timeout.into(),
+            suspect_after: self.suspect_after.map(Into::into),
+            min_ping_interval: self.min_ping_interval.into(),
             ping_strikes: self.ping_strikes,
             max_sessions: self.max_sessions,
-            shutdown_grace: self.shutdown_grace,
-            reconnect_after: self.reconnect_after,
+            shutdown_grace: self.shutdown_grace.into(),
+            reconnect_after: self.reconnect_after.into(),
             max_streams_per_connection: self.max_streams_per_connection,
             limits: FrameLimits {
                 max_message_size: self.max_message_size,
