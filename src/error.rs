@@ -162,3 +162,40 @@ pub enum ClientError {
     #[error("the server did not confirm the goodbye within {}", format_duration(*.0))]
     CloseTimeout(Duration),
 }
+
+/// A call to a server's PresenceService failed, or its answer could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum PresenceError {
+    /// The admin token cannot travel in a header.
+    #[error("the admin token is not valid in a header: it must be printable ASCII")]
+    InvalidToken,
+    /// The server has no open session with this id.
+    #[error("no session {0:?} is open; list them with ListSessions")]
+    NotFound(String),
+    /// The server refused the call or it failed; the status says why.
+    #[error("the server answered {:?}: {}", .0.code(), .0.message())]
+    Status(tonic::Status),
+    /// The server sent a message this client cannot read.
+    #[error("the server sent a malformed presence message: {0}")]
+    Malformed(&'static str),
+}
+
+impl PresenceError {
+    /// Whether trying again later may succeed: the server was restarting,
+    /// the watcher lagged, or the connection broke. Refusals (credentials,
+    /// bad requests) and malformed answers are permanent.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Status(status) => matches!(
+                status.code(),
+                tonic::Code::Unavailable
+                    | tonic::Code::ResourceExhausted
+                    | tonic::Code::Aborted
+                    | tonic::Code::Internal
+                    | tonic::Code::Unknown
+                    | tonic::Code::Cancelled
+            ),
+            Self::InvalidToken | Self::NotFound(_) | Self::Malformed(_) => false,
+        }
+    }
+}

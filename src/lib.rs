@@ -27,16 +27,19 @@
 #![deny(unreachable_pub)]
 #![forbid(unsafe_code)]
 
+mod backoff;
 pub mod client;
 pub mod config;
 pub mod error;
 pub mod liveness;
 pub mod metrics;
+pub mod presence;
 pub mod protocol;
 pub mod registry;
 pub mod server;
 
 pub use client::Client;
 pub use config::{FrameLimits, ServerConfig};
-pub use registry::{CloseReason, SessionRegistry};
+pub use protocol::CloseReason;
+pub use registry::SessionRegistry;
 pub use server::{HeartbeatHandle, HeartbeatServer};

@@ -36,66 +36,7 @@ use parking_lot::Mutex;
 use tokio::{sync::mpsc, time::Instant};
 use tracing::info;
 
-use crate::metrics::Metrics;
-
-/// Why a session ended: one vocabulary for clients, observers, logs and metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum CloseReason {
-    /// The client said goodbye.
-    ClientGoodbye,
-    /// The client ended its stream without a goodbye.
-    ClientHalfClose,
-    /// The stream was reset or the connection lost (crash, kill, reset).
-    Disconnected,
-    /// The client went silent for the timeout (freeze, partition, dead network).
-    Timeout,
-    /// The client sent unsolicited frames too fast.
-    TooManyPings,
-    /// The client broke the protocol.
-    ProtocolViolation,
-    /// An administrator evicted the session.
-    Evicted,
-    /// A newer session with the same client id replaced it.
-    Replaced,
-    /// The server shut down.
-    ServerShutdown,
-}
-
-impl CloseReason {
-    /// Every reason, in the contract's order.
-    pub const ALL: [CloseReason; 9] = [
-        Self::ClientGoodbye,
-        Self::ClientHalfClose,
-        Self::Disconnected,
-        Self::Timeout,
-        Self::TooManyPings,
-        Self::ProtocolViolation,
-        Self::Evicted,
-        Self::Replaced,
-        Self::ServerShutdown,
-    ];
-
-    /// The reason's name as logs and metric labels spell it (`timeout`, …).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::ClientGoodbye => "client_goodbye",
-            Self::ClientHalfClose => "client_half_close",
-            Self::Disconnected => "disconnected",
-            Self::Timeout => "timeout",
-            Self::TooManyPings => "too_many_pings",
-            Self::ProtocolViolation => "protocol_violation",
-            Self::Evicted => "evicted",
-            Self::Replaced => "replaced",
-            Self::ServerShutdown => "server_shutdown",
-        }
-    }
-}
-
-impl fmt::Display for CloseReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+use crate::{metrics::Metrics, protocol::CloseReason};
 
 /// Whether an open session's client is keeping up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,7 +98,7 @@ pub trait SessionLink: Send + Sync {
     /// lock: it must be quick and must not call back into the registry.
     fn stats(&self) -> SessionStats;
     /// Ends the session's stream for `reason` (the registry has already recorded it).
-    fn end(&self, reason: CloseReason, message: &str);
+    fn end_stream(&self, reason: CloseReason, message: &str);
 }
 
 /// One change of the session set.
@@ -409,7 +350,7 @@ impl SessionRegistry {
         // callbacks wait on it, and a slow log sink must not delay deadlines.
         if let Some(closed) = replaced {
             closed.log();
-            closed.end();
+            closed.end_stream();
         }
         info!(
             session_id = %identity.session_id,
@@ -484,7 +425,7 @@ impl SessionRegistry {
         match closed {
             Some(closed) => {
                 closed.log();
-                closed.end();
+                closed.end_stream();
                 true
             }
             None => false,
@@ -512,7 +453,7 @@ impl SessionRegistry {
         };
         for closed in &closed {
             closed.log();
-            closed.end();
+            closed.end_stream();
         }
         closed.len()
     }
@@ -580,7 +521,7 @@ impl SessionRegistry {
     /// The open sessions now, with the revision they reflect.
     pub fn snapshot(&self) -> Snapshot {
         let draft = self.draft_locked(&self.shared.inner.lock());
-        draft.finish(self.shared.epoch)
+        draft.into_snapshot(self.shared.epoch)
     }
 
     /// The set of sessions at this revision: only shared pointers are copied
@@ -634,7 +575,7 @@ impl SessionRegistry {
             Ok((changes, revision)) => SubscriptionStart::Replay { changes, revision },
             Err((reset, draft)) => SubscriptionStart::Snapshot {
                 reset,
-                snapshot: draft.finish(self.shared.epoch),
+                snapshot: draft.into_snapshot(self.shared.epoch),
             },
         };
         Subscription {
@@ -699,8 +640,8 @@ impl Closed {
     }
 
     /// Tells the session's connection to end, with the recorded reason.
-    fn end(&self) {
-        self.link.end(self.reason, &self.message);
+    fn end_stream(&self) {
+        self.link.end_stream(self.reason, &self.message);
     }
 }
 
@@ -711,7 +652,7 @@ struct SnapshotDraft {
 }
 
 impl SnapshotDraft {
-    fn finish(self, epoch: u64) -> Snapshot {
+    fn into_snapshot(self, epoch: u64) -> Snapshot {
         Snapshot {
             epoch,
             revision: self.revision,
@@ -754,7 +695,7 @@ mod tests {
                 frames_out: 0,
             }
         }
-        fn end(&self, reason: CloseReason, _message: &str) {
+        fn end_stream(&self, reason: CloseReason, _message: &str) {
             self.ended.lock().expect("test lock").push(reason);
         }
     }

@@ -9,9 +9,8 @@ use support::*;
 use tokio::time::Instant;
 use tonic_heartbeat::{
     client::{Backoff, Client, ClientEvent, ClientEvents, ClientState, LossReason},
-    protocol::pb::GoodbyeReason,
-    registry::{CloseReason, SessionEvent},
-    ServerConfig,
+    registry::SessionEvent,
+    CloseReason, ServerConfig,
 };
 
 /// Flags of a server process with the timing of `fast_config`.
@@ -237,7 +236,7 @@ async fn shutdown_goodbye_delays_the_reconnect() {
     assert!(
         matches!(
             reason,
-            LossReason::Goodbye { reason: GoodbyeReason::ServerShutdown, reconnect_after: Some(after), .. }
+            LossReason::Goodbye { reason: CloseReason::ServerShutdown, reconnect_after: Some(after), .. }
                 if after == Duration::from_millis(500)
         ),
         "{reason:?}"
@@ -275,7 +274,7 @@ async fn replaced_and_evicted_sessions_surface_with_their_reason() {
         matches!(
             reason,
             LossReason::Goodbye {
-                reason: GoodbyeReason::Replaced,
+                reason: CloseReason::Replaced,
                 ..
             }
         ),
@@ -293,7 +292,7 @@ async fn replaced_and_evicted_sessions_surface_with_their_reason() {
         LossReason::Goodbye {
             reason, message, ..
         } => {
-            assert_eq!(reason, GoodbyeReason::Evicted);
+            assert_eq!(reason, CloseReason::Evicted);
             assert_eq!(message, "rebalancing");
         }
         other => panic!("expected an eviction, got {other:?}"),

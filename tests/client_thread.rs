@@ -6,7 +6,7 @@ mod support;
 use std::time::Duration;
 
 use support::*;
-use tonic_heartbeat::{registry::CloseReason, Client};
+use tonic_heartbeat::{Client, CloseReason};
 
 /// Threads of this process named like the client's.
 fn client_threads() -> usize {

@@ -15,7 +15,8 @@ use std::{
 use support::*;
 use tonic_heartbeat::{
     protocol::pb::{self, heartbeat_request::Frame as In, heartbeat_response::Frame as Out},
-    registry::{CloseReason, SessionEvent},
+    registry::SessionEvent,
+    CloseReason,
 };
 
 const ADDR_VAR: &str = "HEARTBEAT_TEST_CLIENT_ADDR";

@@ -14,8 +14,8 @@ use tonic_heartbeat::{
         },
         proto_to_duration,
     },
-    registry::{CloseReason, SessionEvent, SessionState},
-    ServerConfig,
+    registry::{SessionEvent, SessionState},
+    CloseReason, ServerConfig,
 };
 
 /// Tests that Welcome carries a session id and the server's interval and timeout.

@@ -125,7 +125,7 @@ fn loss_text(reason: &LossReason) -> String {
                 .unwrap_or_default();
             format!(
                 "reason=goodbye goodbye={} message={message:?}{hint}",
-                reason.as_str_name()
+                reason.as_str()
             )
         }
     }
@@ -171,7 +171,7 @@ fn json_of(event: &ClientEvent) -> serde_json::Value {
                     reconnect_after,
                 } => json!({
                     "reason": "goodbye",
-                    "goodbye": reason.as_str_name(),
+                    "goodbye": reason.as_str(),
                     "message": message,
                     "reconnect_after_ms": reconnect_after.map(ms),
                 }),

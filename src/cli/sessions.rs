@@ -1,4 +1,7 @@
 //! `heartbeat sessions`: the operator's view of a server's sessions.
+//!
+//! A thin printer over the library's [`PresenceClient`] and [`Watcher`]: the
+//! logic that keeps a watch correct lives there, for every user.
 
 use std::{
     collections::HashMap,
@@ -6,19 +9,17 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use anyhow::{bail, Context};
+use anyhow::{anyhow, Context};
 use clap::Args;
 use serde_json::json;
-use tonic::{transport::Channel, Code, Request, Status};
+use tonic::Code;
 use tonic_heartbeat::{
     client::endpoint_for,
     config::AdminToken,
-    protocol::{
-        pb::{
-            self, presence_service_client::PresenceServiceClient, watch_sessions_response::Event,
-        },
-        proto_to_duration,
-    },
+    error::PresenceError,
+    presence::{PresenceClient, SessionFilter, SessionInfo, WatchEvent},
+    protocol::pb,
+    registry::{SessionEvent, SessionState},
 };
 
 use super::{current_thread_runtime, parse_label, Output, ShutdownSignals};
@@ -59,27 +60,6 @@ pub(crate) struct SessionsArgs {
     admin_token_file: Option<PathBuf>,
 }
 
-/// Talks to one server's PresenceService, token attached.
-struct Presence {
-    client: PresenceServiceClient<Channel>,
-    token: Option<AdminToken>,
-}
-
-impl Presence {
-    fn request<T>(&self, message: T) -> anyhow::Result<Request<T>> {
-        let mut request = Request::new(message);
-        if let Some(token) = &self.token {
-            let mut value: tonic::metadata::MetadataValue<_> = format!("Bearer {}", token.expose())
-                .parse()
-                .context("the admin token is not valid in a header: it must be printable ASCII")?;
-            // Kept out of HTTP/2 header compression tables.
-            value.set_sensitive(true);
-            request.metadata_mut().insert("authorization", value);
-        }
-        Ok(request)
-    }
-}
-
 /// Lists, watches or evicts, as the flags say.
 pub(crate) fn run(args: SessionsArgs) -> anyhow::Result<()> {
     let endpoint = endpoint_for(&args.url)?;
@@ -96,235 +76,165 @@ pub(crate) fn run(args: SessionsArgs) -> anyhow::Result<()> {
             .connect()
             .await
             .with_context(|| format!("cannot connect to {}", args.url))?;
-        let mut presence = Presence {
-            client: PresenceServiceClient::new(channel),
-            token,
-        };
-        let labels: HashMap<String, String> = args.labels.iter().cloned().collect();
-        if let Some(session_id) = &args.evict {
-            return evict(&mut presence, session_id, &args.message, args.output).await;
+        let mut presence = PresenceClient::new(channel);
+        if let Some(token) = &token {
+            presence = presence.admin_token(token)?;
         }
-        if args.watch {
-            tokio::select! {
-                result = watch(&mut presence, &args.client_id, &labels, args.output) => result,
-                () = signals.recv() => Ok(()),
+        let explain = |error| explain(error, token.is_some());
+        let filter = SessionFilter {
+            client_id: args.client_id,
+            labels: args.labels.into_iter().collect(),
+        };
+        if let Some(session_id) = &args.evict {
+            presence
+                .evict(session_id, &args.message)
+                .await
+                .map_err(explain)?;
+            match args.output {
+                Output::Text => println!("evicted {session_id}"),
+                Output::Json => println!("{}", json!({ "evicted": session_id })),
             }
-        } else {
-            list(&mut presence, &args.client_id, &labels, args.output).await
+            return Ok(());
+        }
+        if !args.watch {
+            let mut sessions = presence.list(&filter).await.map_err(explain)?.sessions;
+            sessions.sort_by(|a, b| {
+                let key =
+                    |s: &SessionInfo| (s.identity.client_id.clone(), s.identity.session_id.clone());
+                key(a).cmp(&key(b))
+            });
+            match args.output {
+                Output::Json => sessions
+                    .iter()
+                    .for_each(|session| println!("{}", session_json(session))),
+                Output::Text => print_table(&sessions),
+            }
+            return Ok(());
+        }
+        let mut watcher = presence.watch(filter);
+        loop {
+            let event = tokio::select! {
+                event = watcher.next() => event.map_err(explain)?,
+                () = signals.recv() => return Ok(()),
+            };
+            match event {
+                WatchEvent::Interrupted {
+                    error,
+                    retry_in,
+                    resume_after,
+                } => eprintln!(
+                    "watch interrupted ({error}); resuming after revision {resume_after} in {}",
+                    humantime::format_duration(retry_in)
+                ),
+                event => print_event(&event, args.output),
+            }
         }
     })
 }
 
-impl Presence {
-    /// The error for a call the server refused, saying what to do about it.
-    fn refused(&self, status: Status) -> anyhow::Error {
-        match (status.code(), &self.token) {
-            (Code::Unauthenticated, None) => anyhow::anyhow!(
+/// The error for a call the server refused, saying what to do about it.
+fn explain(error: PresenceError, has_token: bool) -> anyhow::Error {
+    match (&error, has_token) {
+        (PresenceError::Status(status), false) if status.code() == Code::Unauthenticated => {
+            anyhow!(
                 "{} (pass the token file with --admin-token-file)",
                 status.message()
-            ),
-            (Code::Unauthenticated, Some(_)) => anyhow::anyhow!(
+            )
+        }
+        (PresenceError::Status(status), true) if status.code() == Code::Unauthenticated => {
+            anyhow!(
                 "the server refused the admin token: {} (check the file given to --admin-token-file)",
                 status.message()
-            ),
-            (code, _) => anyhow::anyhow!("the server answered {code:?}: {}", status.message()),
+            )
         }
+        (PresenceError::NotFound(session_id), _) => {
+            anyhow!("no session {session_id:?} is open (list them with heartbeat sessions URL)")
+        }
+        _ => anyhow!(error),
     }
 }
 
-async fn evict(
-    presence: &mut Presence,
-    session_id: &str,
-    message: &str,
-    output: Output,
-) -> anyhow::Result<()> {
-    let request = presence.request(pb::EvictSessionRequest {
-        session_id: session_id.to_owned(),
-        message: message.to_owned(),
-    })?;
-    match presence.client.evict_session(request).await {
-        Ok(_) => {
-            match output {
-                Output::Text => println!("evicted {session_id}"),
-                Output::Json => println!("{}", json!({ "evicted": session_id })),
-            }
-            Ok(())
+fn print_event(event: &WatchEvent, output: Output) {
+    let (kind, revision, session, closed) = match event {
+        WatchEvent::Snapshot { session, revision } => ("opened", *revision, Some(session), None),
+        WatchEvent::Change(change) => {
+            let (kind, closed) = match &change.event {
+                SessionEvent::Opened(_) => ("opened", None),
+                SessionEvent::Suspected(_) => ("suspected", None),
+                SessionEvent::Recovered(_) => ("recovered", None),
+                SessionEvent::Closed {
+                    reason, message, ..
+                } => ("closed", Some((*reason, message))),
+            };
+            (kind, change.revision, Some(change.event.session()), closed)
         }
-        Err(status) if status.code() == Code::NotFound => {
-            bail!("no session {session_id:?} is open (list them with heartbeat sessions URL)")
-        }
-        Err(status) => Err(presence.refused(status)),
-    }
-}
-
-async fn list(
-    presence: &mut Presence,
-    client_id: &str,
-    labels: &HashMap<String, String>,
-    output: Output,
-) -> anyhow::Result<()> {
-    let request = presence.request(pb::ListSessionsRequest {
-        client_id: client_id.to_owned(),
-        labels: labels.clone(),
-    })?;
-    let response = match presence.client.list_sessions(request).await {
-        Ok(response) => response,
-        Err(status) => return Err(presence.refused(status)),
-    };
-    let mut sessions = response.into_inner().sessions;
-    sessions.sort_by(|a, b| (&a.client_id, &a.session_id).cmp(&(&b.client_id, &b.session_id)));
-    match output {
-        Output::Json => {
-            for session in &sessions {
-                println!("{}", session_json(session));
-            }
-        }
-        Output::Text => print_table(&sessions),
-    }
-    Ok(())
-}
-
-/// Watches, resuming from the last revision seen whenever the stream drops.
-///
-/// Only a revision reached after `synced` is a place to resume from: a stream
-/// that drops in the middle of a snapshot resumes from where it was before
-/// that snapshot (or afresh), so no session of the snapshot is skipped.
-async fn watch(
-    presence: &mut Presence,
-    client_id: &str,
-    labels: &HashMap<String, String>,
-    output: Output,
-) -> anyhow::Result<()> {
-    let (mut epoch, mut revision) = (0, 0);
-    let mut delay = Duration::from_millis(200);
-    loop {
-        let request = presence.request(pb::WatchSessionsRequest {
-            client_id: client_id.to_owned(),
-            labels: labels.clone(),
-            resume_epoch: epoch,
-            resume_after: revision,
-        })?;
-        let ended = match presence.client.watch_sessions(request).await {
-            Ok(response) => {
-                let mut stream = response.into_inner();
-                let mut synced = false;
-                loop {
-                    match stream.message().await {
-                        Ok(Some(event)) => {
-                            delay = Duration::from_millis(200);
-                            if let Some(Event::Synced(marker)) = &event.event {
-                                synced = true;
-                                epoch = marker.epoch;
-                            }
-                            if synced {
-                                revision = event.revision;
-                            }
-                            print_event(&event, output);
-                        }
-                        Ok(None) => break Status::unavailable("the server ended the watch"),
-                        Err(status) => break status,
-                    }
-                }
-            }
-            Err(status) => status,
-        };
-        // Only what may pass is worth waiting for: a restart, a lag, a hiccup.
-        let transient = matches!(
-            ended.code(),
-            Code::Unavailable
-                | Code::ResourceExhausted
-                | Code::Aborted
-                | Code::Internal
-                | Code::Unknown
-        );
-        if !transient {
-            return Err(presence.refused(ended));
-        }
-        eprintln!(
-            "watch interrupted ({:?}: {}); resuming after revision {revision} in {}",
-            ended.code(),
-            ended.message(),
-            humantime::format_duration(delay)
-        );
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(5));
-    }
-}
-
-fn print_event(event: &pb::WatchSessionsResponse, output: Output) {
-    let revision = event.revision;
-    let Some(inner) = &event.event else { return };
-    let (kind, session, extra) = match inner {
-        Event::Opened(session) => ("opened", Some(session), String::new()),
-        Event::Suspected(suspected) => ("suspected", suspected.session.as_ref(), String::new()),
-        Event::Recovered(recovered) => ("recovered", recovered.session.as_ref(), String::new()),
-        Event::Closed(closed) => {
-            let reason = pb::CloseReason::try_from(closed.reason)
-                .map(|reason| {
-                    reason
-                        .as_str_name()
-                        .trim_start_matches("CLOSE_REASON_")
-                        .to_lowercase()
-                })
-                .unwrap_or_else(|_| closed.reason.to_string());
-            let extra = format!(" reason={reason} message={:?}", closed.message);
-            ("closed", closed.session.as_ref(), extra)
-        }
-        Event::Synced(synced) => ("synced", None, format!(" epoch={}", synced.epoch)),
-        Event::Reset(_) => ("reset", None, String::new()),
+        WatchEvent::Synced { revision, .. } => ("synced", *revision, None, None),
+        WatchEvent::Reset => ("reset", 0, None, None),
+        WatchEvent::Interrupted { .. } => return,
     };
     match output {
         Output::Text => {
             let about = session.map_or_else(String::new, |session| {
+                let identity = &session.identity;
                 format!(
                     " session={} client={} labels={}",
-                    session.session_id,
-                    or_dash(&session.client_id),
-                    labels_text(&session.labels)
+                    identity.session_id,
+                    or_dash(&identity.client_id),
+                    labels_text(&identity.labels)
                 )
             });
-            println!("{kind} revision={revision}{about}{extra}");
+            let extra = match (event, closed) {
+                (_, Some((reason, message))) => format!(" reason={reason} message={message:?}"),
+                (WatchEvent::Synced { epoch, .. }, _) => format!(" epoch={epoch}"),
+                _ => String::new(),
+            };
+            let revision = match event {
+                WatchEvent::Reset => String::new(),
+                _ => format!(" revision={revision}"),
+            };
+            println!("{kind}{revision}{about}{extra}");
         }
         Output::Json => {
-            let mut object = json!({ "event": kind, "revision": revision });
+            let mut object = json!({ "event": kind });
+            if !matches!(event, WatchEvent::Reset) {
+                object["revision"] = json!(revision);
+            }
             if let Some(session) = session {
                 object["session"] = session_json(session);
             }
-            match inner {
-                Event::Closed(closed) => {
-                    object["reason"] = json!(pb::CloseReason::try_from(closed.reason)
-                        .map(|r| r.as_str_name())
-                        .unwrap_or("CLOSE_REASON_UNSPECIFIED"));
-                    object["message"] = json!(closed.message);
-                }
-                Event::Synced(synced) => object["epoch"] = json!(synced.epoch),
-                _ => {}
+            if let Some((reason, message)) = closed {
+                object["reason"] = json!(pb::CloseReason::from(reason).as_str_name());
+                object["message"] = json!(message);
+            }
+            if let WatchEvent::Synced { epoch, .. } = event {
+                object["epoch"] = json!(epoch);
             }
             println!("{object}");
         }
     }
 }
 
-fn session_json(session: &pb::Session) -> serde_json::Value {
+fn session_json(session: &SessionInfo) -> serde_json::Value {
+    let identity = &session.identity;
+    let time = |time: SystemTime| prost_types::Timestamp::from(time).to_string();
     json!({
-        "session_id": session.session_id,
-        "client_id": session.client_id,
-        "labels": session.labels,
-        "peer": session.peer,
-        "state": state_name(session),
-        "opened_at": session.opened_at.as_ref().map(ToString::to_string),
-        "last_seen": session.last_seen.as_ref().map(ToString::to_string),
-        "rtt_ms": session.rtt.as_ref().and_then(proto_to_duration).map(|rtt| rtt.as_secs_f64() * 1000.0),
+        "session_id": identity.session_id,
+        "client_id": identity.client_id,
+        "labels": identity.labels,
+        "peer": identity.peer.map(|peer| peer.to_string()).unwrap_or_default(),
+        "state": state_name(session.state),
+        "opened_at": time(identity.opened_at),
+        "last_seen": time(session.last_seen),
+        "rtt_ms": session.rtt.map(|rtt| rtt.as_secs_f64() * 1000.0),
         "frames_in": session.frames_in,
         "frames_out": session.frames_out,
     })
 }
 
-fn state_name(session: &pb::Session) -> &'static str {
-    match session.state() {
-        pb::SessionState::Live => "live",
-        pb::SessionState::Suspect => "suspect",
-        pb::SessionState::Unspecified => "unknown",
+fn state_name(state: SessionState) -> &'static str {
+    match state {
+        SessionState::Live => "live",
+        SessionState::Suspect => "suspect",
     }
 }
 
@@ -346,16 +256,13 @@ fn labels_text(labels: &HashMap<String, String>) -> String {
 }
 
 /// How long ago `time` was, to the millisecond, in human form.
-fn ago(time: Option<&prost_types::Timestamp>) -> String {
-    let Some(time) = time.and_then(|t| SystemTime::try_from(*t).ok()) else {
-        return "-".into();
-    };
+fn ago(time: SystemTime) -> String {
     let elapsed = SystemTime::now().duration_since(time).unwrap_or_default();
     let millis = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
     humantime::format_duration(Duration::from_millis(millis)).to_string()
 }
 
-fn print_table(sessions: &[pb::Session]) {
+fn print_table(sessions: &[SessionInfo]) {
     let header = [
         "SESSION",
         "CLIENT",
@@ -369,22 +276,21 @@ fn print_table(sessions: &[pb::Session]) {
     let rows: Vec<[String; 8]> = sessions
         .iter()
         .map(|session| {
+            let identity = &session.identity;
             [
-                session.session_id.clone(),
-                or_dash(&session.client_id).to_owned(),
-                labels_text(&session.labels),
-                or_dash(&session.peer).to_owned(),
-                state_name(session).to_owned(),
-                ago(session.opened_at.as_ref()),
-                format!("{} ago", ago(session.last_seen.as_ref())),
-                session
-                    .rtt
-                    .as_ref()
-                    .and_then(proto_to_duration)
-                    .map_or_else(
-                        || "-".into(),
-                        |rtt| format!("{:.3}ms", rtt.as_secs_f64() * 1000.0),
-                    ),
+                identity.session_id.clone(),
+                or_dash(&identity.client_id).to_owned(),
+                labels_text(&identity.labels),
+                identity
+                    .peer
+                    .map_or_else(|| "-".into(), |peer| peer.to_string()),
+                state_name(session.state).to_owned(),
+                ago(identity.opened_at),
+                format!("{} ago", ago(session.last_seen)),
+                session.rtt.map_or_else(
+                    || "-".into(),
+                    |rtt| format!("{:.3}ms", rtt.as_secs_f64() * 1000.0),
+                ),
             ]
         })
         .collect();

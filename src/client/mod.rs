@@ -46,7 +46,6 @@
 //! # Ok(()) }
 //! ```
 
-mod backoff;
 mod session;
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
@@ -62,8 +61,8 @@ use tonic::{
     transport::{Endpoint, Error as TransportError},
 };
 
-pub use self::backoff::Backoff;
-use crate::{error::ClientError, protocol::pb::GoodbyeReason};
+pub use crate::backoff::Backoff;
+use crate::{error::ClientError, protocol::CloseReason};
 
 /// What the client is doing now.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,10 +105,12 @@ pub enum LossReason {
         /// The status message.
         message: String,
     },
-    /// The server ended the session and said why.
+    /// The server ended the session and said why in its `Goodbye`.
     Goodbye {
-        /// The server's reason.
-        reason: GoodbyeReason,
+        /// The server's reason, in the vocabulary presence and logs use.
+        /// [`CloseReason::Unknown`] is a reason newer than this client, which
+        /// it treats like a shutdown, as the contract says.
+        reason: CloseReason,
         /// The server's message.
         message: String,
         /// How long the server asked clients to wait before reconnecting.

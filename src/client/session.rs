@@ -10,13 +10,14 @@ use tokio::{
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{metadata::MetadataMap, transport::Endpoint, Request, Streaming};
 
-use super::{backoff::jitter, Backoff, ClientEvent, ClientState, LossReason};
+use super::{Backoff, ClientEvent, ClientState, LossReason};
+use crate::backoff::jitter;
 use crate::protocol::{
     pb::{
         self, heartbeat_request::Frame as Out, heartbeat_response::Frame as In,
         heartbeat_service_client::HeartbeatServiceClient, GoodbyeReason,
     },
-    proto_to_duration, PingLedger, PongMatch, RttEstimator,
+    proto_to_duration, CloseReason, PingLedger, PongMatch, RttEstimator,
 };
 
 /// Frames queued towards the server; a full queue means the transport is stuck,
@@ -121,7 +122,7 @@ impl SessionTask {
         let backoff = &self.backoff;
         match reason {
             LossReason::Goodbye {
-                reason: GoodbyeReason::Replaced,
+                reason: CloseReason::Replaced,
                 ..
             } => Retry::Never,
             // Spread a fleet told the same hint over half as long again.
@@ -133,156 +134,121 @@ impl SessionTask {
             // coming straight back would only repeat it.
             LossReason::Goodbye {
                 reason:
-                    GoodbyeReason::TooManyPings
-                    | GoodbyeReason::ProtocolViolation
-                    | GoodbyeReason::Evicted,
+                    CloseReason::TooManyPings | CloseReason::ProtocolViolation | CloseReason::Evicted,
                 ..
             } => Retry::After(backoff.cap() / 2 + jitter(backoff.cap() / 2, rng)),
+            // Anything else, including a reason newer than this client (which
+            // the contract says to treat like a shutdown): the usual backoff.
             _ => Retry::After(backoff.delay(attempt, rng)),
         }
     }
 
     /// Runs one session from connect to loss or close.
     async fn session(&self) -> SessionEnd {
+        let open = match self.handshake().await {
+            Ok(open) => open,
+            Err(end) => return end,
+        };
+        let (ping_interval, timeout) = adopt(&open.welcome);
+        self.state.send_replace(ClientState::Live {
+            session_id: open.welcome.session_id.clone(),
+        });
+        self.emit(ClientEvent::Connected {
+            session_id: open.welcome.session_id,
+            ping_interval,
+            timeout,
+        });
+        let Open {
+            outbound,
+            mut inbound,
+            ..
+        } = open;
+        let mut exchange = Exchange::new(ping_interval, timeout);
         // `wait_for` checks the current value first, so a clone sees a close
         // asked for at any time, and this borrows nothing of `self` mutably.
+        let mut close = self.close.clone();
+        loop {
+            let deadline = exchange.deadline();
+            let step = tokio::select! {
+                // Frames first: a frame that arrived is never taken for silence.
+                biased;
+                message = inbound.message() => match message {
+                    Ok(Some(response)) => exchange.on_frame(response.frame, Instant::now()),
+                    Ok(None) => Step::Ended(None),
+                    Err(status) => Step::Ended(Some(status)),
+                },
+                () = close_asked(&mut close) => {
+                    let deadline = Instant::now() + self.close_timeout;
+                    self.say_goodbye(outbound, &mut inbound, deadline).await;
+                    return SessionEnd::Closed;
+                }
+                () = sleep_until(deadline) => exchange.on_deadline(),
+                () = sleep_until(exchange.next_ping), if exchange.goodbye.is_none() => {
+                    exchange.ping(Instant::now())
+                }
+            };
+            match step {
+                Step::Send(frame) => {
+                    // A full queue means a stuck transport, which the deadline notices.
+                    let _ = outbound.try_send(request(frame));
+                }
+                Step::Measured(event) => self.emit(event),
+                Step::Wait => {}
+                Step::Recheck => {
+                    // This task may have been held up (on a shared runtime):
+                    // let the connection deliver what has arrived, then look at
+                    // the frames once more before declaring silence.
+                    tokio::task::yield_now().await;
+                }
+                Step::Ended(status) => return exchange.lost(status),
+                Step::Silent => {
+                    return SessionEnd::Lost {
+                        reason: LossReason::Timeout {
+                            silence: exchange.last_frame.elapsed(),
+                        },
+                        live_for: exchange.opened_at.elapsed(),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Connects, says Hello and waits for Welcome, within the handshake
+    /// timeout. A close asked for meanwhile still lets the server hear why:
+    /// the server opens the session at Hello.
+    async fn handshake(&self) -> Result<Open, SessionEnd> {
         let mut close = self.close.clone();
         let handshake = tokio::time::timeout(self.handshake_timeout, self.open());
         tokio::pin!(handshake);
         let opened = tokio::select! {
             opened = &mut handshake => opened,
             () = close_asked(&mut close) => {
-                // The server may have opened the session already (it does at
-                // Hello): finish the handshake briefly so it hears why. One
-                // deadline covers both waits, as `Client::close` expects.
+                // One deadline covers both waits, as `Client::close` expects.
                 let deadline = Instant::now() + self.close_timeout;
-                if let Ok(Ok(Ok((outbound, mut inbound, _)))) =
-                    tokio::time::timeout_at(deadline, &mut handshake).await
-                {
-                    self.say_goodbye(outbound, &mut inbound, deadline).await;
+                if let Ok(Ok(Ok(mut open))) = tokio::time::timeout_at(deadline, &mut handshake).await {
+                    self.say_goodbye(open.outbound, &mut open.inbound, deadline).await;
                 }
-                return SessionEnd::Closed;
+                return Err(SessionEnd::Closed);
             }
         };
-        let (outbound, mut inbound, welcome) = match opened {
-            Ok(Ok(open)) => open,
-            Ok(Err(reason)) => {
-                return SessionEnd::Lost {
-                    reason,
-                    live_for: Duration::ZERO,
-                }
-            }
-            Err(_) => {
-                return SessionEnd::Lost {
-                    reason: LossReason::Transport {
-                        message: format!(
-                            "no Welcome within {}",
-                            humantime::format_duration(self.handshake_timeout)
-                        ),
-                    },
-                    live_for: Duration::ZERO,
-                }
-            }
+        let lost = |reason| SessionEnd::Lost {
+            reason,
+            live_for: Duration::ZERO,
         };
-        let (ping_interval, timeout) = adopt(&welcome);
-        let opened_at = Instant::now();
-        self.state.send_replace(ClientState::Live {
-            session_id: welcome.session_id.clone(),
-        });
-        self.emit(ClientEvent::Connected {
-            session_id: welcome.session_id,
-            ping_interval,
-            timeout,
-        });
-
-        let mut pings = PingLedger::default();
-        let mut rtt = RttEstimator::default();
-        let mut last_frame = Instant::now();
-        let mut next_ping = last_frame + ping_interval;
-        let mut goodbye: Option<pb::Goodbye> = None;
-        // Set when the deadline passed once and the frames were checked again.
-        let mut rechecked = false;
-        loop {
-            let deadline = last_frame + timeout;
-            tokio::select! {
-                // Frames first: a frame that arrived is never taken for silence.
-                biased;
-                message = inbound.message() => {
-                    let frame = match message {
-                        Ok(Some(response)) => response.frame,
-                        Ok(None) => {
-                            return self.lost(goodbye, None, opened_at);
-                        }
-                        Err(status) => {
-                            return self.lost(goodbye, Some(status), opened_at);
-                        }
-                    };
-                    last_frame = Instant::now();
-                    rechecked = false;
-                    match frame {
-                        Some(In::Ping(ping)) => {
-                            let _ = outbound.try_send(request(Out::Pong(pb::Pong { seq: ping.seq })));
-                        }
-                        Some(In::Pong(pong)) => {
-                            if let PongMatch::Answered(sample) = pings.pong(pong.seq, last_frame) {
-                                rtt.sample(sample);
-                                self.emit(ClientEvent::Rtt {
-                                    sample,
-                                    smoothed: rtt.smoothed().unwrap_or(sample),
-                                    variance: rtt.variance(),
-                                });
-                            }
-                        }
-                        Some(In::Goodbye(frame)) => goodbye = Some(frame),
-                        Some(In::Welcome(_)) | None => {}
-                    }
-                }
-                () = close_asked(&mut close) => {
-                    let deadline = Instant::now() + self.close_timeout;
-                    self.say_goodbye(outbound, &mut inbound, deadline).await;
-                    return SessionEnd::Closed;
-                }
-                () = sleep_until(deadline) => {
-                    if let Some(goodbye) = goodbye {
-                        // The server said why; its status is just late.
-                        return self.lost(Some(goodbye), None, opened_at);
-                    }
-                    if !rechecked {
-                        // This task may have been held up (on a shared runtime):
-                        // let the connection deliver what has arrived, then look
-                        // at the frames once more before declaring silence.
-                        rechecked = true;
-                        tokio::task::yield_now().await;
-                        continue;
-                    }
-                    return SessionEnd::Lost {
-                        reason: LossReason::Timeout { silence: last_frame.elapsed() },
-                        live_for: opened_at.elapsed(),
-                    };
-                }
-                () = sleep_until(next_ping), if goodbye.is_none() => {
-                    let now = Instant::now();
-                    let seq = pings.next_ping(now);
-                    let _ = outbound.try_send(request(Out::Ping(pb::Ping { seq })));
-                    // From now, not from the missed tick: a late loop must not
-                    // catch up with a burst the server would count as a flood.
-                    next_ping = now + ping_interval;
-                }
-            }
+        match opened {
+            Ok(Ok(open)) => Ok(open),
+            Ok(Err(reason)) => Err(lost(reason)),
+            Err(_) => Err(lost(LossReason::Transport {
+                message: format!(
+                    "no Welcome within {}",
+                    humantime::format_duration(self.handshake_timeout)
+                ),
+            })),
         }
     }
 
     /// Connects, sends Hello and waits for Welcome.
-    async fn open(
-        &self,
-    ) -> Result<
-        (
-            mpsc::Sender<pb::HeartbeatRequest>,
-            Streaming<pb::HeartbeatResponse>,
-            pb::Welcome,
-        ),
-        LossReason,
-    > {
+    async fn open(&self) -> Result<Open, LossReason> {
         let channel = self
             .endpoint
             .connect()
@@ -303,7 +269,11 @@ impl SessionTask {
         match inbound.message().await {
             Ok(Some(pb::HeartbeatResponse {
                 frame: Some(In::Welcome(welcome)),
-            })) => Ok((outbound, inbound, welcome)),
+            })) => Ok(Open {
+                outbound,
+                inbound,
+                welcome,
+            }),
             Ok(Some(pb::HeartbeatResponse {
                 frame: Some(In::Goodbye(goodbye)),
             })) => Err(goodbye_loss(goodbye)),
@@ -337,14 +307,122 @@ impl SessionTask {
         })
         .await;
     }
+}
 
-    fn lost(
-        &self,
-        goodbye: Option<pb::Goodbye>,
-        status: Option<tonic::Status>,
-        opened_at: Instant,
-    ) -> SessionEnd {
-        let reason = match (goodbye, status) {
+/// An open session's two directions, and the server's `Welcome`.
+struct Open {
+    outbound: mpsc::Sender<pb::HeartbeatRequest>,
+    inbound: Streaming<pb::HeartbeatResponse>,
+    welcome: pb::Welcome,
+}
+
+/// What one turn of a live session calls for.
+enum Step {
+    /// Send this frame to the server.
+    Send(Out),
+    /// Report this round-trip sample.
+    Measured(ClientEvent),
+    /// Nothing to do.
+    Wait,
+    /// The deadline passed once: look at the frames again before declaring silence.
+    Recheck,
+    /// The server ended the call, with this status if it sent one.
+    Ended(Option<tonic::Status>),
+    /// No frame from the server for the timeout.
+    Silent,
+}
+
+/// One live session between frames: ping numbering, RTT, and the deadline.
+/// The client's counterpart of the server's per-frame step.
+struct Exchange {
+    ping_interval: Duration,
+    timeout: Duration,
+    /// When the session became live.
+    opened_at: Instant,
+    pings: PingLedger,
+    rtt: RttEstimator,
+    /// When the last server frame arrived.
+    last_frame: Instant,
+    /// When the client's next ping is due.
+    next_ping: Instant,
+    /// The server's goodbye, once it said one; the status follows.
+    goodbye: Option<pb::Goodbye>,
+    /// Set when the deadline passed once and the frames are being looked at again.
+    rechecked: bool,
+}
+
+impl Exchange {
+    fn new(ping_interval: Duration, timeout: Duration) -> Self {
+        let now = Instant::now();
+        Self {
+            ping_interval,
+            timeout,
+            opened_at: now,
+            pings: PingLedger::default(),
+            rtt: RttEstimator::default(),
+            last_frame: now,
+            next_ping: now + ping_interval,
+            goodbye: None,
+            rechecked: false,
+        }
+    }
+
+    /// When the server counts as lost if it stays silent.
+    fn deadline(&self) -> Instant {
+        self.last_frame + self.timeout
+    }
+
+    /// Takes one server frame arriving at `now`.
+    fn on_frame(&mut self, frame: Option<In>, now: Instant) -> Step {
+        self.last_frame = now;
+        self.rechecked = false;
+        match frame {
+            Some(In::Ping(ping)) => Step::Send(Out::Pong(pb::Pong { seq: ping.seq })),
+            Some(In::Pong(pong)) => match self.pings.pong(pong.seq, now) {
+                PongMatch::Answered(sample) => {
+                    self.rtt.sample(sample);
+                    Step::Measured(ClientEvent::Rtt {
+                        sample,
+                        smoothed: self.rtt.smoothed().unwrap_or(sample),
+                        variance: self.rtt.variance(),
+                    })
+                }
+                PongMatch::Unsolicited => Step::Wait,
+            },
+            Some(In::Goodbye(goodbye)) => {
+                self.goodbye = Some(goodbye);
+                Step::Wait
+            }
+            Some(In::Welcome(_)) | None => Step::Wait,
+        }
+    }
+
+    /// The deadline passed with no frame.
+    fn on_deadline(&mut self) -> Step {
+        if self.goodbye.is_some() {
+            // The server said why; its status is just late.
+            return Step::Ended(None);
+        }
+        if self.rechecked {
+            return Step::Silent;
+        }
+        self.rechecked = true;
+        Step::Recheck
+    }
+
+    /// The client's own ping, numbered, due again one interval from `now`
+    /// (not from the missed tick: a late loop must not catch up with a burst
+    /// the server would count as a flood).
+    fn ping(&mut self, now: Instant) -> Step {
+        let seq = self.pings.next_ping(now);
+        self.next_ping = now + self.ping_interval;
+        Step::Send(Out::Ping(pb::Ping { seq }))
+    }
+
+    /// How the session was lost when the call ended: the server's goodbye if
+    /// it said one, else its status.
+    fn lost(self, status: Option<tonic::Status>) -> SessionEnd {
+        let reason = match (self.goodbye, status) {
             (Some(goodbye), _) => goodbye_loss(goodbye),
             (None, Some(status)) => status_loss(status),
             (None, None) => LossReason::Status {
@@ -354,7 +432,7 @@ impl SessionTask {
         };
         SessionEnd::Lost {
             reason,
-            live_for: opened_at.elapsed(),
+            live_for: self.opened_at.elapsed(),
         }
     }
 }
@@ -391,7 +469,7 @@ fn request(frame: Out) -> pb::HeartbeatRequest {
 
 fn goodbye_loss(goodbye: pb::Goodbye) -> LossReason {
     LossReason::Goodbye {
-        reason: goodbye.reason(),
+        reason: CloseReason::from_goodbye(goodbye.reason),
         reconnect_after: goodbye
             .reconnect_after
             .as_ref()

@@ -39,7 +39,7 @@ pin_project! {
             // A body dropped before its end (the peer reset the stream, the
             // connection broke) must not leave timers running for the call,
             // nor a reader of the request waiting for frames that never come.
-            this.core.finish();
+            this.core.mark_complete();
             if let Some(pump) = this.pump.as_ref() {
                 pump.close();
             }
@@ -126,11 +126,11 @@ where
                         let messages = this.sent.feed(data, u32::MAX).unwrap_or(0);
                         this.core.count_sent(messages);
                     } else if frame.is_trailers() {
-                        this.core.finish();
+                        this.core.mark_complete();
                     }
                 }
                 Some(Err(_)) | None => {
-                    this.core.finish();
+                    this.core.mark_complete();
                     *this.done = true;
                 }
             }

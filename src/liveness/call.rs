@@ -183,7 +183,7 @@ impl LivenessHandle {
     /// Ends the call: the response stream yields `ending` and the service's own
     /// response is dropped. Returns false if the call was already ending.
     pub fn end(&self, ending: Ending) -> bool {
-        self.core.begin_end(EndCause::Requested, ending)
+        self.core.request_ending(EndCause::Requested, ending)
     }
 
     /// Wakes the task that polls the response, so the service's response stream
@@ -304,7 +304,7 @@ impl CallCore {
     }
 
     /// Moves the call to `ENDED` and leaves `ending` for the response side.
-    pub(crate) fn begin_end(&self, cause: EndCause, ending: Ending) -> bool {
+    pub(crate) fn request_ending(&self, cause: EndCause, ending: Ending) -> bool {
         if self.state.swap(ENDED, Ordering::AcqRel) == ENDED {
             return false;
         }
@@ -318,7 +318,7 @@ impl CallCore {
     }
 
     /// Marks a call whose response finished by itself, so its timers stop.
-    pub(crate) fn finish(&self) {
+    pub(crate) fn mark_complete(&self) {
         self.state.store(ENDED, Ordering::Release);
     }
 
@@ -365,7 +365,7 @@ impl WheelTarget for CallCore {
         let silence = now.saturating_duration_since(last_seen);
         let policy = &self.policy;
         if silence >= policy.timeout {
-            self.begin_end(EndCause::Silence, policy.on_silence.clone());
+            self.request_ending(EndCause::Silence, policy.on_silence.clone());
             return None;
         }
         match policy.suspicion() {

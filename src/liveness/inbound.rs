@@ -109,7 +109,7 @@ where
                                     reader.wake();
                                 }
                                 self.core
-                                    .begin_end(EndCause::Oversize, policy.on_oversize.clone());
+                                    .request_ending(EndCause::Oversize, policy.on_oversize.clone());
                                 return;
                             }
                         }

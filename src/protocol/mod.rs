@@ -1,23 +1,27 @@
-//! The `heartbeat.v1` wire protocol: generated types, the codec, and the pieces of
-//! protocol logic both ends share.
+//! The `heartbeat.v1` wire protocol and what both ends share of it.
 //!
 //! - [`pb`]: the generated messages, clients and servers of `proto/heartbeat/v1`.
 //! - [`CompactCodec`]: prost with small buffers, because an idle session should
 //!   not pin 16 KiB of codec buffers the way tonic's defaults would.
 //! - [`PingLedger`] and [`RttEstimator`]: ping numbering, pong matching and
 //!   round-trip smoothing, one implementation for the client and the server.
-//! - `convert`: wire ↔ domain conversions (durations, reasons).
+//! - [`CloseReason`]: why sessions end, and how that maps to `Goodbye` and to
+//!   presence's reasons on the wire.
+//! - [`duration_to_proto`] and [`proto_to_duration`]: durations on the wire.
+//!
+//! This module is a leaf: it imports nothing else of the crate, so both ends
+//! (and the registry) can build on it. Conversions of the registry's types
+//! live beside their users, in [`presence`](crate::presence).
 
 mod codec;
-mod convert;
+mod duration;
 mod ping;
+mod reason;
 
 pub use codec::CompactCodec;
-pub use convert::{
-    change_to_proto, close_reason_to_proto, duration_to_proto, goodbye_reason_of,
-    proto_to_duration, session_to_proto, timestamp_to_proto,
-};
+pub use duration::{duration_to_proto, proto_to_duration};
 pub use ping::{PingLedger, PongMatch, RttEstimator};
+pub use reason::CloseReason;
 
 /// The generated `heartbeat.v1` types, clients and servers.
 pub mod pb {

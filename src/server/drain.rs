@@ -9,7 +9,7 @@
 //! how long the server waits for those endings to reach the clients.
 
 use super::{farewell, shared::ServerShared};
-use crate::registry::CloseReason;
+use crate::protocol::CloseReason;
 
 /// The message of every shutdown goodbye.
 pub(crate) const SHUTDOWN_MESSAGE: &str = "the server is shutting down";

@@ -10,8 +10,7 @@ use tonic::{Code, Status};
 
 use crate::{
     liveness::Ending,
-    protocol::{duration_to_proto, goodbye_reason_of, pb},
-    registry::CloseReason,
+    protocol::{duration_to_proto, pb, CloseReason},
 };
 
 /// The status a session ends with for `reason`.
@@ -24,6 +23,7 @@ pub(crate) fn status_for(reason: CloseReason, message: &str) -> Status {
         CloseReason::ProtocolViolation => Code::InvalidArgument,
         CloseReason::Evicted | CloseReason::Replaced => Code::Aborted,
         CloseReason::ServerShutdown => Code::Unavailable,
+        CloseReason::Unknown => Code::Unknown,
     };
     Status::new(code, message)
 }
@@ -35,13 +35,15 @@ pub(crate) fn ending_for(
     message: &str,
     reconnect_after: Option<Duration>,
 ) -> Ending {
-    let goodbye = goodbye_reason_of(reason).map(|goodbye_reason| pb::HeartbeatResponse {
-        frame: Some(pb::heartbeat_response::Frame::Goodbye(pb::Goodbye {
-            reason: goodbye_reason.into(),
-            message: message.to_owned(),
-            reconnect_after: reconnect_after.map(duration_to_proto),
-        })),
-    });
+    let goodbye = reason
+        .goodbye()
+        .map(|goodbye_reason| pb::HeartbeatResponse {
+            frame: Some(pb::heartbeat_response::Frame::Goodbye(pb::Goodbye {
+                reason: goodbye_reason.into(),
+                message: message.to_owned(),
+                reconnect_after: reconnect_after.map(duration_to_proto),
+            })),
+        });
     let status = status_for(reason, message);
     let mut trailers = HeaderMap::new();
     if status.add_header(&mut trailers).is_err() {

@@ -64,7 +64,8 @@ use crate::{
         self, heartbeat_service_server::HeartbeatServiceServer,
         presence_service_server::PresenceServiceServer,
     },
-    registry::{CloseReason, SessionRegistry, Subscription},
+    protocol::CloseReason,
+    registry::{SessionRegistry, Subscription},
 };
 
 /// The `heartbeat.v1.HeartbeatService` behind its liveness layer, ready to

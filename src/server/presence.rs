@@ -6,7 +6,7 @@
 //! off there and told so here (`RESOURCE_EXHAUSTED`), never silently dropped
 //! behind, and never slowing the sessions or other watchers.
 
-use std::{collections::HashMap, pin::Pin, sync::Arc};
+use std::{pin::Pin, sync::Arc};
 
 use tokio::sync::mpsc;
 use tokio_stream::{wrappers::ReceiverStream, Stream};
@@ -14,12 +14,9 @@ use tonic::{Request, Response, Status};
 
 use super::shared::ServerShared;
 use crate::{
-    protocol::{
-        change_to_proto,
-        pb::{self, watch_sessions_response::Event},
-        session_to_proto,
-    },
-    registry::{SessionIdentity, Subscription, SubscriptionStart},
+    presence::SessionFilter,
+    protocol::pb::{self, watch_sessions_response::Event},
+    registry::{Subscription, SubscriptionStart},
 };
 
 /// Events in flight between a watcher's forwarding task and its stream; the
@@ -29,23 +26,6 @@ const FORWARD_QUEUE: usize = 32;
 /// The service behind [`HeartbeatHandle::presence`](super::HeartbeatHandle::presence).
 pub(crate) struct PresenceEndpoint {
     shared: Arc<ServerShared>,
-}
-
-/// Which sessions a list or watch covers.
-#[derive(Clone)]
-struct SessionFilter {
-    client_id: String,
-    labels: HashMap<String, String>,
-}
-
-impl SessionFilter {
-    fn matches(&self, identity: &SessionIdentity) -> bool {
-        (self.client_id.is_empty() || self.client_id == identity.client_id)
-            && self
-                .labels
-                .iter()
-                .all(|(key, value)| identity.labels.get(key) == Some(value))
-    }
 }
 
 impl PresenceEndpoint {
@@ -111,7 +91,7 @@ impl pb::presence_service_server::PresenceService for PresenceEndpoint {
                 .sessions
                 .iter()
                 .filter(|session| filter.matches(&session.identity))
-                .map(session_to_proto)
+                .map(pb::Session::from)
                 .collect(),
             epoch: snapshot.epoch,
             revision: snapshot.revision,
@@ -187,7 +167,7 @@ async fn forward(mut subscription: Subscription, filter: SessionFilter, events: 
                 .iter()
                 .filter(|s| filter.matches(&s.identity))
             {
-                if !send(&events, Event::Opened(session_to_proto(session)), revision).await {
+                if !send(&events, Event::Opened(session.into()), revision).await {
                     return false;
                 }
             }
@@ -198,7 +178,7 @@ async fn forward(mut subscription: Subscription, filter: SessionFilter, events: 
                 .iter()
                 .filter(|change| filter.matches(&change.event.session().identity))
             {
-                if events.send(Ok(change_to_proto(change))).await.is_err() {
+                if events.send(Ok(change.into())).await.is_err() {
                     return false;
                 }
             }
@@ -221,7 +201,7 @@ async fn forward(mut subscription: Subscription, filter: SessionFilter, events: 
         let ending = match next {
             Ok(Some(change)) => {
                 if filter.matches(&change.event.session().identity)
-                    && events.send(Ok(change_to_proto(&change))).await.is_err()
+                    && events.send(Ok((&change).into())).await.is_err()
                 {
                     return false;
                 }

@@ -30,9 +30,9 @@ use crate::{
     protocol::{
         duration_to_proto,
         pb::{self, heartbeat_request::Frame as In, heartbeat_response::Frame as Out},
-        PingLedger, PongMatch, RttEstimator,
+        CloseReason, PingLedger, PongMatch, RttEstimator,
     },
-    registry::{CloseReason, SessionIdentity, SessionLink, SessionStats},
+    registry::{SessionIdentity, SessionLink, SessionStats},
 };
 
 /// Client frames handled in one poll before yielding to other sessions, so a
@@ -66,8 +66,8 @@ pub(crate) struct SessionStream {
     pings: PingLedger,
     rtt: RttEstimator,
     strikes: StrikeCounter,
-    /// Set once the stream has finished by itself (goodbye, half-close).
-    finished: bool,
+    /// Set once the close is recorded: the stream yields nothing more.
+    closed: bool,
 }
 
 /// What one client frame calls for.
@@ -76,10 +76,10 @@ enum Step {
     Reply(Out),
     /// Nothing to send.
     Continue,
-    /// The client ended the session; finish with `OK`.
-    Finish(CloseReason, String),
-    /// End the session with a goodbye and an error status.
-    End(CloseReason, String),
+    /// The client ended the session: record why and finish the call with `OK`.
+    ClientEnded(CloseReason, String),
+    /// The server ends the session: a goodbye, then an error status.
+    ServerEnds(CloseReason, String),
 }
 
 /// Counts unsolicited client frames that come too close together.
@@ -128,7 +128,7 @@ impl SessionStream {
             pings: PingLedger::default(),
             rtt: RttEstimator::default(),
             strikes,
-            finished: false,
+            closed: false,
         }
     }
 
@@ -137,14 +137,14 @@ impl SessionStream {
             (false, Some(In::Hello(hello))) => {
                 match validate_hello(&hello, &self.shared.server.config.limits) {
                     Ok(()) => self.open_session(hello, now),
-                    Err(problem) => Step::End(CloseReason::ProtocolViolation, problem),
+                    Err(problem) => Step::ServerEnds(CloseReason::ProtocolViolation, problem),
                 }
             }
-            (false, _) => Step::End(
+            (false, _) => Step::ServerEnds(
                 CloseReason::ProtocolViolation,
                 "the first frame must be Hello".into(),
             ),
-            (true, Some(In::Hello(_))) => Step::End(
+            (true, Some(In::Hello(_))) => Step::ServerEnds(
                 CloseReason::ProtocolViolation,
                 "Hello may only be the first frame".into(),
             ),
@@ -164,7 +164,7 @@ impl SessionStream {
                 PongMatch::Unsolicited => self.unsolicited(now).unwrap_or(Step::Continue),
             },
             (true, Some(In::Goodbye(goodbye))) => {
-                Step::Finish(CloseReason::ClientGoodbye, goodbye.message)
+                Step::ClientEnded(CloseReason::ClientGoodbye, goodbye.message)
             }
             (true, None) => self.unsolicited(now).unwrap_or(Step::Continue),
         }
@@ -177,7 +177,7 @@ impl SessionStream {
             self.shared.server.metrics.ping_strike();
         }
         over.then(|| {
-            Step::End(
+            Step::ServerEnds(
                 CloseReason::TooManyPings,
                 format!(
                     "unsolicited frames closer together than {} more than {} times",
@@ -204,7 +204,7 @@ impl SessionStream {
         );
         if opened.is_err() {
             // The Hello raced a drain: this session never opens.
-            return Step::End(CloseReason::ServerShutdown, drain::SHUTDOWN_MESSAGE.into());
+            return Step::ServerEnds(CloseReason::ServerShutdown, drain::SHUTDOWN_MESSAGE.into());
         }
         self.open = true;
         let ping_timer: Arc<dyn WheelTarget> = shared.clone();
@@ -226,9 +226,10 @@ impl SessionStream {
         pb::HeartbeatResponse { frame: Some(frame) }
     }
 
-    /// Records that the session ended by the client's doing.
-    fn finish(&mut self, reason: CloseReason, message: &str) {
-        self.finished = true;
+    /// Records in the registry why the session closed; the stream yields
+    /// nothing more. Used alone when the client ended it.
+    fn record_close(&mut self, reason: CloseReason, message: &str) {
+        self.closed = true;
         if self.open {
             self.shared
                 .server
@@ -239,12 +240,12 @@ impl SessionStream {
 
     /// Ends the session from the server's side: the registry first, then the
     /// liveness layer, which sends the goodbye and the status.
-    fn end(&mut self, reason: CloseReason, message: &str) {
+    fn end_from_server(&mut self, reason: CloseReason, message: &str) {
         if !self.open {
             debug!(%reason, message, "stream ended before Hello");
         }
-        self.finish(reason, message);
-        self.shared.end(reason, message);
+        self.record_close(reason, message);
+        self.shared.end_stream(reason, message);
     }
 }
 
@@ -253,7 +254,7 @@ impl Stream for SessionStream {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
-        if this.finished {
+        if this.closed {
             return Poll::Ready(None);
         }
         let mut budget = FRAMES_PER_POLL;
@@ -270,31 +271,31 @@ impl Stream for SessionStream {
                     match this.on_frame(request.frame, Instant::now()) {
                         Step::Reply(frame) => return Poll::Ready(Some(Ok(this.send(frame)))),
                         Step::Continue => {}
-                        Step::Finish(reason, message) => {
-                            this.finish(reason, &message);
+                        Step::ClientEnded(reason, message) => {
+                            this.record_close(reason, &message);
                             return Poll::Ready(None);
                         }
-                        Step::End(reason, message) => {
+                        Step::ServerEnds(reason, message) => {
                             // The layer performs the ending when it next polls.
-                            this.end(reason, &message);
+                            this.end_from_server(reason, &message);
                             return Poll::Pending;
                         }
                     }
                 }
                 Poll::Ready(Some(Err(status))) => {
                     if this.shared.handle.inbound_failed() {
-                        this.finish(CloseReason::Disconnected, status.message());
+                        this.record_close(CloseReason::Disconnected, status.message());
                         return Poll::Ready(None);
                     }
                     // The bytes arrived but are not a HeartbeatRequest.
-                    this.end(
+                    this.end_from_server(
                         CloseReason::ProtocolViolation,
                         &format!("a frame could not be decoded: {}", status.message()),
                     );
                     return Poll::Pending;
                 }
                 Poll::Ready(None) => {
-                    this.finish(CloseReason::ClientHalfClose, "");
+                    this.record_close(CloseReason::ClientHalfClose, "");
                     return Poll::Ready(None);
                 }
                 Poll::Pending => break,
@@ -311,7 +312,7 @@ impl Stream for SessionStream {
 impl Drop for SessionStream {
     fn drop(&mut self) {
         self.shared.permit.release();
-        if !self.open || self.finished {
+        if !self.open || self.closed {
             return;
         }
         // Dropped without a reason of its own: the layer ended it, or the
@@ -396,7 +397,7 @@ impl SessionLink for SessionShared {
         }
     }
 
-    fn end(&self, reason: CloseReason, message: &str) {
+    fn end_stream(&self, reason: CloseReason, message: &str) {
         let reconnect_after =
             (reason == CloseReason::ServerShutdown).then_some(self.server.config.reconnect_after);
         self.handle

@@ -26,9 +26,9 @@ use tonic_heartbeat::{
         self, heartbeat_request::Frame as In, heartbeat_response::Frame as Out,
         heartbeat_service_client::HeartbeatServiceClient,
     },
-    registry::{Change, CloseReason, SessionEvent, Subscription},
+    registry::{Change, SessionEvent, Subscription},
     server::{self, HeartbeatHandle},
-    ServerConfig,
+    CloseReason, ServerConfig,
 };
 
 /// How long any single wait may take before the test fails.

@@ -1,0 +1,224 @@
+//! A watch that outlives its streams.
+
+use std::time::Duration;
+
+use rand::{rngs::StdRng, SeedableRng};
+use tonic::{Status, Streaming};
+
+use super::{wire::session_event, PresenceClient, SessionFilter};
+use crate::{
+    backoff::Backoff,
+    error::PresenceError,
+    protocol::pb::{self, watch_sessions_response::Event},
+    registry::{Change, SessionInfo},
+};
+
+/// What a [`Watcher`] reports, in the order it happened.
+#[derive(Debug)]
+pub enum WatchEvent {
+    /// Forget every session you know: the server could not resume the watch
+    /// (it restarted, or its history no longer covers the gap). A snapshot
+    /// and `Synced` follow.
+    Reset,
+    /// One open session of the snapshot that begins a fresh watch or follows
+    /// a [`Reset`](Self::Reset).
+    Snapshot {
+        /// The session as it was at the snapshot.
+        session: SessionInfo,
+        /// The revision of the snapshot.
+        revision: u64,
+    },
+    /// Everything reported so far is the server's state at `revision`; every
+    /// later event is a live change.
+    Synced {
+        /// The server's epoch, new on every start.
+        epoch: u64,
+        /// The revision the state reflects.
+        revision: u64,
+    },
+    /// A change of the session set: live after `Synced`, or one missed while
+    /// the watch was interrupted and replayed on resuming.
+    Change(Change),
+    /// The stream broke; the watcher resumes by itself after `retry_in`.
+    /// What is known stays valid: resuming replays the missed changes, or
+    /// begins with a [`Reset`](Self::Reset).
+    Interrupted {
+        /// Why the stream broke.
+        error: PresenceError,
+        /// How long the watcher waits before it resumes.
+        retry_in: Duration,
+        /// The revision it resumes after (0 for a fresh watch).
+        resume_after: u64,
+    },
+}
+
+/// Where the current stream is: the events before `synced` are either a
+/// snapshot or a replay, and only a replay may move the resume point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Reading a snapshot: its revision is not a place to resume from.
+    Snapshot,
+    /// Reading the changes missed since the resume point, in order.
+    Replay,
+    /// After `synced`.
+    Live,
+}
+
+/// A presence watch that resumes by itself; see the [module docs](super)
+/// for an example.
+///
+/// [`next`](Self::next) yields the snapshot (or the replay of what was
+/// missed), `Synced`, then every change. When the stream breaks it yields
+/// [`WatchEvent::Interrupted`], waits a jittered backoff, and resumes from the
+/// last revision seen after `Synced`.
+#[derive(Debug)]
+pub struct Watcher {
+    client: PresenceClient,
+    filter: SessionFilter,
+    backoff: Backoff,
+    rng: StdRng,
+    /// Failed attempts in a row; an event read starts the count again.
+    attempt: u32,
+    /// The epoch and revision to resume after; (0, 0) for a fresh watch.
+    resume: (u64, u64),
+    /// The open stream and what it is reading, if any.
+    stream: Option<(Streaming<pb::WatchSessionsResponse>, Phase)>,
+    /// The wait before the next attempt.
+    delay: Option<Duration>,
+    /// Set when a stream broke inside a snapshot: the owner holds part of a
+    /// snapshot and must drop it before the next one.
+    owes_reset: bool,
+}
+
+impl Watcher {
+    pub(super) fn new(client: PresenceClient, filter: SessionFilter) -> Self {
+        Self {
+            client,
+            filter,
+            backoff: Backoff::default(),
+            rng: StdRng::from_os_rng(),
+            attempt: 0,
+            resume: (0, 0),
+            stream: None,
+            delay: None,
+            owes_reset: false,
+        }
+    }
+
+    /// Delays between attempts. Default: [`Backoff::default`].
+    #[must_use]
+    pub fn backoff(mut self, backoff: Backoff) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    /// Resumes after `revision` of `epoch` (from a `Synced` or change seen
+    /// earlier) instead of starting with a snapshot. Default: a fresh watch.
+    #[must_use]
+    pub fn resume_after(mut self, epoch: u64, revision: u64) -> Self {
+        self.resume = (epoch, revision);
+        self
+    }
+
+    /// The epoch and revision the watcher would resume after now.
+    pub fn resume_point(&self) -> (u64, u64) {
+        self.resume
+    }
+
+    /// The next event. Breaks that may pass (a restart, a lag, a lost
+    /// connection) come as [`WatchEvent::Interrupted`] and the watch goes on;
+    /// an `Err` is one that will not pass by waiting (a refused token, a
+    /// malformed answer). Calling `next` after an `Err` tries again.
+    pub async fn next(&mut self) -> Result<WatchEvent, PresenceError> {
+        loop {
+            let Some((stream, phase)) = &mut self.stream else {
+                if let Some(event) = self.open().await? {
+                    return Ok(event);
+                }
+                continue;
+            };
+            let message = match stream.message().await {
+                Ok(Some(message)) => message,
+                Ok(None) => {
+                    let ended = Status::unavailable("the server ended the watch");
+                    return self.interrupted(PresenceError::Status(ended));
+                }
+                Err(status) => return self.interrupted(PresenceError::Status(status)),
+            };
+            self.attempt = 0;
+            let revision = message.revision;
+            let event = match message.event {
+                // A kind of event newer than this version: nothing to act on.
+                None => continue,
+                Some(Event::Reset(_)) => {
+                    *phase = Phase::Snapshot;
+                    self.owes_reset = false;
+                    return Ok(WatchEvent::Reset);
+                }
+                Some(Event::Synced(synced)) => {
+                    *phase = Phase::Live;
+                    self.resume = (synced.epoch, synced.revision);
+                    return Ok(WatchEvent::Synced {
+                        epoch: synced.epoch,
+                        revision: synced.revision,
+                    });
+                }
+                Some(Event::Opened(session)) if *phase == Phase::Snapshot => {
+                    return Ok(WatchEvent::Snapshot {
+                        session: SessionInfo::try_from(session)?,
+                        revision,
+                    });
+                }
+                Some(event) => event,
+            };
+            let Some(event) = session_event(event)? else {
+                continue;
+            };
+            // A replayed change is exactly the change it was, in order, so a
+            // break in the middle of a replay resumes after it.
+            self.resume.1 = revision;
+            return Ok(WatchEvent::Change(Change { revision, event }));
+        }
+    }
+
+    /// Opens the next stream after the planned wait. Returns an event when
+    /// there is one to report first: the attempt failed, or the owner holds
+    /// part of an earlier snapshot and must drop it.
+    async fn open(&mut self) -> Result<Option<WatchEvent>, PresenceError> {
+        if let Some(delay) = self.delay.take() {
+            tokio::time::sleep(delay).await;
+        }
+        let (epoch, revision) = self.resume;
+        let stream = match self.client.open_watch(&self.filter, epoch, revision).await {
+            Ok(stream) => stream,
+            Err(error) => return self.interrupted(error).map(Some),
+        };
+        let phase = if epoch == 0 {
+            Phase::Snapshot
+        } else {
+            Phase::Replay
+        };
+        self.stream = Some((stream, phase));
+        let owes_reset = phase == Phase::Snapshot && std::mem::take(&mut self.owes_reset);
+        Ok(owes_reset.then_some(WatchEvent::Reset))
+    }
+
+    /// Drops the stream and plans the next attempt; an error that will not
+    /// pass by waiting is returned as it is.
+    fn interrupted(&mut self, error: PresenceError) -> Result<WatchEvent, PresenceError> {
+        if let Some((_, Phase::Snapshot)) = self.stream.take() {
+            self.owes_reset = true;
+        }
+        if !error.is_transient() {
+            return Err(error);
+        }
+        self.attempt = self.attempt.saturating_add(1);
+        let retry_in = self.backoff.delay(self.attempt, &mut self.rng);
+        self.delay = Some(retry_in);
+        Ok(WatchEvent::Interrupted {
+            error,
+            retry_in,
+            resume_after: self.resume.1,
+        })
+    }
+}
