@@ -39,7 +39,7 @@ pub struct ServerConfig {
     pub watch_queue: usize,
     /// The token every PresenceService call must present. Default: none (open).
     pub admin_token: Option<AdminToken>,
-    /// Where [`serve`](crate::server::serve) answers `GET /metrics`. Default: nowhere.
+    /// Where the standalone server answers `GET /metrics`. Default: nowhere.
     pub metrics_listen: Option<SocketAddr>,
 }
 

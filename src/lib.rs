@@ -8,7 +8,8 @@
 //! # Layout
 //!
 //! - [`protocol`]: the generated `heartbeat.v1` types, the codec, ping numbering
-//!   and RTT smoothing shared by both ends, wire ↔ domain conversions.
+//!   and RTT smoothing shared by both ends, and [`CloseReason`], the one
+//!   vocabulary of why sessions end. A leaf: it imports nothing of the crate.
 //! - [`liveness`]: a generic tower layer that tracks each streaming call's
 //!   liveness on a shared timer wheel and ends silent calls itself.
 //! - [`registry`]: the open sessions, their revisions and history, and
@@ -17,11 +18,17 @@
 //!   [`server::serve`] for the standalone server.
 //! - [`client`]: a reconnecting client that keeps a session alive on its own
 //!   thread and reports state, round-trip times and why sessions were lost.
+//! - [`presence`]: a client of a server's presence: list, evict, and a
+//!   [`Watcher`](presence::Watcher) that resumes by itself, folded into a
+//!   [`PresenceView`](presence::PresenceView); the registry's types on the wire.
 //! - [`metrics`]: metric names and recorders, in Prometheus text.
 //! - [`config`]: validated settings and their defaults.
 //! - [`error`]: the errors returned at the library's boundaries.
 //!
-//! The `heartbeat` binary's command line lives in the binary, not here.
+//! The `heartbeat` binary's command line lives in the binary, not here, behind
+//! the default `cli` feature: `default-features = false` builds this library
+//! without clap, anyhow or tracing-subscriber. `ARCHITECTURE.md` in the
+//! repository maps the modules and the invariants a change must keep.
 #![deny(missing_docs)]
 #![deny(clippy::disallowed_types)]
 #![deny(unreachable_pub)]

@@ -1,6 +1,6 @@
 //! `heartbeat sessions`: the operator's view of a server's sessions.
 //!
-//! A thin printer over the library's [`PresenceClient`] and [`Watcher`]: the
+//! A thin printer over the library's `PresenceClient` and `Watcher`: the
 //! logic that keeps a watch correct lives there, for every user.
 
 use std::{

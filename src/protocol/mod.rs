@@ -11,7 +11,7 @@
 //!
 //! This module is a leaf: it imports nothing else of the crate, so both ends
 //! (and the registry) can build on it. Conversions of the registry's types
-//! live beside their users, in [`presence`](crate::presence).
+//! live beside their users, in the `presence` module.
 
 mod codec;
 mod duration;
