@@ -679,11 +679,10 @@ fn info_of(entry: &Entry) -> SessionInfo {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex as StdMutex;
 
     #[derive(Default)]
     struct RecordingLink {
-        ended: StdMutex<Vec<CloseReason>>,
+        ended: Mutex<Vec<CloseReason>>,
     }
 
     impl SessionLink for RecordingLink {
@@ -696,7 +695,7 @@ mod tests {
             }
         }
         fn end_stream(&self, reason: CloseReason, _message: &str) {
-            self.ended.lock().expect("test lock").push(reason);
+            self.ended.lock().push(reason);
         }
     }
 
@@ -767,14 +766,11 @@ mod tests {
         let registry = registry(100, 100);
         let older = open(&registry, "a", "worker-1");
         open(&registry, "b", "worker-1");
-        assert_eq!(
-            *older.ended.lock().expect("test lock"),
-            [CloseReason::Replaced]
-        );
+        assert_eq!(*older.ended.lock(), [CloseReason::Replaced]);
         assert_eq!(registry.len(), 1);
         let anonymous = open(&registry, "c", "");
         open(&registry, "d", "");
-        assert!(anonymous.ended.lock().expect("test lock").is_empty());
+        assert!(anonymous.ended.lock().is_empty());
     }
 
     /// Tests that resuming replays exactly the missed changes, and resets when
@@ -810,10 +806,7 @@ mod tests {
         let registry = registry(100, 100);
         let link = open(&registry, "a", "");
         assert_eq!(registry.shut_down("bye"), 1);
-        assert_eq!(
-            *link.ended.lock().expect("test lock"),
-            [CloseReason::ServerShutdown]
-        );
+        assert_eq!(*link.ended.lock(), [CloseReason::ServerShutdown]);
         let late = registry.open(identity("b", ""), Arc::new(RecordingLink::default()));
         assert_eq!(late, Err(ShutDown));
         assert!(registry.is_empty());

@@ -194,6 +194,15 @@ mod tests {
     /// library's defaults, so the two can never drift apart.
     #[test]
     fn serve_defaults_are_the_library_defaults() {
+        // Flags also come from HEARTBEAT_* variables; this test is about the
+        // defaults, so none may be set (no other test here reads them).
+        let set: Vec<String> = std::env::vars()
+            .map(|(name, _)| name)
+            .filter(|name| name.starts_with("HEARTBEAT_"))
+            .collect();
+        for name in set {
+            std::env::remove_var(name);
+        }
         let cli = Cli::try_parse_from(["heartbeat", "serve"]).expect("no flags parse");
         let Command::Serve(args) = cli.command else {
             panic!("parsed as another command");

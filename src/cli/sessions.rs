@@ -14,7 +14,7 @@ use clap::Args;
 use serde_json::json;
 use tonic::Code;
 use tonic_heartbeat::{
-    client::endpoint_for,
+    client::{endpoint_for, Backoff},
     config::AdminToken,
     error::PresenceError,
     presence::{PresenceClient, SessionFilter, SessionInfo, WatchEvent},
@@ -111,7 +111,14 @@ pub(crate) fn run(args: SessionsArgs) -> anyhow::Result<()> {
             }
             return Ok(());
         }
-        let mut watcher = presence.watch(filter);
+        // Quick to come back, and never more than 5 s away from a server
+        // that returned: an operator is watching.
+        let backoff = Backoff::try_new(
+            Duration::from_millis(200),
+            Duration::from_secs(5),
+            Duration::from_secs(30),
+        )?;
+        let mut watcher = presence.watch(filter).backoff(backoff);
         loop {
             let event = tokio::select! {
                 event = watcher.next() => event.map_err(explain)?,
@@ -169,7 +176,7 @@ fn print_event(event: &WatchEvent, output: Output) {
             (kind, change.revision, Some(change.event.session()), closed)
         }
         WatchEvent::Synced { revision, .. } => ("synced", *revision, None, None),
-        WatchEvent::Reset => ("reset", 0, None, None),
+        WatchEvent::Reset { revision } => ("reset", *revision, None, None),
         WatchEvent::Interrupted { .. } => return,
     };
     match output {
@@ -188,17 +195,10 @@ fn print_event(event: &WatchEvent, output: Output) {
                 (WatchEvent::Synced { epoch, .. }, _) => format!(" epoch={epoch}"),
                 _ => String::new(),
             };
-            let revision = match event {
-                WatchEvent::Reset => String::new(),
-                _ => format!(" revision={revision}"),
-            };
-            println!("{kind}{revision}{about}{extra}");
+            println!("{kind} revision={revision}{about}{extra}");
         }
         Output::Json => {
-            let mut object = json!({ "event": kind });
-            if !matches!(event, WatchEvent::Reset) {
-                object["revision"] = json!(revision);
-            }
+            let mut object = json!({ "event": kind, "revision": revision });
             if let Some(session) = session {
                 object["session"] = session_json(session);
             }

@@ -174,8 +174,8 @@ impl SessionTask {
                 biased;
                 message = inbound.message() => match message {
                     Ok(Some(response)) => exchange.on_frame(response.frame, Instant::now()),
-                    Ok(None) => Step::Ended(None),
-                    Err(status) => Step::Ended(Some(status)),
+                    Ok(None) => Step::Lost(None),
+                    Err(status) => Step::Lost(Some(status)),
                 },
                 () = close_asked(&mut close) => {
                     let deadline = Instant::now() + self.close_timeout;
@@ -200,7 +200,7 @@ impl SessionTask {
                     // the frames once more before declaring silence.
                     tokio::task::yield_now().await;
                 }
-                Step::Ended(status) => return exchange.lost(status),
+                Step::Lost(status) => return exchange.lost(status),
                 Step::Silent => {
                     return SessionEnd::Lost {
                         reason: LossReason::Timeout {
@@ -326,8 +326,9 @@ enum Step {
     Wait,
     /// The deadline passed once: look at the frames again before declaring silence.
     Recheck,
-    /// The server ended the call, with this status if it sent one.
-    Ended(Option<tonic::Status>),
+    /// The session is over: the server's goodbye says why, else this status
+    /// (none when the call ended cleanly, or a goodbye's status is late).
+    Lost(Option<tonic::Status>),
     /// No frame from the server for the timeout.
     Silent,
 }
@@ -401,7 +402,7 @@ impl Exchange {
     fn on_deadline(&mut self) -> Step {
         if self.goodbye.is_some() {
             // The server said why; its status is just late.
-            return Step::Ended(None);
+            return Step::Lost(None);
         }
         if self.rechecked {
             return Step::Silent;

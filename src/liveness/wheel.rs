@@ -305,19 +305,18 @@ async fn drive(base: Instant, current: Arc<Shard>, wheel: Weak<WheelShared>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex as StdMutex;
 
     /// Records when it fired; re-arms itself `again` times, `period` apart.
     struct Recorder {
-        fired: StdMutex<Vec<(u64, Instant)>>,
-        again: StdMutex<u32>,
+        fired: Mutex<Vec<(u64, Instant)>>,
+        again: Mutex<u32>,
         period: Duration,
     }
 
     impl WheelTarget for Recorder {
         fn fire(&self, token: u64, now: Instant) -> Option<Instant> {
-            self.fired.lock().expect("test lock").push((token, now));
-            let mut again = self.again.lock().expect("test lock");
+            self.fired.lock().push((token, now));
+            let mut again = self.again.lock();
             if *again == 0 {
                 return None;
             }
@@ -328,8 +327,8 @@ mod tests {
 
     fn recorder(again: u32, period: Duration) -> Arc<Recorder> {
         Arc::new(Recorder {
-            fired: StdMutex::new(Vec::new()),
-            again: StdMutex::new(again),
+            fired: Mutex::new(Vec::new()),
+            again: Mutex::new(again),
             period,
         })
     }
@@ -341,7 +340,7 @@ mod tests {
 
     async fn wait_for_fires(target: &Recorder, count: usize) {
         tokio::time::timeout(Duration::from_secs(600), async {
-            while target.fired.lock().expect("test lock").len() < count {
+            while target.fired.lock().len() < count {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
         })
@@ -358,7 +357,7 @@ mod tests {
         let at = start + Duration::from_micros(30_500);
         wheel.insert(at, 7, weak(&target));
         wait_for_fires(&target, 1).await;
-        let (token, when) = target.fired.lock().expect("test lock")[0];
+        let (token, when) = target.fired.lock()[0];
         assert_eq!(token, 7);
         assert!(when >= at, "fired {:?} early", at - when);
         assert!(
@@ -376,7 +375,7 @@ mod tests {
         let at = Instant::now() + Duration::from_millis(SLOTS * 3 + 17);
         wheel.insert(at, 1, weak(&target));
         wait_for_fires(&target, 1).await;
-        let (_, when) = target.fired.lock().expect("test lock")[0];
+        let (_, when) = target.fired.lock()[0];
         assert!(when >= at && when - at <= Duration::from_millis(2));
     }
 
@@ -391,12 +390,12 @@ mod tests {
             weak(&target),
         );
         wait_for_fires(&target, 4).await;
-        let fired = target.fired.lock().expect("test lock").clone();
+        let fired = target.fired.lock().clone();
         for pair in fired.windows(2) {
             assert!(pair[1].1 - pair[0].1 >= Duration::from_millis(100));
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
-        assert_eq!(target.fired.lock().expect("test lock").len(), 4);
+        assert_eq!(target.fired.lock().len(), 4);
     }
 
     /// Fires by panicking.

@@ -4,16 +4,16 @@
 //! admin token attached to every call. A [`Watcher`] keeps one watch going for
 //! as long as its owner wants: it reads the snapshot, the `synced` marker and
 //! the live changes, and when the stream breaks (a restart, a lag, a dropped
-//! connection) it comes back by itself, with jittered backoff, resuming from the
-//! last revision it saw after `synced`. A [`PresenceView`] folds those events
+//! connection) it comes back by itself, with jittered backoff, resuming after
+//! the last revision it can stand on. A [`PresenceView`] folds those events
 //! into "who is open now".
 //!
 //! # Why the watch logic lives here
 //!
-//! Keeping a watch correct is subtle: only a revision reached after `synced`
-//! is a place to resume from (a stream that breaks inside a snapshot must not
-//! skip the rest of it), a `reset` must reach the owner so it drops what it
-//! knew, and only some failures are worth retrying. Written once, here, it
+//! Keeping a watch correct is subtle: a snapshot's revision is no place to
+//! resume from (a stream that breaks inside a snapshot must not skip the rest
+//! of it), while a replayed change is; a `reset` must reach the owner so it
+//! drops what it knew; and only some failures are worth retrying. Written once, here, it
 //! serves the `heartbeat sessions --watch` command, embedders, and anything
 //! else that mirrors a server's sessions.
 //!

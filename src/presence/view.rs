@@ -27,7 +27,7 @@ impl PresenceView {
     /// Folds one event into the view.
     pub fn apply(&mut self, event: &WatchEvent) {
         match event {
-            WatchEvent::Reset => {
+            WatchEvent::Reset { .. } => {
                 self.sessions.clear();
                 self.by_client.clear();
                 self.synced = false;

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use rand::{rngs::StdRng, SeedableRng};
+use tokio::time::Instant;
 use tonic::{Status, Streaming};
 
 use super::{wire::session_event, PresenceClient, SessionFilter};
@@ -17,9 +18,13 @@ use crate::{
 #[derive(Debug)]
 pub enum WatchEvent {
     /// Forget every session you know: the server could not resume the watch
-    /// (it restarted, or its history no longer covers the gap). A snapshot
-    /// and `Synced` follow.
-    Reset,
+    /// (it restarted, or its history no longer covers the gap), or the stream
+    /// broke inside a snapshot. A snapshot and `Synced` follow.
+    Reset {
+        /// The revision of the snapshot that follows; 0 when the watcher
+        /// resets by itself, before it knows the snapshot's.
+        revision: u64,
+    },
     /// One open session of the snapshot that begins a fresh watch or follows
     /// a [`Reset`](Self::Reset).
     Snapshot {
@@ -69,8 +74,13 @@ enum Phase {
 ///
 /// [`next`](Self::next) yields the snapshot (or the replay of what was
 /// missed), `Synced`, then every change. When the stream breaks it yields
-/// [`WatchEvent::Interrupted`], waits a jittered backoff, and resumes from the
-/// last revision seen after `Synced`.
+/// [`WatchEvent::Interrupted`], waits a jittered backoff, and resumes after
+/// the last revision it can stand on: one reached after `Synced`, or the last
+/// change of a replay. A snapshot's revision is never one, since a stream that
+/// breaks inside a snapshot has not delivered all of it.
+///
+/// `next` is cancel-safe: dropped mid-wait (in a `select!`), it keeps its
+/// place, its planned backoff and its stream.
 #[derive(Debug)]
 pub struct Watcher {
     client: PresenceClient,
@@ -83,8 +93,9 @@ pub struct Watcher {
     resume: (u64, u64),
     /// The open stream and what it is reading, if any.
     stream: Option<(Streaming<pb::WatchSessionsResponse>, Phase)>,
-    /// The wait before the next attempt.
-    delay: Option<Duration>,
+    /// When the next attempt may begin; kept until it has, so a `next`
+    /// dropped mid-wait does not forget the backoff.
+    retry_at: Option<Instant>,
     /// Set when a stream broke inside a snapshot: the owner holds part of a
     /// snapshot and must drop it before the next one.
     owes_reset: bool,
@@ -100,7 +111,7 @@ impl Watcher {
             attempt: 0,
             resume: (0, 0),
             stream: None,
-            delay: None,
+            retry_at: None,
             owes_reset: false,
         }
     }
@@ -128,7 +139,8 @@ impl Watcher {
     /// The next event. Breaks that may pass (a restart, a lag, a lost
     /// connection) come as [`WatchEvent::Interrupted`] and the watch goes on;
     /// an `Err` is one that will not pass by waiting (a refused token, a
-    /// malformed answer). Calling `next` after an `Err` tries again.
+    /// malformed answer). Calling `next` after an `Err` tries again from the
+    /// same place, after the same backoff.
     pub async fn next(&mut self) -> Result<WatchEvent, PresenceError> {
         loop {
             let Some((stream, phase)) = &mut self.stream else {
@@ -153,7 +165,10 @@ impl Watcher {
                 Some(Event::Reset(_)) => {
                     *phase = Phase::Snapshot;
                     self.owes_reset = false;
-                    return Ok(WatchEvent::Reset);
+                    // The old place is gone for good: a break inside this
+                    // snapshot starts afresh (and owes the owner a reset).
+                    self.resume = (0, 0);
+                    return Ok(WatchEvent::Reset { revision });
                 }
                 Some(Event::Synced(synced)) => {
                     *phase = Phase::Live;
@@ -164,15 +179,19 @@ impl Watcher {
                     });
                 }
                 Some(Event::Opened(session)) if *phase == Phase::Snapshot => {
-                    return Ok(WatchEvent::Snapshot {
-                        session: SessionInfo::try_from(session)?,
-                        revision,
-                    });
+                    return match SessionInfo::try_from(session) {
+                        Ok(session) => Ok(WatchEvent::Snapshot { session, revision }),
+                        Err(error) => self.interrupted(error),
+                    };
                 }
                 Some(event) => event,
             };
-            let Some(event) = session_event(event)? else {
-                continue;
+            // An unreadable change must not be stepped over: the stream is
+            // dropped, so trying again reads it afresh.
+            let event = match session_event(event) {
+                Ok(Some(event)) => event,
+                Ok(None) => continue,
+                Err(error) => return self.interrupted(error),
             };
             // A replayed change is exactly the change it was, in order, so a
             // break in the middle of a replay resumes after it.
@@ -185,8 +204,9 @@ impl Watcher {
     /// there is one to report first: the attempt failed, or the owner holds
     /// part of an earlier snapshot and must drop it.
     async fn open(&mut self) -> Result<Option<WatchEvent>, PresenceError> {
-        if let Some(delay) = self.delay.take() {
-            tokio::time::sleep(delay).await;
+        if let Some(at) = self.retry_at {
+            tokio::time::sleep_until(at).await;
+            self.retry_at = None;
         }
         let (epoch, revision) = self.resume;
         let stream = match self.client.open_watch(&self.filter, epoch, revision).await {
@@ -200,21 +220,22 @@ impl Watcher {
         };
         self.stream = Some((stream, phase));
         let owes_reset = phase == Phase::Snapshot && std::mem::take(&mut self.owes_reset);
-        Ok(owes_reset.then_some(WatchEvent::Reset))
+        Ok(owes_reset.then_some(WatchEvent::Reset { revision: 0 }))
     }
 
-    /// Drops the stream and plans the next attempt; an error that will not
-    /// pass by waiting is returned as it is.
+    /// Drops the stream and plans the next attempt, after a backoff also when
+    /// the error will not pass by waiting (then it is returned as it is, for
+    /// the owner to decide whether to try again).
     fn interrupted(&mut self, error: PresenceError) -> Result<WatchEvent, PresenceError> {
         if let Some((_, Phase::Snapshot)) = self.stream.take() {
             self.owes_reset = true;
         }
+        self.attempt = self.attempt.saturating_add(1);
+        let retry_in = self.backoff.delay(self.attempt, &mut self.rng);
+        self.retry_at = Some(Instant::now() + retry_in);
         if !error.is_transient() {
             return Err(error);
         }
-        self.attempt = self.attempt.saturating_add(1);
-        let retry_in = self.backoff.delay(self.attempt, &mut self.rng);
-        self.delay = Some(retry_in);
         Ok(WatchEvent::Interrupted {
             error,
             retry_in,

@@ -88,14 +88,14 @@ impl AdmissionGate {
     }
 
     /// Refuses every new stream from now on and returns the admitted ones.
-    pub(crate) fn close(&self) -> Vec<LivenessHandle> {
+    pub(crate) fn begin_drain(&self) -> Vec<LivenessHandle> {
         let mut inner = self.inner.lock();
         inner.draining = true;
         inner.calls.values().cloned().collect()
     }
 
     /// Whether a drain has begun.
-    pub(crate) fn is_closed(&self) -> bool {
+    pub(crate) fn is_draining(&self) -> bool {
         self.inner.lock().draining
     }
 

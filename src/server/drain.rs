@@ -16,7 +16,7 @@ pub(crate) const SHUTDOWN_MESSAGE: &str = "the server is shutting down";
 
 /// Closes the gate and ends every stream with `Goodbye{SERVER_SHUTDOWN}`.
 pub(crate) fn begin(shared: &ServerShared) {
-    let admitted = shared.gate.close();
+    let admitted = shared.gate.begin_drain();
     shared.registry.shut_down(SHUTDOWN_MESSAGE);
     let ending = farewell::ending_for(
         CloseReason::ServerShutdown,

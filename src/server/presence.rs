@@ -36,7 +36,7 @@ impl PresenceEndpoint {
     /// Refuses the call while the server drains, and unless it carries the
     /// admin token, when one is set.
     fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
-        if self.shared.gate.is_closed() {
+        if self.shared.gate.is_draining() {
             return Err(Status::unavailable(
                 "the server is shutting down; retry against another instance",
             ));
