@@ -542,30 +542,13 @@ async fn a_lagging_watcher_is_cut_off_and_the_server_stays_responsive() {
     };
     let server = TestServer::start(config).await;
     let mut client = presence(server.addr).await;
-    // A watcher on a connection with small HTTP/2 windows (hyper's client
-    // defaults are megabytes), so its unread events back up quickly.
-    let small_windows = tonic::transport::Endpoint::from_shared(server.url())
-        .expect("url")
-        .initial_stream_window_size(16 * 1024)
-        .initial_connection_window_size(16 * 1024)
+    let small_windows = small_window_endpoint(&server.url())
         .connect()
         .await
         .expect("connect");
     let mut slow_client = PresenceServiceClient::new(small_windows);
     let mut slow = watch(&mut slow_client, watch_request(0, 0)).await;
-    // Large labels make large events, so the transport's buffers fill fast.
-    let big = "x".repeat(250);
-    let labels: Vec<(String, String)> = (0..8).map(|i| (format!("k{i}"), big.clone())).collect();
-    let labels: Vec<(&str, &str)> = labels
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    for round in 0..150 {
-        let (mut session, _) =
-            RawSession::hello_with(server.addr, &format!("c{round}"), &labels).await;
-        session.half_close();
-        session.ended().await;
-    }
+    churn_large_sessions(server.addr, 150).await;
     let (_alive, welcome) = RawSession::hello(server.addr, "still-served").await;
     assert!(!welcome.session_id.is_empty(), "the server keeps serving");
     let ended = watch_end(&mut slow).await;

@@ -145,14 +145,7 @@ async fn a_lagging_watcher_resumes_with_a_replay() {
         ..fast_config()
     };
     let server = TestServer::start(config).await;
-    // Small HTTP/2 windows, so the unread events back up into the server's
-    // per-watcher queue and overflow it.
-    let small_windows = Endpoint::from_shared(server.url())
-        .expect("url")
-        .initial_stream_window_size(16 * 1024)
-        .initial_connection_window_size(16 * 1024)
-        .connect_lazy();
-    let presence = PresenceClient::new(small_windows);
+    let presence = PresenceClient::new(small_window_endpoint(&server.url()).connect_lazy());
     let mut watcher = presence.watch(SessionFilter::default());
     let mut view = PresenceView::default();
     let first = within(WAIT, watcher.next()).await.expect("synced");
@@ -161,26 +154,14 @@ async fn a_lagging_watcher_resumes_with_a_replay() {
     };
     view.apply(&first);
 
-    // Large labels make large events, so the transport's buffers fill fast.
-    let big = "x".repeat(250);
-    let labels: Vec<(String, String)> = (0..8).map(|i| (format!("k{i}"), big.clone())).collect();
-    let labels: Vec<(&str, &str)> = labels
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
     // About 1 MB of events: well past hyper's send buffer and the queues.
     let rounds = 250;
-    for round in 0..rounds {
-        let (mut session, _) =
-            RawSession::hello_with(server.addr, &format!("c{round}"), &labels).await;
-        session.half_close();
-        session.ended().await;
-    }
+    churn_large_sessions(server.addr, rounds).await;
 
     let mut expected = revision + 1;
     let mut lagged = false;
     within(WAIT, async {
-        while expected <= revision + 2 * rounds {
+        while expected <= revision + 2 * rounds as u64 {
             let event = watcher.next().await.expect("no permanent error");
             view.apply(&event);
             match event {

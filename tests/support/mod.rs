@@ -382,3 +382,29 @@ pub fn free_port() -> SocketAddr {
         .and_then(|listener| listener.local_addr())
         .expect("a free port")
 }
+
+/// An endpoint with small HTTP/2 windows (hyper's client defaults are
+/// megabytes), so the events a watcher does not read back up into the
+/// server's queues quickly.
+pub fn small_window_endpoint(url: &str) -> tonic::transport::Endpoint {
+    tonic::transport::Endpoint::from_shared(url.to_owned())
+        .expect("url")
+        .initial_stream_window_size(16 * 1024)
+        .initial_connection_window_size(16 * 1024)
+}
+
+/// Opens and half-closes `rounds` sessions one after another, each with
+/// 2 KB of labels, so that every open and close makes a large event.
+pub async fn churn_large_sessions(addr: SocketAddr, rounds: usize) {
+    let big = "x".repeat(250);
+    let labels: Vec<(String, String)> = (0..8).map(|i| (format!("k{i}"), big.clone())).collect();
+    let labels: Vec<(&str, &str)> = labels
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    for round in 0..rounds {
+        let (mut session, _) = RawSession::hello_with(addr, &format!("c{round}"), &labels).await;
+        session.half_close();
+        session.ended().await;
+    }
+}
