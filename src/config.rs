@@ -9,6 +9,10 @@ use std::{fmt, net::SocketAddr, path::Path, time::Duration};
 
 use crate::error::{ConfigError, TokenError};
 
+/// The longest duration any setting takes. Longer ones are surely typos, and
+/// deadlines that far away would overflow the clock.
+pub const MAX_DURATION: Duration = Duration::from_secs(24 * 60 * 60);
+
 /// Everything the heartbeat server can be told; see each field for its default.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerConfig {
@@ -19,6 +23,9 @@ pub struct ServerConfig {
     /// Silence after which a session is suspect. Default (`None`): the smaller of
     /// 2 × `ping_interval` and the midpoint of `ping_interval` and `timeout`.
     pub suspect_after: Option<Duration>,
+    /// A stream that has not said Hello by then is ended as a timeout; the
+    /// deadline in force is the smaller of this and `timeout`. Default 10 s.
+    pub hello_timeout: Duration,
     /// Unsolicited client frames closer together than this earn a strike. Default 1 s.
     pub min_ping_interval: Duration,
     /// Strikes allowed before a session is ended for too many pings. Default 2.
@@ -114,6 +121,7 @@ impl ServerConfig {
         ping_interval: Duration::from_secs(10),
         timeout: Duration::from_secs(30),
         suspect_after: None,
+        hello_timeout: Duration::from_secs(10),
         min_ping_interval: Duration::from_secs(1),
         ping_strikes: 2,
         max_sessions: 100_000,
@@ -158,7 +166,7 @@ impl ServerConfig {
         self.suspect_after.unwrap_or_else(|| {
             let midpoint =
                 self.ping_interval + (self.timeout.saturating_sub(self.ping_interval)) / 2;
-            (self.ping_interval * 2).min(midpoint)
+            self.ping_interval.saturating_mul(2).min(midpoint)
         })
     }
 
@@ -166,20 +174,26 @@ impl ServerConfig {
     /// and the fix.
     pub fn validate(&self) -> Result<(), ConfigError> {
         for (name, value, example) in [
-            ("ping_interval", self.ping_interval, "10s"),
-            ("timeout", self.timeout, "30s"),
-            ("min_ping_interval", self.min_ping_interval, "1s"),
-            ("shutdown_grace", self.shutdown_grace, "10s"),
+            ("ping_interval", Some(self.ping_interval), "10s"),
+            ("timeout", Some(self.timeout), "30s"),
+            ("suspect_after", self.suspect_after, "20s"),
+            ("hello_timeout", Some(self.hello_timeout), "10s"),
+            ("min_ping_interval", Some(self.min_ping_interval), "1s"),
+            ("shutdown_grace", Some(self.shutdown_grace), "10s"),
+            ("reconnect_after", Some(self.reconnect_after), "1s"),
         ] {
-            if value.is_zero() {
+            let Some(value) = value else { continue };
+            // A zero reconnect hint is allowed: come back at once.
+            if value.is_zero() && name != "reconnect_after" {
                 return Err(ConfigError::ZeroDuration { name, example });
             }
-        }
-        if self.suspect_after == Some(Duration::ZERO) {
-            return Err(ConfigError::ZeroDuration {
-                name: "suspect_after",
-                example: "20s",
-            });
+            if value > MAX_DURATION {
+                return Err(ConfigError::DurationTooLong {
+                    name,
+                    value,
+                    max: MAX_DURATION,
+                });
+            }
         }
         if self.timeout <= self.ping_interval {
             return Err(ConfigError::TimeoutNotAboveInterval {

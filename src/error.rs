@@ -18,6 +18,20 @@ pub enum ConfigError {
         /// A sensible value to suggest.
         example: &'static str,
     },
+    /// A duration is longer than any setting takes.
+    #[error(
+        "{name} {} is too long: use at most {}",
+        format_duration(*value),
+        format_duration(*max)
+    )]
+    DurationTooLong {
+        /// The setting's name.
+        name: &'static str,
+        /// The configured value.
+        value: Duration,
+        /// The longest allowed.
+        max: Duration,
+    },
     /// A count that must be positive is zero.
     #[error("{name} must be at least 1")]
     ZeroCount {

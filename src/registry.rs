@@ -36,7 +36,13 @@ use parking_lot::Mutex;
 use tokio::{sync::mpsc, time::Instant};
 use tracing::info;
 
-use crate::{metrics::Metrics, protocol::CloseReason};
+use crate::{
+    metrics::Metrics,
+    protocol::{
+        text::{self, Escaped},
+        CloseReason,
+    },
+};
 
 /// Whether an open session's client is keeping up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,8 +103,12 @@ pub trait SessionLink: Send + Sync {
     /// The session's current counters and times. Called under the registry's
     /// lock: it must be quick and must not call back into the registry.
     fn stats(&self) -> SessionStats;
-    /// Ends the session's stream for `reason` (the registry has already recorded it).
-    fn end_stream(&self, reason: CloseReason, message: &str);
+    /// Asks the session to end for `reason`. The session decides: if its end
+    /// is not decided yet, it ends its stream for `reason` and records that
+    /// with [`SessionRegistry::close`]; otherwise the cause that came first
+    /// stands, and it has recorded (or will record) that one. Called outside
+    /// the registry's lock.
+    fn conclude(&self, reason: CloseReason, message: &str);
 }
 
 /// One change of the session set.
@@ -320,20 +330,16 @@ impl SessionRegistry {
             if inner.shut_down {
                 return Err(ShutDown);
             }
+            // The client id points to the newer session from now on; the
+            // older one closes when it has ended, for whatever cause came first.
             let replaced = if identity.client_id.is_empty() {
                 None
             } else {
                 inner
                     .by_client
                     .insert(identity.client_id.clone(), identity.session_id.clone())
-                    .and_then(|older| {
-                        self.close_locked(
-                            &mut inner,
-                            &older,
-                            CloseReason::Replaced,
-                            format!("replaced by session {}", identity.session_id),
-                        )
-                    })
+                    .and_then(|older| inner.sessions.get(&older))
+                    .map(|older| older.link.clone())
             };
             let entry = Entry {
                 identity: identity.clone(),
@@ -348,13 +354,15 @@ impl SessionRegistry {
         };
         // Logging and ending happen outside the lock: the timer wheel's
         // callbacks wait on it, and a slow log sink must not delay deadlines.
-        if let Some(closed) = replaced {
-            closed.log();
-            closed.end_stream();
+        if let Some(older) = replaced {
+            older.conclude(
+                CloseReason::Replaced,
+                &format!("replaced by session {}", identity.session_id),
+            );
         }
         info!(
             session_id = %identity.session_id,
-            client_id = %identity.client_id,
+            client_id = %Escaped::new(&identity.client_id),
             peer = %identity.peer.map_or_else(|| "-".to_owned(), |peer| peer.to_string()),
             "session opened"
         );
@@ -394,100 +402,92 @@ impl SessionRegistry {
         self.publish(&mut inner, event);
     }
 
-    /// Records that a session ended. The first reason recorded wins; returns
-    /// false if the session was not open.
+    /// Records that a session ended: the one place a close becomes an event,
+    /// a metric and a log line. The session calls it once its end is decided
+    /// (see [`SessionLink::conclude`]); a second close of the same session
+    /// changes nothing. Returns false if the session was not open.
     pub fn close(&self, session_id: &str, reason: CloseReason, message: &str) -> bool {
-        let closed = {
+        // A client's goodbye or an eviction's message is stored and passed on
+        // only up to the contract's bound.
+        let message = text::truncate(message, text::MAX_MESSAGE_BYTES);
+        let identity = {
             let mut inner = self.shared.inner.lock();
-            self.close_locked(&mut inner, session_id, reason, message.to_owned())
-        };
-        match closed {
-            Some(closed) => {
-                closed.log();
-                true
+            let Some(entry) = inner.sessions.remove(session_id) else {
+                return false;
+            };
+            let client_id = &entry.identity.client_id;
+            if inner.by_client.get(client_id).map(String::as_str) == Some(session_id) {
+                inner.by_client.remove(client_id);
             }
-            None => false,
-        }
-    }
-
-    /// Ends a session on an administrator's behalf (recorded as
-    /// [`CloseReason::Evicted`]); false if no such session is open.
-    pub fn evict(&self, session_id: &str, message: &str) -> bool {
-        let closed = {
-            let mut inner = self.shared.inner.lock();
-            self.close_locked(
+            let info = info_of(&entry);
+            self.shared
+                .metrics
+                .session_closed(reason.as_str(), entry.state == SessionState::Suspect);
+            self.publish(
                 &mut inner,
-                session_id,
-                CloseReason::Evicted,
-                message.to_owned(),
-            )
+                SessionEvent::Closed {
+                    session: info,
+                    reason,
+                    message: message.to_owned(),
+                },
+            );
+            entry.identity
         };
-        match closed {
-            Some(closed) => {
-                closed.log();
-                closed.end_stream();
+        // Logged after unlock: a slow log sink must not delay deadlines.
+        let lifetime = SystemTime::now()
+            .duration_since(identity.opened_at)
+            .unwrap_or_default();
+        info!(
+            session_id = %identity.session_id,
+            client_id = %Escaped::new(&identity.client_id),
+            %reason,
+            lifetime_ms = u64::try_from(lifetime.as_millis()).unwrap_or(u64::MAX),
+            "session closed"
+        );
+        true
+    }
+
+    /// Ends a session on an administrator's behalf (as
+    /// [`CloseReason::Evicted`], unless another cause ended it first); false
+    /// if no such session is open.
+    pub fn evict(&self, session_id: &str, message: &str) -> bool {
+        let link = self
+            .shared
+            .inner
+            .lock()
+            .sessions
+            .get(session_id)
+            .map(|entry| entry.link.clone());
+        match link {
+            Some(link) => {
+                link.conclude(CloseReason::Evicted, message);
                 true
             }
             None => false,
         }
     }
 
-    /// Closes every open session as [`CloseReason::ServerShutdown`], tells
-    /// each link to end, and refuses every later [`open`](Self::open), all
-    /// under one lock so no session slips in between. Subscriptions end (after
-    /// the closes) and new ones get only their start. Returns how many closed.
+    /// Refuses every later [`open`](Self::open), then asks every open
+    /// session to end as [`CloseReason::ServerShutdown`]; no session slips in
+    /// between. Subscriptions end after the closes, and new ones get only
+    /// their start. Returns how many sessions were asked to end.
     pub fn shut_down(&self, message: &str) -> usize {
-        let reason = CloseReason::ServerShutdown;
-        let closed: Vec<_> = {
+        let links: Vec<Arc<dyn SessionLink>> = {
             let mut inner = self.shared.inner.lock();
             inner.shut_down = true;
-            let ids: Vec<String> = inner.sessions.keys().cloned().collect();
-            let closed = ids
-                .iter()
-                .filter_map(|id| self.close_locked(&mut inner, id, reason, message.to_owned()))
-                .collect::<Vec<_>>();
-            // Dropping the senders ends every subscription once it has read
-            // the closes above.
-            inner.subscribers.clear();
-            closed
+            inner
+                .sessions
+                .values()
+                .map(|entry| entry.link.clone())
+                .collect()
         };
-        for closed in &closed {
-            closed.log();
-            closed.end_stream();
+        for link in &links {
+            link.conclude(CloseReason::ServerShutdown, message);
         }
-        closed.len()
-    }
-
-    fn close_locked(
-        &self,
-        inner: &mut Inner,
-        session_id: &str,
-        reason: CloseReason,
-        message: String,
-    ) -> Option<Closed> {
-        let entry = inner.sessions.remove(session_id)?;
-        let client_id = &entry.identity.client_id;
-        if inner.by_client.get(client_id).map(String::as_str) == Some(session_id) {
-            inner.by_client.remove(client_id);
-        }
-        let info = info_of(&entry);
-        self.shared
-            .metrics
-            .session_closed(reason.as_str(), entry.state == SessionState::Suspect);
-        self.publish(
-            inner,
-            SessionEvent::Closed {
-                session: info,
-                reason,
-                message: message.clone(),
-            },
-        );
-        Some(Closed {
-            identity: entry.identity,
-            link: entry.link,
-            reason,
-            message,
-        })
+        // Dropping the senders ends every subscription once it has read the
+        // closes above.
+        self.shared.inner.lock().subscribers.clear();
+        links.len()
     }
 
     fn publish(&self, inner: &mut Inner, event: SessionEvent) {
@@ -617,34 +617,6 @@ impl fmt::Debug for SessionRegistry {
     }
 }
 
-/// A session just closed, to log and to end once the lock is released.
-struct Closed {
-    identity: Arc<SessionIdentity>,
-    link: Arc<dyn SessionLink>,
-    reason: CloseReason,
-    message: String,
-}
-
-impl Closed {
-    fn log(&self) {
-        let lifetime = SystemTime::now()
-            .duration_since(self.identity.opened_at)
-            .unwrap_or_default();
-        info!(
-            session_id = %self.identity.session_id,
-            client_id = %self.identity.client_id,
-            reason = %self.reason,
-            lifetime_ms = u64::try_from(lifetime.as_millis()).unwrap_or(u64::MAX),
-            "session closed"
-        );
-    }
-
-    /// Tells the session's connection to end, with the recorded reason.
-    fn end_stream(&self) {
-        self.link.end_stream(self.reason, &self.message);
-    }
-}
-
 /// The sessions of a snapshot before their counters are read.
 struct SnapshotDraft {
     revision: u64,
@@ -680,8 +652,11 @@ fn info_of(entry: &Entry) -> SessionInfo {
 mod tests {
     use super::*;
 
-    #[derive(Default)]
+    /// A session that records each ask to end, and closes at the first,
+    /// as the server's sessions do.
     struct RecordingLink {
+        registry: SessionRegistry,
+        session_id: String,
         ended: Mutex<Vec<CloseReason>>,
     }
 
@@ -694,8 +669,9 @@ mod tests {
                 frames_out: 0,
             }
         }
-        fn end_stream(&self, reason: CloseReason, _message: &str) {
+        fn conclude(&self, reason: CloseReason, message: &str) {
             self.ended.lock().push(reason);
+            self.registry.close(&self.session_id, reason, message);
         }
     }
 
@@ -713,8 +689,16 @@ mod tests {
         }
     }
 
+    fn recording(registry: &SessionRegistry, session_id: &str) -> Arc<RecordingLink> {
+        Arc::new(RecordingLink {
+            registry: registry.clone(),
+            session_id: session_id.into(),
+            ended: Mutex::new(Vec::new()),
+        })
+    }
+
     fn open(registry: &SessionRegistry, session_id: &str, client_id: &str) -> Arc<RecordingLink> {
-        let link = Arc::new(RecordingLink::default());
+        let link = recording(registry, session_id);
         registry
             .open(identity(session_id, client_id), link.clone())
             .expect("open registry");
@@ -807,7 +791,7 @@ mod tests {
         let link = open(&registry, "a", "");
         assert_eq!(registry.shut_down("bye"), 1);
         assert_eq!(*link.ended.lock(), [CloseReason::ServerShutdown]);
-        let late = registry.open(identity("b", ""), Arc::new(RecordingLink::default()));
+        let late = registry.open(identity("b", ""), recording(&registry, "b"));
         assert_eq!(late, Err(ShutDown));
         assert!(registry.is_empty());
     }

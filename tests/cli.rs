@@ -163,3 +163,25 @@ fn connect_refuses_a_bad_label() {
         "{stderr}"
     );
 }
+
+/// Tests that absurdly long durations are refused with their bound, not a
+/// panic, whether alone or in a combination that would overflow.
+#[test]
+fn durations_have_an_upper_bound() {
+    for args in [
+        vec!["--timeout", "500000000000y"],
+        vec![
+            "--ping-interval",
+            "500000000000y",
+            "--timeout",
+            "550000000000y",
+        ],
+        vec!["--hello-timeout", "2days"],
+    ] {
+        let line = serve_error(&args, &[]);
+        assert!(
+            line.contains("is too long: use at most 1day"),
+            "{args:?}: {line}"
+        );
+    }
+}

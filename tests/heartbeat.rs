@@ -360,8 +360,8 @@ async fn eviction_ends_with_aborted() {
     assert!(!server.handle.evict(&welcome.session_id, "again"));
 }
 
-/// Tests that streams past capacity are refused before any frame, and that a
-/// slot frees when a session ends.
+/// Tests that streams past capacity are refused before any frame (and
+/// counted in the admission metric), and that a slot frees when a session ends.
 #[tokio::test]
 async fn capacity_refuses_before_welcome_and_frees_on_end() {
     let config = ServerConfig {
@@ -376,6 +376,11 @@ async fn capacity_refuses_before_welcome_and_frees_on_end() {
         .err()
         .expect("third refused");
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    let metrics = server.handle.metrics().render(false).0;
+    assert!(
+        metrics.contains("heartbeat_admission_rejections_total{reason=\"capacity\"} 1\n"),
+        "the refusal is counted: {metrics}"
+    );
     first.half_close();
     first.ended().await;
     within(WAIT, async {
@@ -463,4 +468,137 @@ async fn refusals_are_trailers_only() {
         response.body().is_end_stream(),
         "the refusal should end the stream in its HEADERS frame"
     );
+}
+
+/// Tests that a stream that never says Hello is ended at the hello timeout
+/// (shorter than the session timeout here) with Goodbye{TIMEOUT} and
+/// DEADLINE_EXCEEDED, not before it, and never appears in presence.
+#[tokio::test]
+async fn a_stream_without_hello_is_ended_at_the_hello_timeout() {
+    let config = ServerConfig {
+        ping_interval: Duration::from_secs(1),
+        timeout: Duration::from_secs(3),
+        hello_timeout: Duration::from_millis(200),
+        ..fast_config()
+    };
+    let server = TestServer::start(config).await;
+    let mut events = server.handle.subscribe();
+    let mut session = RawSession::open(server.addr).await.expect("admitted");
+    let opened = session.last_sent;
+    let ended = session
+        .expect_end(GoodbyeReason::Timeout, Code::DeadlineExceeded)
+        .await;
+    assert_on_time(
+        "the hello deadline",
+        ended.at,
+        opened + Duration::from_millis(200),
+        Duration::from_millis(500),
+    );
+    assert!(
+        ended.status.message().contains("no Hello within 200ms"),
+        "{:?}",
+        ended.status
+    );
+    assert_eq!(server.handle.admitted(), 0, "the slot is free");
+    assert!(server.handle.registry().is_empty());
+    // Presence never saw the stream: the next change is this later session's.
+    let (_later, welcome) = RawSession::hello(server.addr, "later").await;
+    let change = next_change(&mut events).await;
+    assert_eq!(
+        change.event.session().identity.session_id,
+        welcome.session_id
+    );
+}
+
+/// Tests that a Hello carrying a control character (in its client id, a
+/// label key or a label value) is a protocol violation that never opens.
+#[tokio::test]
+async fn control_characters_in_hello_are_a_violation() {
+    let server = TestServer::start(fast_config()).await;
+    for (client_id, labels) in [
+        ("forged\nsession opened", vec![]),
+        ("esc", vec![("k\u{1b}[31m", "v")]),
+        ("del", vec![("k", "v\u{7f}")]),
+    ] {
+        let mut session = RawSession::open(server.addr).await.expect("admitted");
+        let hello = pb::Hello {
+            client_id: client_id.into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        session.send(In::Hello(hello)).await;
+        let ended = session
+            .expect_end(GoodbyeReason::ProtocolViolation, Code::InvalidArgument)
+            .await;
+        let message = ended.status.message();
+        assert!(message.contains("control character"), "{message}");
+        assert!(
+            !message.chars().any(char::is_control),
+            "escaped: {message:?}"
+        );
+    }
+    assert!(server.handle.registry().is_empty());
+}
+
+/// Tests that a 15 KB label key (just under the frame limit) comes back
+/// quoted in a few bytes: the status message and the goodbye stay within
+/// the contract's 1 KiB.
+#[tokio::test]
+async fn echoed_client_input_is_cut() {
+    let server = TestServer::start(fast_config()).await;
+    let mut session = RawSession::open(server.addr).await.expect("admitted");
+    let hello = pb::Hello {
+        client_id: "big-key".into(),
+        labels: [("k".repeat(15 * 1024), String::new())].into(),
+    };
+    session.send(In::Hello(hello)).await;
+    let ended = session
+        .expect_end(GoodbyeReason::ProtocolViolation, Code::InvalidArgument)
+        .await;
+    assert!(
+        ended.status.message().len() <= 1024,
+        "{}",
+        ended.status.message().len()
+    );
+    let goodbye = ended.goodbye.expect("a goodbye");
+    assert!(goodbye.message.len() <= 1024, "{}", goodbye.message.len());
+    assert!(
+        goodbye.message.contains("15360 bytes"),
+        "{}",
+        goodbye.message
+    );
+}
+
+/// Tests that a client's goodbye message is stored and passed on only up to
+/// 1 KiB, cut at a character boundary, and the call still ends OK.
+#[tokio::test]
+async fn a_long_goodbye_message_is_cut_to_one_kib() {
+    let server = TestServer::start(fast_config()).await;
+    let mut events = server.handle.subscribe();
+    let (mut session, welcome) = RawSession::hello(server.addr, "talkative").await;
+    session
+        .send(In::Goodbye(pb::Goodbye {
+            reason: GoodbyeReason::ClientShutdown.into(),
+            message: "é".repeat(1500),
+            reconnect_after: None,
+        }))
+        .await;
+    let ended = session.ended().await;
+    assert_eq!(ended.status.code(), Code::Ok, "{:?}", ended.status);
+    assert!(ended.status.message().is_empty(), "nothing echoed");
+    let event = event_for(&mut events, &welcome.session_id, |event| {
+        matches!(event, SessionEvent::Closed { .. })
+    })
+    .await;
+    let SessionEvent::Closed {
+        message, reason, ..
+    } = event
+    else {
+        unreachable!("event_for matched a close")
+    };
+    assert_eq!(reason, CloseReason::ClientGoodbye);
+    assert_eq!(message.len(), 1024);
+    assert!(message.chars().all(|c| c == 'é'));
 }

@@ -189,7 +189,14 @@ async fn list_sessions_filters_by_client_id_and_labels() {
 /// and ends up agreeing with ListSessions.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_under_churn_agrees_with_list() {
-    let server = TestServer::start(fast_config()).await;
+    // Timing long enough that no kept session turns suspect, however slowly
+    // the churn runs next to other tests.
+    let config = ServerConfig {
+        ping_interval: Duration::from_secs(2),
+        timeout: Duration::from_secs(6),
+        ..fast_config()
+    };
+    let server = TestServer::start(config).await;
     let addr = server.addr;
     let churn: Vec<_> = (0..6)
         .map(|worker| {
@@ -979,4 +986,59 @@ async fn a_shutdown_burst_is_not_reported_as_lag() {
         metrics.contains("\nheartbeat_watchers_lagged_total 0\n"),
         "{metrics}"
     );
+}
+
+/// Tests that one decision ends each session: with evictions landing on
+/// the very millisecond of hundreds of sessions' timeouts, the reason in
+/// the Goodbye each client reads is the reason presence records, for every
+/// session, whichever cause came first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evictions_racing_timeouts_agree_with_the_client() {
+    use std::collections::HashMap;
+    use tonic_heartbeat::registry::SessionEvent;
+    let timeout = Duration::from_millis(300);
+    let server = TestServer::start(fast_config()).await;
+    let mut events = server.handle.subscribe();
+    let count = 200;
+    let mut sessions = Vec::new();
+    for i in 0..count {
+        let (session, welcome) = RawSession::hello(server.addr, &format!("race-{i}")).await;
+        // The session's deadline, from its Hello; evictions land within 2 ms of it.
+        let offset = Duration::from_micros((i % 5) as u64 * 1000);
+        let evict_at = session.last_sent + timeout + offset - Duration::from_millis(2);
+        let handle = server.handle.clone();
+        let id = welcome.session_id.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep_until(evict_at).await;
+            handle.evict(&id, "racing the timeout");
+        });
+        sessions.push((session, welcome.session_id));
+    }
+    let mut heard = HashMap::new();
+    for (session, id) in &mut sessions {
+        let ended = session.ended().await;
+        let goodbye = ended.goodbye.expect("every end here carries a goodbye");
+        heard.insert(id.clone(), goodbye.reason());
+    }
+    let mut recorded = HashMap::new();
+    while recorded.len() < count {
+        let change = next_change(&mut events).await;
+        if let SessionEvent::Closed {
+            session, reason, ..
+        } = change.event
+        {
+            recorded.insert(session.identity.session_id.clone(), reason);
+        }
+    }
+    let mut tally: HashMap<String, usize> = HashMap::new();
+    for (id, goodbye) in &heard {
+        let reason = recorded[id];
+        assert_eq!(
+            reason.goodbye(),
+            Some(*goodbye),
+            "session {id}: the client heard {goodbye:?}, presence recorded {reason}"
+        );
+        *tally.entry(reason.to_string()).or_default() += 1;
+    }
+    eprintln!("ends by reason: {tally:?}");
 }

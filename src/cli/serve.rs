@@ -47,6 +47,12 @@ pub(crate) struct ServeArgs {
     #[arg(long, env = "HEARTBEAT_SUSPECT_AFTER", value_parser = parse_duration, value_name = "DURATION")]
     suspect_after: Option<HumanDuration>,
 
+    /// A stream must say Hello within this (or --timeout, if shorter), or it is
+    /// ended with Goodbye{TIMEOUT}: a client that connects and never speaks
+    /// holds a slot only this long.
+    #[arg(long, env = "HEARTBEAT_HELLO_TIMEOUT", default_value_t = human(DEFAULTS.hello_timeout), value_parser = parse_duration, value_name = "DURATION")]
+    hello_timeout: HumanDuration,
+
     /// Unsolicited client frames (pings, unknown frames, stray pongs) closer
     /// together than this earn a strike. Must be shorter than --ping-interval.
     #[arg(long, env = "HEARTBEAT_MIN_PING_INTERVAL", default_value_t = human(DEFAULTS.min_ping_interval), value_parser = parse_duration, value_name = "DURATION")]
@@ -167,6 +173,7 @@ impl ServeArgs {
             ping_interval: self.ping_interval.into(),
             timeout: self.timeout.into(),
             suspect_after: self.suspect_after.map(Into::into),
+            hello_timeout: self.hello_timeout.into(),
             min_ping_interval: self.min_ping_interval.into(),
             ping_strikes: self.ping_strikes,
             max_sessions: self.max_sessions,

@@ -118,7 +118,8 @@ pub(crate) struct CallCore {
     inbound_failed: AtomicBool,
     /// The ending to perform, until the response side takes it.
     ending: Mutex<Option<Ending>>,
-    /// Why the call ended, once it has.
+    /// Why the call ends: set once, by the first cause. The one decision that
+    /// every end of the call follows.
     cause: OnceLock<EndCause>,
     /// The task polling the response; woken to perform an ending.
     waker: Mutex<Option<Waker>>,
@@ -169,7 +170,7 @@ impl LivenessHandle {
         self.core.inbound_failed.load(Ordering::Acquire)
     }
 
-    /// Why the layer ended the call, once it has begun to.
+    /// Why the call ends, once that is decided.
     pub fn end_cause(&self) -> Option<EndCause> {
         self.core.cause.get().copied()
     }
@@ -181,7 +182,10 @@ impl LivenessHandle {
     }
 
     /// Ends the call: the response stream yields `ending` and the service's own
-    /// response is dropped. Returns false if the call was already ending.
+    /// response is dropped. The first cause wins: returns false, and changes
+    /// nothing, if the call's end was already decided (by silence, an oversized
+    /// message, or an earlier `end`). A call whose response already finished
+    /// by itself sends nothing more, but the first `end` still decides its cause.
     pub fn end(&self, ending: Ending) -> bool {
         self.core.request_ending(EndCause::Requested, ending)
     }
@@ -303,13 +307,16 @@ impl CallCore {
         self.inbound_failed.store(true, Ordering::Release);
     }
 
-    /// Moves the call to `ENDED` and leaves `ending` for the response side.
+    /// Decides how the call ends, unless that is decided already: the first
+    /// cause wins, for good. Leaves `ending` for the response side (which
+    /// performs it unless the response has already finished) and moves the
+    /// call to `ENDED`, so its timers stop.
     pub(crate) fn request_ending(&self, cause: EndCause, ending: Ending) -> bool {
-        if self.state.swap(ENDED, Ordering::AcqRel) == ENDED {
+        if self.cause.set(cause).is_err() {
             return false;
         }
-        let _ = self.cause.set(cause);
         *self.ending.lock() = Some(ending);
+        self.state.swap(ENDED, Ordering::AcqRel);
         if let Some(observer) = self.observer.get() {
             observer.ended(cause);
         }
@@ -317,7 +324,9 @@ impl CallCore {
         true
     }
 
-    /// Marks a call whose response finished by itself, so its timers stop.
+    /// Marks a call whose response finished (or was dropped), so its timers
+    /// stop. It decides nothing: the first `request_ending` after it still
+    /// records the call's cause.
     pub(crate) fn mark_complete(&self) {
         self.state.store(ENDED, Ordering::Release);
     }

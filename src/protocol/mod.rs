@@ -8,6 +8,8 @@
 //! - [`CloseReason`]: why sessions end, and how that maps to `Goodbye` and to
 //!   presence's reasons on the wire.
 //! - [`duration_to_proto`] and [`proto_to_duration`]: durations on the wire.
+//! - [`text`]: the contract's rules for client-supplied text (no control
+//!   characters, messages cut at 1 KiB) and escaping for logs and terminals.
 //!
 //! This module is a leaf: it imports nothing else of the crate, so both ends
 //! (and the registry) can build on it. Conversions of the registry's types
@@ -17,6 +19,7 @@ mod codec;
 mod duration;
 mod ping;
 mod reason;
+pub mod text;
 
 pub use codec::CompactCodec;
 pub use duration::{duration_to_proto, proto_to_duration};

@@ -9,12 +9,15 @@ use prost::Message;
 use tonic::{Code, Status};
 
 use crate::{
+    config::ServerConfig,
     liveness::Ending,
-    protocol::{duration_to_proto, pb, CloseReason},
+    protocol::{duration_to_proto, pb, text, CloseReason},
 };
 
-/// The status a session ends with for `reason`.
+/// The status a session ends with for `reason`; its message is cut to the
+/// contract's 1 KiB.
 pub(crate) fn status_for(reason: CloseReason, message: &str) -> Status {
+    let message = text::truncate(message, text::MAX_MESSAGE_BYTES);
     let code = match reason {
         CloseReason::ClientGoodbye | CloseReason::ClientHalfClose => Code::Ok,
         CloseReason::Disconnected => Code::Cancelled,
@@ -28,6 +31,22 @@ pub(crate) fn status_for(reason: CloseReason, message: &str) -> Status {
     Status::new(code, message)
 }
 
+/// Why a silent session ended, as its goodbye and its close say.
+pub(crate) fn silence_message(config: &ServerConfig) -> String {
+    format!(
+        "no frame from the client for {}",
+        humantime::format_duration(config.timeout)
+    )
+}
+
+/// Why a session with an oversized frame ended.
+pub(crate) fn oversize_message(config: &ServerConfig) -> String {
+    format!(
+        "a frame is larger than {} bytes",
+        config.limits.max_message_size
+    )
+}
+
 /// The ending the liveness layer performs for `reason`: `Goodbye{reason}` (with
 /// `reconnect_after` when given), then the status as trailers.
 pub(crate) fn ending_for(
@@ -35,6 +54,7 @@ pub(crate) fn ending_for(
     message: &str,
     reconnect_after: Option<Duration>,
 ) -> Ending {
+    let message = text::truncate(message, text::MAX_MESSAGE_BYTES);
     let goodbye = reason
         .goodbye()
         .map(|goodbye_reason| pb::HeartbeatResponse {
@@ -44,7 +64,9 @@ pub(crate) fn ending_for(
                 reconnect_after: reconnect_after.map(duration_to_proto),
             })),
         });
-    let status = status_for(reason, message);
+    // An end the client caused needs no explanation back: the status is a
+    // bare OK (or CANCELLED, for a connection that is gone anyway).
+    let status = status_for(reason, if goodbye.is_some() { message } else { "" });
     let mut trailers = HeaderMap::new();
     if status.add_header(&mut trailers).is_err() {
         // Only a message that cannot be a header value fails; keep the code.

@@ -32,6 +32,7 @@ impl pb::heartbeat_service_server::HeartbeatService for HeartbeatEndpoint {
             .shared
             .gate
             .admit(handle.clone())
+            .inspect_err(|refusal| self.shared.metrics.admission_rejected(refusal.as_str()))
             .map_err(|refusal| match refusal {
                 Refusal::Draining => Status::unavailable(
                     "the server is shutting down; reconnect to another instance or retry shortly",

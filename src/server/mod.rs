@@ -115,18 +115,12 @@ impl HeartbeatServer {
             .inbound_buffer(config.limits.max_message_size as usize)
             .on_silence(farewell::ending_for(
                 CloseReason::Timeout,
-                &format!(
-                    "no frame from the client for {}",
-                    humantime::format_duration(config.timeout)
-                ),
+                &farewell::silence_message(config),
                 None,
             ))
             .on_oversize(farewell::ending_for(
                 CloseReason::ProtocolViolation,
-                &format!(
-                    "a frame is larger than {} bytes",
-                    config.limits.max_message_size
-                ),
+                &farewell::oversize_message(config),
                 None,
             ))
             .wheel(wheel);

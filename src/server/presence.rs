@@ -15,7 +15,10 @@ use tonic::{Request, Response, Status};
 use super::shared::ServerShared;
 use crate::{
     presence::SessionFilter,
-    protocol::pb::{self, watch_sessions_response::Event},
+    protocol::{
+        pb::{self, watch_sessions_response::Event},
+        text::{Escaped, QUOTE_BYTES},
+    },
     registry::{Subscription, SubscriptionStart},
 };
 
@@ -136,8 +139,8 @@ impl pb::presence_service_server::PresenceService for PresenceEndpoint {
             Ok(Response::new(pb::EvictSessionResponse {}))
         } else {
             Err(Status::not_found(format!(
-                "no session {:?} is open; list them with ListSessions",
-                request.session_id
+                "no session \"{}\" is open; list them with ListSessions",
+                Escaped::quote(&request.session_id, QUOTE_BYTES)
             )))
         }
     }

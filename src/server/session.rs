@@ -12,7 +12,7 @@ use std::{
     pin::Pin,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc, Weak,
+        Arc, OnceLock, Weak,
     },
     task::{Context, Poll},
     time::{Duration, SystemTime},
@@ -30,6 +30,7 @@ use crate::{
     protocol::{
         duration_to_proto,
         pb::{self, heartbeat_request::Frame as In, heartbeat_response::Frame as Out},
+        text::{first_control, Escaped, QUOTE_BYTES},
         CloseReason, PingLedger, PongMatch, RttEstimator,
     },
     registry::{SessionIdentity, SessionLink, SessionStats},
@@ -38,6 +39,11 @@ use crate::{
 /// Client frames handled in one poll before yielding to other sessions, so a
 /// flood on one stream never monopolises a worker thread.
 const FRAMES_PER_POLL: usize = 32;
+
+/// The wheel token of a session's ping timer.
+const PING_TIMER: u64 = 0;
+/// The wheel token of the deadline for `Hello`.
+const HELLO_DEADLINE: u64 = 1;
 
 /// The part of a session that its timer, its observer and the registry share.
 pub(crate) struct SessionShared {
@@ -53,6 +59,11 @@ pub(crate) struct SessionShared {
     ping_due: AtomicBool,
     /// The stream's admission slot, freed the moment the call ends.
     permit: AdmissionPermit,
+    /// Set when `Hello` arrives, so the deadline for it stands down.
+    said_hello: AtomicBool,
+    /// How the session ended, once that is decided and recorded: a Hello
+    /// still on its way when the end was decided closes with this.
+    outcome: OnceLock<(CloseReason, String)>,
 }
 
 /// The response stream of one `Heartbeat` call.
@@ -61,13 +72,13 @@ pub(crate) struct SessionStream {
     shared: Arc<SessionShared>,
     /// Whether `Hello` has arrived and the session is in the registry.
     open: bool,
+    /// Set once the session asked for its end: the stream yields nothing more.
+    ending: bool,
     /// The client's address, for presence.
     peer: Option<SocketAddr>,
     pings: PingLedger,
     rtt: RttEstimator,
     strikes: StrikeCounter,
-    /// Set once the close is recorded: the stream yields nothing more.
-    closed: bool,
 }
 
 /// What one client frame calls for.
@@ -76,10 +87,9 @@ enum Step {
     Reply(Out),
     /// Nothing to send.
     Continue,
-    /// The client ended the session: record why and finish the call with `OK`.
-    ClientEnded(CloseReason, String),
-    /// The server ends the session: a goodbye, then an error status.
-    ServerEnds(CloseReason, String),
+    /// The session ends for this reason: the client's doing (a goodbye, a
+    /// half-close: status `OK`), or the server's (a goodbye, then an error).
+    Conclude(CloseReason, String),
 }
 
 /// Counts unsolicited client frames that come too close together.
@@ -115,20 +125,32 @@ impl SessionStream {
             srtt_micros: AtomicU64::new(u64::MAX),
             ping_due: AtomicBool::new(false),
             permit,
+            said_hello: AtomicBool::new(false),
+            outcome: OnceLock::new(),
         });
         // Observed from admission on, so that any end frees the slot at once.
         shared.handle.observe(Arc::new(SessionObserver {
             session: Arc::downgrade(&shared),
         }));
+        // The silence deadline already runs; a shorter one holds until Hello.
+        let config = &shared.server.config;
+        if config.hello_timeout < config.timeout {
+            let target: Arc<dyn WheelTarget> = shared.clone();
+            shared.server.wheel.insert(
+                Instant::now() + config.hello_timeout,
+                HELLO_DEADLINE,
+                Arc::downgrade(&target),
+            );
+        }
         Self {
             inbound,
             shared,
             open: false,
+            ending: false,
             peer,
             pings: PingLedger::default(),
             rtt: RttEstimator::default(),
             strikes,
-            closed: false,
         }
     }
 
@@ -137,14 +159,14 @@ impl SessionStream {
             (false, Some(In::Hello(hello))) => {
                 match validate_hello(&hello, &self.shared.server.config.limits) {
                     Ok(()) => self.open_session(hello, now),
-                    Err(problem) => Step::ServerEnds(CloseReason::ProtocolViolation, problem),
+                    Err(problem) => Step::Conclude(CloseReason::ProtocolViolation, problem),
                 }
             }
-            (false, _) => Step::ServerEnds(
+            (false, _) => Step::Conclude(
                 CloseReason::ProtocolViolation,
                 "the first frame must be Hello".into(),
             ),
-            (true, Some(In::Hello(_))) => Step::ServerEnds(
+            (true, Some(In::Hello(_))) => Step::Conclude(
                 CloseReason::ProtocolViolation,
                 "Hello may only be the first frame".into(),
             ),
@@ -164,7 +186,7 @@ impl SessionStream {
                 PongMatch::Unsolicited => self.unsolicited(now).unwrap_or(Step::Continue),
             },
             (true, Some(In::Goodbye(goodbye))) => {
-                Step::ClientEnded(CloseReason::ClientGoodbye, goodbye.message)
+                Step::Conclude(CloseReason::ClientGoodbye, goodbye.message)
             }
             (true, None) => self.unsolicited(now).unwrap_or(Step::Continue),
         }
@@ -177,7 +199,7 @@ impl SessionStream {
             self.shared.server.metrics.ping_strike();
         }
         over.then(|| {
-            Step::ServerEnds(
+            Step::Conclude(
                 CloseReason::TooManyPings,
                 format!(
                     "unsolicited frames closer together than {} more than {} times",
@@ -192,6 +214,7 @@ impl SessionStream {
     fn open_session(&mut self, hello: pb::Hello, now: Instant) -> Step {
         let shared = &self.shared;
         let server = &shared.server;
+        shared.said_hello.store(true, Ordering::Release);
         let opened = server.registry.open(
             SessionIdentity {
                 session_id: shared.id.clone(),
@@ -204,13 +227,19 @@ impl SessionStream {
         );
         if opened.is_err() {
             // The Hello raced a drain: this session never opens.
-            return Step::ServerEnds(CloseReason::ServerShutdown, drain::SHUTDOWN_MESSAGE.into());
+            return Step::Conclude(CloseReason::ServerShutdown, drain::SHUTDOWN_MESSAGE.into());
         }
         self.open = true;
+        if let Some((reason, message)) = shared.outcome.get() {
+            // The end was decided while this Hello was on its way, and
+            // recorded before the session was in the registry: close it now,
+            // for the same reason.
+            server.registry.close(&shared.id, *reason, message);
+        }
         let ping_timer: Arc<dyn WheelTarget> = shared.clone();
         server.wheel.insert(
             now + server.config.ping_interval,
-            0,
+            PING_TIMER,
             Arc::downgrade(&ping_timer),
         );
         Step::Reply(Out::Welcome(pb::Welcome {
@@ -226,26 +255,14 @@ impl SessionStream {
         pb::HeartbeatResponse { frame: Some(frame) }
     }
 
-    /// Records in the registry why the session closed; the stream yields
-    /// nothing more. Used alone when the client ended it.
-    fn record_close(&mut self, reason: CloseReason, message: &str) {
-        self.closed = true;
-        if self.open {
-            self.shared
-                .server
-                .registry
-                .close(&self.shared.id, reason, message);
-        }
-    }
-
-    /// Ends the session from the server's side: the registry first, then the
-    /// liveness layer, which sends the goodbye and the status.
-    fn end_from_server(&mut self, reason: CloseReason, message: &str) {
+    /// Ends the session for `reason` (see [`SessionShared::conclude`]); the
+    /// stream yields nothing more, and the liveness layer performs the end.
+    fn conclude(&mut self, reason: CloseReason, message: &str) {
         if !self.open {
-            debug!(%reason, message, "stream ended before Hello");
+            debug!(%reason, detail = %Escaped::new(message), "stream ended before Hello");
         }
-        self.record_close(reason, message);
-        self.shared.end_stream(reason, message);
+        self.ending = true;
+        self.shared.conclude(reason, message);
     }
 }
 
@@ -254,8 +271,9 @@ impl Stream for SessionStream {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
-        if this.closed {
-            return Poll::Ready(None);
+        if this.ending {
+            // The liveness layer performs the end when it next polls.
+            return Poll::Pending;
         }
         let mut budget = FRAMES_PER_POLL;
         loop {
@@ -271,32 +289,27 @@ impl Stream for SessionStream {
                     match this.on_frame(request.frame, Instant::now()) {
                         Step::Reply(frame) => return Poll::Ready(Some(Ok(this.send(frame)))),
                         Step::Continue => {}
-                        Step::ClientEnded(reason, message) => {
-                            this.record_close(reason, &message);
-                            return Poll::Ready(None);
-                        }
-                        Step::ServerEnds(reason, message) => {
-                            // The layer performs the ending when it next polls.
-                            this.end_from_server(reason, &message);
+                        Step::Conclude(reason, message) => {
+                            this.conclude(reason, &message);
                             return Poll::Pending;
                         }
                     }
                 }
                 Poll::Ready(Some(Err(status))) => {
                     if this.shared.handle.inbound_failed() {
-                        this.record_close(CloseReason::Disconnected, status.message());
-                        return Poll::Ready(None);
+                        this.conclude(CloseReason::Disconnected, status.message());
+                    } else {
+                        // The bytes arrived but are not a HeartbeatRequest.
+                        this.conclude(
+                            CloseReason::ProtocolViolation,
+                            &format!("a frame could not be decoded: {}", status.message()),
+                        );
                     }
-                    // The bytes arrived but are not a HeartbeatRequest.
-                    this.end_from_server(
-                        CloseReason::ProtocolViolation,
-                        &format!("a frame could not be decoded: {}", status.message()),
-                    );
                     return Poll::Pending;
                 }
                 Poll::Ready(None) => {
-                    this.record_close(CloseReason::ClientHalfClose, "");
-                    return Poll::Ready(None);
+                    this.conclude(CloseReason::ClientHalfClose, "");
+                    return Poll::Pending;
                 }
                 Poll::Pending => break,
             }
@@ -312,25 +325,30 @@ impl Stream for SessionStream {
 impl Drop for SessionStream {
     fn drop(&mut self) {
         self.shared.permit.release();
-        if !self.open || self.closed {
-            return;
-        }
-        // Dropped without a reason of its own: the layer ended it, or the
-        // stream or connection went away under it.
-        let reason = match self.shared.handle.end_cause() {
-            Some(EndCause::Silence) => CloseReason::Timeout,
-            Some(EndCause::Oversize) => CloseReason::ProtocolViolation,
-            Some(EndCause::Requested) | None => CloseReason::Disconnected,
-        };
-        self.shared
-            .server
-            .registry
-            .close(&self.shared.id, reason, "");
+        // Dropped with its end undecided: the stream was reset or the
+        // connection lost under it. Otherwise this changes nothing.
+        self.shared.conclude(CloseReason::Disconnected, "");
     }
 }
 
-/// Checks a `Hello` against the limits; the error says which and by how much.
+/// Checks a `Hello` against the limits; the error says which and by how
+/// much, quoting at most a few bytes of the offending value, escaped.
 fn validate_hello(hello: &pb::Hello, limits: &FrameLimits) -> Result<(), String> {
+    let quote = |text| Escaped::quote(text, QUOTE_BYTES);
+    let controls = std::iter::once(("client_id", hello.client_id.as_str())).chain(
+        hello.labels.iter().flat_map(|(key, value)| {
+            [("label key", key.as_str()), ("label value", value.as_str())]
+        }),
+    );
+    for (what, text) in controls {
+        if let Some((at, c)) = first_control(text) {
+            return Err(format!(
+                "{what} \"{}\" has the control character U+{:04X} at byte {at}; control characters are not allowed",
+                quote(text),
+                u32::from(c)
+            ));
+        }
+    }
     if hello.client_id.len() > limits.max_client_id {
         return Err(format!(
             "client_id is {} bytes; the limit is {}",
@@ -348,14 +366,16 @@ fn validate_hello(hello: &pb::Hello, limits: &FrameLimits) -> Result<(), String>
     for (key, value) in &hello.labels {
         if key.is_empty() || key.len() > limits.max_label_key {
             return Err(format!(
-                "label key {key:?} is {} bytes; keys must be 1 to {} bytes",
+                "label key \"{}\" is {} bytes; keys must be 1 to {} bytes",
+                quote(key),
                 key.len(),
                 limits.max_label_key
             ));
         }
         if value.len() > limits.max_label_value {
             return Err(format!(
-                "label {key:?} has a value of {} bytes; the limit is {}",
+                "label \"{}\" has a value of {} bytes; the limit is {}",
+                quote(key),
                 value.len(),
                 limits.max_label_value
             ));
@@ -397,18 +417,46 @@ impl SessionLink for SessionShared {
         }
     }
 
-    fn end_stream(&self, reason: CloseReason, message: &str) {
+    /// The one place a session's end is decided, whoever asks (the session
+    /// itself, the registry for an eviction, a replacement or a drain, the
+    /// hello deadline). The first cause wins, in the liveness layer's one
+    /// decision per call; everything else follows from it: the goodbye and
+    /// status the client gets, and the close that presence, the log and the
+    /// metrics record. If the layer decided first (silence, an oversized
+    /// frame), this changes nothing and the observer records that cause.
+    fn conclude(&self, reason: CloseReason, message: &str) {
         let reconnect_after =
             (reason == CloseReason::ServerShutdown).then_some(self.server.config.reconnect_after);
-        self.handle
-            .end(farewell::ending_for(reason, message, reconnect_after));
+        if self
+            .handle
+            .end(farewell::ending_for(reason, message, reconnect_after))
+        {
+            self.record(reason, message);
+        }
+    }
+}
+
+impl SessionShared {
+    /// Records the decided end: in the registry if the session is open, and
+    /// here for a Hello still on its way (see `open_session`).
+    fn record(&self, reason: CloseReason, message: &str) {
+        let _ = self.outcome.set((reason, message.to_owned()));
+        self.server.registry.close(&self.id, reason, message);
     }
 }
 
 impl WheelTarget for SessionShared {
-    /// The server's ping timer: flags a ping as due and wakes the stream.
-    fn fire(&self, _token: u64, now: Instant) -> Option<Instant> {
+    /// The session's timers: the server's pings (flag one as due and wake
+    /// the stream) and the deadline for `Hello`.
+    fn fire(&self, token: u64, now: Instant) -> Option<Instant> {
         if self.handle.end_cause().is_some() {
+            return None;
+        }
+        if token == HELLO_DEADLINE {
+            if !self.said_hello.load(Ordering::Acquire) {
+                let waited = humantime::format_duration(self.server.config.hello_timeout);
+                self.conclude(CloseReason::Timeout, &format!("no Hello within {waited}"));
+            }
             return None;
         }
         self.ping_due.store(true, Ordering::Release);
@@ -441,25 +489,19 @@ impl LivenessObserver for SessionObserver {
             return;
         };
         session.permit.release();
-        let (reason, message) = match cause {
-            EndCause::Silence => (
-                CloseReason::Timeout,
-                format!(
-                    "no frame from the client for {}",
-                    humantime::format_duration(session.server.config.timeout)
-                ),
-            ),
-            EndCause::Oversize => (
+        let config = &session.server.config;
+        match cause {
+            // The layer decided: record its cause, as the client heard it.
+            EndCause::Silence => {
+                session.record(CloseReason::Timeout, &farewell::silence_message(config))
+            }
+            EndCause::Oversize => session.record(
                 CloseReason::ProtocolViolation,
-                format!(
-                    "a frame is larger than {} bytes",
-                    session.server.config.limits.max_message_size
-                ),
+                &farewell::oversize_message(config),
             ),
-            // Whoever asked for the end has recorded its reason already.
-            EndCause::Requested => return,
-        };
-        session.server.registry.close(&session.id, reason, &message);
+            // The session decided, in `conclude`, and records it there.
+            EndCause::Requested => {}
+        }
     }
 }
 
