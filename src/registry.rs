@@ -22,9 +22,10 @@
 //! through the [`SessionLink`] the server registers with it.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{BTreeMap, HashMap, VecDeque},
     fmt,
     net::SocketAddr,
+    ops::Bound,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -161,6 +162,15 @@ pub struct Snapshot {
     pub sessions: Vec<SessionInfo>,
 }
 
+/// One page of the open sessions: see [`SessionRegistry::page`].
+#[derive(Debug, Clone)]
+pub struct SessionPage {
+    /// The sessions of the page, with the epoch and the revision read at.
+    pub snapshot: Snapshot,
+    /// Whether more matching sessions follow the last of this page.
+    pub more: bool,
+}
+
 /// How a subscription begins.
 #[derive(Debug, Clone)]
 pub enum SubscriptionStart {
@@ -260,7 +270,8 @@ struct Inner {
     /// Set by [`SessionRegistry::shut_down`]: no session opens any more.
     shut_down: bool,
     revision: u64,
-    sessions: HashMap<String, Entry>,
+    /// In `session_id` order, so that listing pages through them cheaply.
+    sessions: BTreeMap<String, Entry>,
     /// The open session of each non-empty client id.
     by_client: HashMap<String, String>,
     history: VecDeque<Change>,
@@ -271,6 +282,17 @@ struct Entry {
     identity: Arc<SessionIdentity>,
     state: SessionState,
     link: Arc<dyn SessionLink>,
+}
+
+impl Entry {
+    /// A copy that shares the identity and the link.
+    fn share(&self) -> Self {
+        Self {
+            identity: self.identity.clone(),
+            state: self.state,
+            link: self.link.clone(),
+        }
+    }
 }
 
 struct Subscriber {
@@ -524,20 +546,48 @@ impl SessionRegistry {
         draft.into_snapshot(self.shared.epoch)
     }
 
+    /// Up to `limit` open sessions that `keep` accepts, in `session_id` order
+    /// after `after` (from the start if empty), with the revision they were
+    /// read at; `more` says whether any accepted session follows them.
+    pub fn page(
+        &self,
+        after: &str,
+        limit: usize,
+        keep: impl Fn(&SessionIdentity) -> bool,
+    ) -> SessionPage {
+        let (draft, more) = {
+            let inner = self.shared.inner.lock();
+            let from = match after {
+                "" => Bound::Unbounded,
+                after => Bound::Excluded(after),
+            };
+            let mut matching = inner
+                .sessions
+                .range::<str, _>((from, Bound::Unbounded))
+                .map(|(_, entry)| entry)
+                .filter(|entry| keep(&entry.identity));
+            let entries: Vec<Entry> = matching.by_ref().take(limit).map(Entry::share).collect();
+            let more = matching.next().is_some();
+            (
+                SnapshotDraft {
+                    revision: inner.revision,
+                    entries,
+                },
+                more,
+            )
+        };
+        SessionPage {
+            snapshot: draft.into_snapshot(self.shared.epoch),
+            more,
+        }
+    }
+
     /// The set of sessions at this revision: only shared pointers are copied
     /// under the lock; their counters are read after it is released.
     fn draft_locked(&self, inner: &Inner) -> SnapshotDraft {
         SnapshotDraft {
             revision: inner.revision,
-            entries: inner
-                .sessions
-                .values()
-                .map(|entry| Entry {
-                    identity: entry.identity.clone(),
-                    state: entry.state,
-                    link: entry.link.clone(),
-                })
-                .collect(),
+            entries: inner.sessions.values().map(Entry::share).collect(),
         }
     }
 

@@ -145,6 +145,7 @@ async fn list_sessions_filters_by_client_id_and_labels() {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
+        ..Default::default()
     };
     let ids = |response: pb::ListSessionsResponse| -> HashSet<String> {
         response.sessions.into_iter().map(|s| s.client_id).collect()
@@ -1041,4 +1042,143 @@ async fn evictions_racing_timeouts_agree_with_the_client() {
         *tally.entry(reason.to_string()).or_default() += 1;
     }
     eprintln!("ends by reason: {tally:?}");
+}
+
+/// Reads every page of ListSessions with `page_size`, checking each page's
+/// order and size; returns the session ids and how many pages there were.
+async fn list_all_pages(
+    client: &mut PresenceServiceClient<Channel>,
+    page_size: i32,
+) -> (Vec<String>, usize) {
+    let mut ids = Vec::new();
+    let mut pages = 0;
+    let mut page_token = String::new();
+    loop {
+        let request = pb::ListSessionsRequest {
+            page_size,
+            page_token,
+            ..Default::default()
+        };
+        let page = within(WAIT, client.list_sessions(request))
+            .await
+            .expect("a page")
+            .into_inner();
+        pages += 1;
+        let encoded = prost::Message::encoded_len(&page);
+        assert!(encoded <= 4 * 1024 * 1024, "a page of {encoded} bytes");
+        ids.extend(page.sessions.into_iter().map(|s| s.session_id));
+        if page.next_page_token.is_empty() {
+            return (ids, pages);
+        }
+        page_token = page.next_page_token;
+    }
+}
+
+/// Tests that ListSessions pages in session_id order: the default page size
+/// is 1,000, larger requests are lowered to 10,000, pages stop short of
+/// 4 MiB, the last page has no token, and every session is seen once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_sessions_pages_in_order_under_four_mib() {
+    let server = TestServer::start(fast_config()).await;
+    fill_registry(&server.handle, 12_500, 0);
+    let mut client = presence(server.addr).await;
+
+    let (ids, pages) = list_all_pages(&mut client, 0).await;
+    assert_eq!((ids.len(), pages), (12_500, 13), "1,000 a page by default");
+    let mut sorted = ids.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(ids, sorted, "in session_id order, each once");
+
+    let (ids, pages) = list_all_pages(&mut client, 50_000).await;
+    assert_eq!((ids.len(), pages), (12_500, 2), "lowered to 10,000 a page");
+
+    // 1 KB of labels a session: 10,000 of them would be 10 MB.
+    let big = TestServer::start(fast_config()).await;
+    fill_registry(&big.handle, 6_000, 1_000);
+    let mut client = presence(big.addr).await;
+    let (ids, pages) = list_all_pages(&mut client, 10_000).await;
+    assert_eq!(ids.len(), 6_000);
+    assert!(pages >= 2, "cut short of 4 MiB: {pages} page(s)");
+}
+
+/// Tests that a page token this server did not hand out, or a negative page
+/// size, is INVALID_ARGUMENT with a message that says what to do.
+#[tokio::test]
+async fn bad_page_requests_are_invalid_arguments() {
+    let server = TestServer::start(fast_config()).await;
+    let mut client = presence(server.addr).await;
+    for request in [
+        pb::ListSessionsRequest {
+            page_token: "not-a-token\n".into(),
+            ..Default::default()
+        },
+        pb::ListSessionsRequest {
+            page_size: -1,
+            ..Default::default()
+        },
+    ] {
+        let refused = client.list_sessions(request).await.expect_err("refused");
+        assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+        let message = refused.message();
+        assert!(
+            message.contains("empty page_token") || message.contains("use 0 for the default"),
+            "{message}"
+        );
+        assert!(!message.contains('\n'), "escaped: {message:?}");
+    }
+}
+
+/// Tests that `heartbeat sessions` lists and watches 100,000 sessions: the
+/// table pages through all of them, and the watch prints each snapshot
+/// session before `synced`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_command_handles_a_hundred_thousand_sessions() {
+    use std::io::{BufRead, BufReader};
+    let server = TestServer::start(fast_config()).await;
+    fill_registry(&server.handle, 100_000, 0);
+    let addr = server.addr.to_string();
+    let table = tokio::task::spawn_blocking({
+        let addr = addr.clone();
+        move || sessions_command(&[&addr])
+    })
+    .await
+    .expect("join");
+    assert!(
+        table.status.success(),
+        "{:?}",
+        String::from_utf8_lossy(&table.stderr)
+    );
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.ends_with("100000 session(s)\n"),
+        "{}",
+        &table[table.len().saturating_sub(200)..]
+    );
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_heartbeat"))
+        .args(["sessions", &addr, "--watch"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let stdout = child.stdout.take().expect("piped");
+    let counted = within(
+        Duration::from_secs(60),
+        tokio::task::spawn_blocking(move || {
+            let mut opened = 0;
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.starts_with("opened ") {
+                    opened += 1;
+                } else if line.starts_with("synced ") {
+                    return opened;
+                }
+            }
+            opened
+        }),
+    )
+    .await
+    .expect("join");
+    signal(&child, "-TERM");
+    let _ = child.wait();
+    assert_eq!(counted, 100_000);
 }

@@ -16,6 +16,9 @@ use crate::{
     registry::SessionInfo,
 };
 
+/// Sessions asked for per page: the most a server gives in one.
+const LIST_PAGE_SIZE: i32 = 10_000;
+
 /// A client of one server's `heartbeat.v1.PresenceService`; cheap to clone.
 ///
 /// See the [module docs](super) for an example.
@@ -56,28 +59,41 @@ impl PresenceClient {
         request
     }
 
-    /// The open sessions that `filter` covers, with the revision they reflect.
+    /// The open sessions that `filter` covers, read page by page, with the
+    /// epoch and the revision of the last page. Sessions that open or close
+    /// while the pages are read may be missed or seen twice; a [`Watcher`]'s
+    /// snapshot is the consistent view.
     pub async fn list(&self, filter: &SessionFilter) -> Result<Snapshot, PresenceError> {
-        let request = self.request(pb::ListSessionsRequest {
-            client_id: filter.client_id.clone(),
-            labels: filter.labels.clone(),
-        });
-        let response = self
-            .inner
-            .clone()
-            .list_sessions(request)
-            .await
-            .map_err(PresenceError::Status)?
-            .into_inner();
-        Ok(Snapshot {
-            epoch: response.epoch,
-            revision: response.revision,
-            sessions: response
-                .sessions
-                .into_iter()
-                .map(SessionInfo::try_from)
-                .collect::<Result<_, _>>()?,
-        })
+        let mut listed = Snapshot {
+            epoch: 0,
+            revision: 0,
+            sessions: Vec::new(),
+        };
+        let mut page_token = String::new();
+        loop {
+            let request = self.request(pb::ListSessionsRequest {
+                client_id: filter.client_id.clone(),
+                labels: filter.labels.clone(),
+                page_size: LIST_PAGE_SIZE,
+                page_token,
+            });
+            let page = self
+                .inner
+                .clone()
+                .list_sessions(request)
+                .await
+                .map_err(PresenceError::Status)?
+                .into_inner();
+            listed.epoch = page.epoch;
+            listed.revision = page.revision;
+            for session in page.sessions {
+                listed.sessions.push(SessionInfo::try_from(session)?);
+            }
+            if page.next_page_token.is_empty() {
+                return Ok(listed);
+            }
+            page_token = page.next_page_token;
+        }
     }
 
     /// Ends the session `session_id` (its client gets `Goodbye{EVICTED}`

@@ -8,6 +8,7 @@
 
 use std::{pin::Pin, sync::Arc};
 
+use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::{wrappers::ReceiverStream, Stream};
 use tonic::{Request, Response, Status};
@@ -25,6 +26,17 @@ use crate::{
 /// Events in flight between a watcher's forwarding task and its stream; the
 /// registry's per-watcher queue is the real bound.
 const FORWARD_QUEUE: usize = 32;
+
+/// Sessions in a page when the request does not say (AIP-158's default).
+const DEFAULT_PAGE_SIZE: usize = 1000;
+/// The most sessions in one page; larger requests are lowered to it.
+const MAX_PAGE_SIZE: usize = 10_000;
+/// The most bytes of sessions in one page: under the 4 MiB every gRPC stack
+/// accepts by default, with room for the rest of the response.
+const MAX_PAGE_BYTES: usize = 4 * 1024 * 1024 - 64 * 1024;
+/// What a page token holds before the last session id of its page. Tokens
+/// are opaque to clients; this only tells the server's own from others.
+const PAGE_TOKEN_PREFIX: &str = "after:";
 
 /// The service behind [`HeartbeatHandle::presence`](super::HeartbeatHandle::presence).
 pub(crate) struct PresenceEndpoint {
@@ -84,20 +96,57 @@ impl pb::presence_service_server::PresenceService for PresenceEndpoint {
     ) -> Result<Response<pb::ListSessionsResponse>, Status> {
         self.authorize(&request)?;
         let request = request.into_inner();
+        let limit = match request.page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            size if size < 0 => {
+                return Err(Status::invalid_argument(format!(
+                    "page_size {size} is negative: use 0 for the default ({DEFAULT_PAGE_SIZE}) or up to {MAX_PAGE_SIZE}"
+                )))
+            }
+            // Positive, so it fits a usize.
+            size => usize::try_from(size).unwrap_or(MAX_PAGE_SIZE).min(MAX_PAGE_SIZE),
+        };
+        let after = match request.page_token.as_str() {
+            "" => "",
+            token => token.strip_prefix(PAGE_TOKEN_PREFIX).filter(|after| !after.is_empty()).ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "page_token \"{}\" is not one this server handed out: start again with an empty page_token",
+                    Escaped::quote(token, QUOTE_BYTES)
+                ))
+            })?,
+        };
         let filter = SessionFilter {
             client_id: request.client_id,
             labels: request.labels,
         };
-        let snapshot = self.shared.registry.snapshot();
+        let page = self
+            .shared
+            .registry
+            .page(after, limit, |identity| filter.matches(identity));
+        // Stop early rather than break the receiver's 4 MiB limit.
+        let mut sessions = Vec::with_capacity(page.snapshot.sessions.len());
+        let mut bytes = 0;
+        let mut cut = false;
+        for session in &page.snapshot.sessions {
+            let session = pb::Session::from(session);
+            let size =
+                prost::length_delimiter_len(session.encoded_len()) + 1 + session.encoded_len();
+            if bytes + size > MAX_PAGE_BYTES && !sessions.is_empty() {
+                cut = true;
+                break;
+            }
+            bytes += size;
+            sessions.push(session);
+        }
+        let next_page_token = match sessions.last() {
+            Some(last) if cut || page.more => format!("{PAGE_TOKEN_PREFIX}{}", last.session_id),
+            _ => String::new(),
+        };
         Ok(Response::new(pb::ListSessionsResponse {
-            sessions: snapshot
-                .sessions
-                .iter()
-                .filter(|session| filter.matches(&session.identity))
-                .map(pb::Session::from)
-                .collect(),
-            epoch: snapshot.epoch,
-            revision: snapshot.revision,
+            sessions,
+            epoch: page.snapshot.epoch,
+            revision: page.snapshot.revision,
+            next_page_token,
         }))
     }
 

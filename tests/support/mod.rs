@@ -408,3 +408,49 @@ pub async fn churn_large_sessions(addr: SocketAddr, rounds: usize) {
         session.ended().await;
     }
 }
+
+/// A session that exists only in the registry: for filling presence with
+/// many sessions cheaply. Asked to end, it closes at once.
+pub struct RegistryOnlySession {
+    registry: tonic_heartbeat::SessionRegistry,
+    session_id: String,
+}
+
+impl tonic_heartbeat::registry::SessionLink for RegistryOnlySession {
+    fn stats(&self) -> tonic_heartbeat::registry::SessionStats {
+        tonic_heartbeat::registry::SessionStats {
+            last_seen: Instant::now(),
+            rtt: None,
+            frames_in: 1,
+            frames_out: 1,
+        }
+    }
+
+    fn conclude(&self, reason: CloseReason, message: &str) {
+        self.registry.close(&self.session_id, reason, message);
+    }
+}
+
+/// Opens `count` registry-only sessions, ids `fill-0000000` …, each with
+/// `label_bytes` bytes of labels.
+pub fn fill_registry(handle: &HeartbeatHandle, count: usize, label_bytes: usize) {
+    let registry = handle.registry();
+    let labels: std::collections::HashMap<String, String> = (0..label_bytes.div_ceil(200))
+        .map(|i| (format!("k{i}"), "v".repeat(200.min(label_bytes))))
+        .collect();
+    for i in 0..count {
+        let session_id = format!("fill-{i:07}");
+        let identity = tonic_heartbeat::registry::SessionIdentity {
+            session_id: session_id.clone(),
+            client_id: format!("filler-{i}"),
+            labels: labels.clone(),
+            peer: None,
+            opened_at: std::time::SystemTime::now(),
+        };
+        let link = std::sync::Arc::new(RegistryOnlySession {
+            registry: registry.clone(),
+            session_id,
+        });
+        registry.open(identity, link).expect("registry open");
+    }
+}
