@@ -44,6 +44,9 @@ pub struct ServerConfig {
     pub watch_history: usize,
     /// Events queued for one watcher before it is ended as lagging. Default 1,024.
     pub watch_queue: usize,
+    /// Presence watches open at once; more are refused with
+    /// `RESOURCE_EXHAUSTED`. Default 256.
+    pub max_watchers: usize,
     /// The token every PresenceService call must present. Default: none (open).
     pub admin_token: Option<AdminToken>,
     /// Where the standalone server answers `GET /metrics`. Default: nowhere.
@@ -131,6 +134,7 @@ impl ServerConfig {
         limits: FrameLimits::DEFAULT,
         watch_history: 10_000,
         watch_queue: 1024,
+        max_watchers: 256,
         admin_token: None,
         metrics_listen: None,
     };
@@ -219,6 +223,7 @@ impl ServerConfig {
             ("max_sessions", self.max_sessions),
             ("watch_history", self.watch_history),
             ("watch_queue", self.watch_queue),
+            ("max_watchers", self.max_watchers),
             (
                 "max_streams_per_connection",
                 self.max_streams_per_connection as usize,

@@ -195,12 +195,15 @@ impl Metrics {
         self.watchers.inc();
     }
 
-    /// A presence watch ended; `lagged` if it was cut off for falling behind.
-    pub fn watcher_ended(&self, lagged: bool) {
+    /// A presence watch ended.
+    pub fn watcher_ended(&self) {
         self.watchers.dec();
-        if lagged {
-            self.watchers_lagged.inc();
-        }
+    }
+
+    /// A presence watch was cut off for falling behind (counted the moment
+    /// it is cut, even while its sends are blocked).
+    pub fn watcher_lagged(&self) {
+        self.watchers_lagged.inc();
     }
 
     /// The metrics in OpenMetrics if `openmetrics`, else in the classic

@@ -34,7 +34,10 @@ use std::{
 };
 
 use parking_lot::Mutex;
-use tokio::{sync::mpsc, time::Instant};
+use tokio::{
+    sync::{mpsc, Notify},
+    time::Instant,
+};
 use tracing::info;
 
 use crate::{
@@ -182,11 +185,11 @@ pub enum SubscriptionStart {
         /// The open sessions and their revision.
         snapshot: Snapshot,
     },
-    /// Exactly the changes missed since the resumed revision.
+    /// Exactly the changes missed since the resumed revision, read with
+    /// [`Subscription::next_missed`].
     Replay {
-        /// The missed changes, oldest first.
-        changes: Vec<Change>,
-        /// The revision after the last of them.
+        /// The revision of the last of them (the one resumed after, if none
+        /// was missed).
         revision: u64,
     },
 }
@@ -196,13 +199,17 @@ pub enum SubscriptionStart {
 #[error("the registry is shut down and opens no more sessions")]
 pub struct ShutDown;
 
-/// A subscriber that fell behind by more than its queue and was cut off.
+/// A subscriber that fell behind and was cut off: more changes were waiting
+/// than its queue holds, or a replay fell out of the bounded history.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("the subscriber lagged: more than {queue} changes were waiting; resume from the last revision seen")]
+#[error("the subscriber lagged: it fell more than {queue} changes behind; resume from the last revision seen")]
 pub struct Lagged {
     /// The queue bound it overflowed.
     pub queue: usize,
 }
+
+/// Changes a replay reads from the history under one short hold of the lock.
+const REPLAY_CHUNK: usize = 256;
 
 /// A snapshot (or replay) and then every change after it, in order.
 #[derive(Debug)]
@@ -211,19 +218,96 @@ pub struct Subscription {
     pub epoch: u64,
     /// Where the subscription begins.
     pub start: SubscriptionStart,
-    changes: mpsc::Receiver<Change>,
-    lagged: Arc<AtomicBool>,
-    queue: usize,
+    /// Changes after the start, shared with every other subscriber.
+    changes: mpsc::Receiver<Arc<Change>>,
+    /// Set and notified when the registry cuts this subscriber off.
+    lag: Arc<LagSignal>,
+    /// Where a replay has got to.
+    missed: Option<MissedCursor>,
+    /// The registry, for reading a replay from its history.
+    registry: SessionRegistry,
+}
+
+/// How a subscriber learns that it was cut off, even while it waits elsewhere.
+#[derive(Debug, Default)]
+struct LagSignal {
+    lagged: AtomicBool,
+    notify: Notify,
+}
+
+/// A replay's place in the history: changes after `after`, up to `until`.
+#[derive(Debug)]
+struct MissedCursor {
+    after: u64,
+    until: u64,
+    read: VecDeque<Arc<Change>>,
 }
 
 impl Subscription {
+    /// The next change missed before a [`SubscriptionStart::Replay`]:
+    /// `Ok(None)` once all were read, and always for a snapshot start. The
+    /// changes are shared with the history and read a few at a time, so a
+    /// long replay neither copies the history nor holds the registry's lock.
+    /// `Err` if the history moved past the replay meanwhile.
+    pub fn next_missed(&mut self) -> Result<Option<Arc<Change>>, Lagged> {
+        let Some(cursor) = &mut self.missed else {
+            return Ok(None);
+        };
+        if cursor.read.is_empty() && cursor.after < cursor.until {
+            let inner = self.registry.shared.inner.lock();
+            let oldest = inner
+                .history
+                .front()
+                .map_or(u64::MAX, |change| change.revision);
+            if cursor.after + 1 < oldest {
+                return Err(self.lagged_error());
+            }
+            // Revisions in the history are consecutive.
+            let skip = usize::try_from(cursor.after + 1 - oldest).unwrap_or(usize::MAX);
+            let until = cursor.until;
+            cursor.read.extend(
+                inner
+                    .history
+                    .iter()
+                    .skip(skip)
+                    .take_while(|change| change.revision <= until)
+                    .take(REPLAY_CHUNK)
+                    .cloned(),
+            );
+        }
+        let next = cursor.read.pop_front();
+        match &next {
+            Some(change) => cursor.after = change.revision,
+            None => self.missed = None,
+        }
+        Ok(next)
+    }
+
     /// The next change; `Ok(None)` once the registry is gone, `Err` if this
-    /// subscriber fell too far behind.
-    pub async fn next(&mut self) -> Result<Option<Change>, Lagged> {
+    /// subscriber fell too far behind (after the changes queued before).
+    pub async fn next(&mut self) -> Result<Option<Arc<Change>>, Lagged> {
         match self.changes.recv().await {
             Some(change) => Ok(Some(change)),
-            None if self.lagged.load(Ordering::Acquire) => Err(Lagged { queue: self.queue }),
+            None if self.lag.lagged.load(Ordering::Acquire) => Err(self.lagged_error()),
             None => Ok(None),
+        }
+    }
+
+    /// Completes once the registry has cut this subscriber off for lagging,
+    /// so an owner blocked on something else (a slow consumer) learns it at once.
+    pub async fn lagged(&self) -> Lagged {
+        loop {
+            let notified = self.lag.notify.notified();
+            if self.lag.lagged.load(Ordering::Acquire) {
+                return self.lagged_error();
+            }
+            notified.await;
+        }
+    }
+
+    fn lagged_error(&self) -> Lagged {
+        Lagged {
+            queue: self.registry.shared.queue,
         }
     }
 }
@@ -274,7 +358,8 @@ struct Inner {
     sessions: BTreeMap<String, Entry>,
     /// The open session of each non-empty client id.
     by_client: HashMap<String, String>,
-    history: VecDeque<Change>,
+    /// Recent changes, shared with subscribers and replays, never copied.
+    history: VecDeque<Arc<Change>>,
     subscribers: Vec<Subscriber>,
 }
 
@@ -296,8 +381,8 @@ impl Entry {
 }
 
 struct Subscriber {
-    changes: mpsc::Sender<Change>,
-    lagged: Arc<AtomicBool>,
+    changes: mpsc::Sender<Arc<Change>>,
+    lag: Arc<LagSignal>,
 }
 
 // === impl SessionRegistry ===
@@ -514,10 +599,10 @@ impl SessionRegistry {
 
     fn publish(&self, inner: &mut Inner, event: SessionEvent) {
         inner.revision += 1;
-        let change = Change {
+        let change = Arc::new(Change {
             revision: inner.revision,
             event,
-        };
+        });
         inner.subscribers.retain(
             |subscriber| match subscriber.changes.try_send(change.clone()) {
                 Ok(()) => true,
@@ -525,7 +610,9 @@ impl SessionRegistry {
                     // During a shutdown the burst of closes is not the
                     // watcher's fault: it just ends, like every other watch.
                     if !inner.shut_down {
-                        subscriber.lagged.store(true, Ordering::Release);
+                        subscriber.lag.lagged.store(true, Ordering::Release);
+                        subscriber.lag.notify.notify_one();
+                        self.shared.metrics.watcher_lagged();
                     }
                     false
                 }
@@ -601,61 +688,60 @@ impl SessionRegistry {
     /// `epoch` 0 asks for a fresh snapshot without a reset.
     pub fn resume(&self, epoch: u64, revision: u64) -> Subscription {
         let (sender, receiver) = mpsc::channel(self.shared.queue);
-        let lagged = Arc::new(AtomicBool::new(false));
+        let lag = Arc::new(LagSignal::default());
         let start = {
             let mut inner = self.shared.inner.lock();
-            let replay = if epoch == 0 {
-                None
+            let start = if epoch != 0 && self.can_replay_locked(&inner, epoch, revision) {
+                Ok(inner.revision)
             } else {
-                self.replay_locked(&inner, epoch, revision)
-            };
-            let start = match replay {
-                Some(changes) => Ok((changes, inner.revision)),
-                None => Err((epoch != 0, self.draft_locked(&inner))),
+                Err((epoch != 0, self.draft_locked(&inner)))
             };
             if !inner.shut_down {
                 inner.subscribers.push(Subscriber {
                     changes: sender,
-                    lagged: lagged.clone(),
+                    lag: lag.clone(),
                 });
             }
             start
         };
-        let start = match start {
-            Ok((changes, revision)) => SubscriptionStart::Replay { changes, revision },
-            Err((reset, draft)) => SubscriptionStart::Snapshot {
-                reset,
-                snapshot: draft.into_snapshot(self.shared.epoch),
-            },
+        let (start, missed) = match start {
+            Ok(until) => (
+                SubscriptionStart::Replay { revision: until },
+                Some(MissedCursor {
+                    after: revision,
+                    until,
+                    read: VecDeque::new(),
+                }),
+            ),
+            Err((reset, draft)) => (
+                SubscriptionStart::Snapshot {
+                    reset,
+                    snapshot: draft.into_snapshot(self.shared.epoch),
+                },
+                None,
+            ),
         };
         Subscription {
             epoch: self.shared.epoch,
             start,
             changes: receiver,
-            lagged,
-            queue: self.shared.queue,
+            lag,
+            missed,
+            registry: self.clone(),
         }
     }
 
-    fn replay_locked(&self, inner: &Inner, epoch: u64, after: u64) -> Option<Vec<Change>> {
+    /// Whether this server's history still holds every change after `after`
+    /// of `epoch`, so a resume can replay them.
+    fn can_replay_locked(&self, inner: &Inner, epoch: u64, after: u64) -> bool {
         if epoch != self.shared.epoch || after > inner.revision {
-            return None;
+            return false;
         }
-        if after == inner.revision {
-            return Some(Vec::new());
-        }
-        let oldest = inner.history.front()?.revision;
-        if after + 1 < oldest {
-            return None;
-        }
-        Some(
-            inner
+        after == inner.revision
+            || inner
                 .history
-                .iter()
-                .filter(|change| change.revision > after)
-                .cloned()
-                .collect(),
-        )
+                .front()
+                .is_some_and(|oldest| after + 1 >= oldest.revision)
     }
 }
 
@@ -816,22 +902,54 @@ mod tests {
         for id in ["a", "b", "c", "d"] {
             open(&registry, id, "");
         }
-        match registry.resume(epoch, 2).start {
-            SubscriptionStart::Replay { changes, revision } => {
-                assert_eq!(
-                    changes.iter().map(|c| c.revision).collect::<Vec<_>>(),
-                    [3, 4]
-                );
-                assert_eq!(revision, 4);
-            }
-            other => panic!("expected a replay, got {other:?}"),
+        let mut resumed = registry.resume(epoch, 2);
+        assert!(matches!(
+            resumed.start,
+            SubscriptionStart::Replay { revision: 4 }
+        ));
+        let mut missed = Vec::new();
+        while let Some(change) = resumed.next_missed().expect("in the history") {
+            missed.push(change.revision);
         }
+        assert_eq!(missed, [3, 4]);
         for (epoch, after) in [(epoch, 0), (epoch.wrapping_add(1), 3), (epoch, 9)] {
             assert!(matches!(
                 registry.resume(epoch, after).start,
                 SubscriptionStart::Snapshot { reset: true, .. }
             ));
         }
+    }
+
+    /// Tests that a long replay is read in chunks, every change once and in
+    /// order, and that one the history moves past meanwhile is cut off as
+    /// lagging rather than skipping changes.
+    #[test]
+    fn long_replays_read_in_chunks_or_lag() {
+        let registry = registry(1000, 10);
+        let epoch = registry.epoch();
+        for i in 0..700 {
+            open(&registry, &format!("s{i}"), "");
+        }
+        let mut resumed = registry.resume(epoch, 100);
+        let mut revisions = Vec::new();
+        while let Some(change) = resumed.next_missed().expect("in the history") {
+            revisions.push(change.revision);
+        }
+        assert_eq!(revisions, (101..=700).collect::<Vec<_>>());
+
+        let mut slow = registry.resume(epoch, 100);
+        assert!(slow.next_missed().expect("in the history").is_some());
+        for i in 700..1500 {
+            open(&registry, &format!("s{i}"), "");
+        }
+        let mut result = Ok(None);
+        for _ in 0..REPLAY_CHUNK + 1 {
+            result = slow.next_missed();
+            if result.is_err() {
+                break;
+            }
+        }
+        assert_eq!(result, Err(Lagged { queue: 10 }));
     }
 
     /// Tests that shutting down closes every session and refuses later opens.

@@ -559,6 +559,12 @@ async fn a_lagging_watcher_is_cut_off_and_the_server_stays_responsive() {
     churn_large_sessions(server.addr, 150).await;
     let (_alive, welcome) = RawSession::hello(server.addr, "still-served").await;
     assert!(!welcome.session_id.is_empty(), "the server keeps serving");
+    // Counted the moment it is cut off, while its sends are still blocked.
+    let metrics = server.handle.metrics().render(false).0;
+    assert!(
+        metrics.contains("\nheartbeat_watchers_lagged_total 1\n"),
+        "{metrics}"
+    );
     let ended = watch_end(&mut slow).await;
     assert_eq!(ended.code(), Code::ResourceExhausted, "{ended:?}");
     assert!(ended.message().contains("lagged"), "{ended:?}");
@@ -1181,4 +1187,35 @@ async fn sessions_command_handles_a_hundred_thousand_sessions() {
     signal(&child, "-TERM");
     let _ = child.wait();
     assert_eq!(counted, 100_000);
+}
+
+/// Tests that presence watches are capped: one past --max-watchers is
+/// RESOURCE_EXHAUSTED, saying which setting to raise, and a slot frees when
+/// a watch ends.
+#[tokio::test]
+async fn watches_are_capped() {
+    let config = ServerConfig {
+        max_watchers: 2,
+        ..fast_config()
+    };
+    let server = TestServer::start(config).await;
+    let mut client = presence(server.addr).await;
+    let first = watch(&mut client, watch_request(0, 0)).await;
+    let _second = watch(&mut client, watch_request(0, 0)).await;
+    let refused = client
+        .watch_sessions(watch_request(0, 0))
+        .await
+        .expect_err("a third watch is refused");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("--max-watchers"), "{refused:?}");
+    drop(first);
+    within(WAIT, async {
+        loop {
+            if client.watch_sessions(watch_request(0, 0)).await.is_ok() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
 }

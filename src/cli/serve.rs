@@ -152,6 +152,16 @@ pub(crate) struct ServeArgs {
     )]
     watch_queue: usize,
 
+    /// Presence watches open at once; more are refused with RESOURCE_EXHAUSTED.
+    /// Each costs at most its queue and one HTTP/2 stream's send buffer.
+    #[arg(
+        long,
+        env = "HEARTBEAT_MAX_WATCHERS",
+        default_value_t = DEFAULTS.max_watchers,
+        value_name = "N"
+    )]
+    max_watchers: usize,
+
     /// A file holding the admin token (surrounding white space ignored); when
     /// set, every PresenceService call needs `authorization: Bearer <token>`.
     #[arg(long, env = "HEARTBEAT_ADMIN_TOKEN_FILE", value_name = "PATH")]
@@ -189,6 +199,7 @@ impl ServeArgs {
             },
             watch_history: self.watch_history,
             watch_queue: self.watch_queue,
+            max_watchers: self.max_watchers,
             admin_token,
             metrics_listen: self.metrics_listen,
         })

@@ -40,7 +40,7 @@ mod shared;
 use std::{
     convert::Infallible,
     future::Future,
-    sync::Arc,
+    sync::{atomic::AtomicUsize, Arc},
     task::{Context, Poll},
 };
 
@@ -104,6 +104,7 @@ impl HeartbeatServer {
             metrics,
             gate: Arc::new(AdmissionGate::new(config.max_sessions)),
             wheel: wheel.clone(),
+            watchers: AtomicUsize::new(0),
             config,
         });
         let config = &shared.config;

@@ -6,11 +6,16 @@
 //! off there and told so here (`RESOURCE_EXHAUSTED`), never silently dropped
 //! behind, and never slowing the sessions or other watchers.
 
-use std::{pin::Pin, sync::Arc};
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::{atomic::Ordering as AtomicOrdering, Arc},
+    task::{Context, Poll},
+};
 
 use prost::Message;
-use tokio::sync::mpsc;
-use tokio_stream::{wrappers::ReceiverStream, Stream};
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use super::shared::ServerShared;
@@ -20,7 +25,7 @@ use crate::{
         pb::{self, watch_sessions_response::Event},
         text::{Escaped, QUOTE_BYTES},
     },
-    registry::{Subscription, SubscriptionStart},
+    registry::{Lagged, Subscription, SubscriptionStart},
 };
 
 /// Events in flight between a watcher's forwarding task and its stream; the
@@ -160,18 +165,29 @@ impl pb::presence_service_server::PresenceService for PresenceEndpoint {
             client_id: request.client_id,
             labels: request.labels,
         };
+        let slot = WatcherSlot::take(&self.shared).ok_or_else(|| {
+            Status::resource_exhausted(format!(
+                "the server holds its maximum of {} presence watches; retry later, or raise --max-watchers",
+                self.shared.config.max_watchers
+            ))
+        })?;
         let subscription = self
             .shared
             .registry
             .resume(request.resume_epoch, request.resume_after);
         let (events, stream) = mpsc::channel(FORWARD_QUEUE);
-        let metrics = self.shared.metrics.clone();
-        metrics.watcher_started();
+        let (cut, cut_off) = oneshot::channel();
         tokio::spawn(async move {
-            let lagged = forward(subscription, filter, events).await;
-            metrics.watcher_ended(lagged);
+            // Held for the watch's life: the cap and the gauge.
+            let _slot = slot;
+            if let WatchEnd::Lagged(lagged) = forward(subscription, filter, events).await {
+                let _ = cut.send(Status::resource_exhausted(lagged.to_string()));
+            }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(stream))))
+        Ok(Response::new(Box::pin(WatchResponses {
+            events: stream,
+            cut_off: Some(cut_off),
+        })))
     }
 
     async fn evict_session(
@@ -197,41 +213,63 @@ impl pb::presence_service_server::PresenceService for PresenceEndpoint {
 
 type Sender = mpsc::Sender<Result<pb::WatchSessionsResponse, Status>>;
 
+/// How a watch's forwarding ended.
+enum WatchEnd {
+    /// The watcher left, or the server shut down (and said so, in order).
+    Over,
+    /// The registry cut the watcher off for lagging.
+    Lagged(Lagged),
+}
+
 /// Sends the subscription's start, `synced`, then its changes, until the
-/// watcher leaves or the registry ends it. Returns whether it lagged.
-async fn forward(mut subscription: Subscription, filter: SessionFilter, events: Sender) -> bool {
+/// watcher leaves or the registry ends it.
+async fn forward(
+    mut subscription: Subscription,
+    filter: SessionFilter,
+    events: Sender,
+) -> WatchEnd {
+    match stream_watch(&mut subscription, &filter, &events).await {
+        Ok(()) => WatchEnd::Over,
+        Err(end) => end,
+    }
+}
+
+async fn stream_watch(
+    subscription: &mut Subscription,
+    filter: &SessionFilter,
+    events: &Sender,
+) -> Result<(), WatchEnd> {
     let epoch = subscription.epoch;
+    // Taken, so a large snapshot is freed as soon as it is sent.
     let start = std::mem::replace(
         &mut subscription.start,
-        SubscriptionStart::Replay {
-            changes: Vec::new(),
-            revision: 0,
-        },
+        SubscriptionStart::Replay { revision: 0 },
     );
     let synced_at = match start {
         SubscriptionStart::Snapshot { reset, snapshot } => {
             let revision = snapshot.revision;
-            if reset && !send(&events, Event::Reset(pb::Reset {}), revision).await {
-                return false;
+            if reset {
+                deliver(
+                    events,
+                    subscription,
+                    response(Event::Reset(pb::Reset {}), revision),
+                )
+                .await?;
             }
             for session in snapshot
                 .sessions
                 .iter()
                 .filter(|s| filter.matches(&s.identity))
             {
-                if !send(&events, Event::Opened(session.into()), revision).await {
-                    return false;
-                }
+                let opened = response(Event::Opened(session.into()), revision);
+                deliver(events, subscription, opened).await?;
             }
             revision
         }
-        SubscriptionStart::Replay { changes, revision } => {
-            for change in changes
-                .iter()
-                .filter(|change| filter.matches(&change.event.session().identity))
-            {
-                if events.send(Ok(change.into())).await.is_err() {
-                    return false;
+        SubscriptionStart::Replay { revision } => {
+            while let Some(change) = subscription.next_missed().map_err(WatchEnd::Lagged)? {
+                if filter.matches(&change.event.session().identity) {
+                    deliver(events, subscription, change.as_ref().into()).await?;
                 }
             }
             revision
@@ -241,39 +279,106 @@ async fn forward(mut subscription: Subscription, filter: SessionFilter, events: 
         epoch,
         revision: synced_at,
     });
-    if !send(&events, synced, synced_at).await {
-        return false;
-    }
+    deliver(events, subscription, response(synced, synced_at)).await?;
     loop {
         let next = tokio::select! {
             next = subscription.next() => next,
             // A watcher that left is noticed now, not at the next change.
-            () = events.closed() => return false,
+            () = events.closed() => return Ok(()),
         };
-        let ending = match next {
+        match next {
             Ok(Some(change)) => {
-                if filter.matches(&change.event.session().identity)
-                    && events.send(Ok((&change).into())).await.is_err()
-                {
-                    return false;
+                if filter.matches(&change.event.session().identity) {
+                    deliver(events, subscription, change.as_ref().into()).await?;
                 }
-                continue;
             }
-            Ok(None) => Status::unavailable(
-                "the server is shutting down; resume the watch from the last revision seen",
-            ),
-            Err(lagged) => Status::resource_exhausted(lagged.to_string()),
-        };
-        let lagged = ending.code() == tonic::Code::ResourceExhausted;
-        let _ = events.send(Err(ending)).await;
-        return lagged;
+            Ok(None) => {
+                let ending = Status::unavailable(
+                    "the server is shutting down; resume the watch from the last revision seen",
+                );
+                let _ = events.send(Err(ending)).await;
+                return Ok(());
+            }
+            Err(lagged) => return Err(WatchEnd::Lagged(lagged)),
+        }
     }
 }
 
-async fn send(events: &Sender, event: Event, revision: u64) -> bool {
-    let response = pb::WatchSessionsResponse {
+/// Sends one response, unless the watcher left or, while the send waits on
+/// a watcher that does not read, the registry cuts it off for lagging.
+async fn deliver(
+    events: &Sender,
+    subscription: &Subscription,
+    response: pb::WatchSessionsResponse,
+) -> Result<(), WatchEnd> {
+    tokio::select! {
+        sent = events.send(Ok(response)) => sent.map_err(|_| WatchEnd::Over),
+        lagged = subscription.lagged() => Err(WatchEnd::Lagged(lagged)),
+    }
+}
+
+fn response(event: Event, revision: u64) -> pb::WatchSessionsResponse {
+    pb::WatchSessionsResponse {
         event: Some(event),
         revision,
-    };
-    events.send(Ok(response)).await.is_ok()
+    }
+}
+
+/// A watch's responses: its events in order, except that a watcher cut off
+/// for lagging hears it at once, ahead of what was queued for it (it resumes
+/// from the last revision it saw, so nothing is lost).
+struct WatchResponses {
+    events: mpsc::Receiver<Result<pb::WatchSessionsResponse, Status>>,
+    cut_off: Option<oneshot::Receiver<Status>>,
+}
+
+impl Stream for WatchResponses {
+    type Item = Result<pb::WatchSessionsResponse, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if let Some(cut_off) = &mut self.cut_off {
+            match Pin::new(cut_off).poll(cx) {
+                Poll::Ready(Ok(status)) => {
+                    self.cut_off = None;
+                    // What was queued is dropped now; tonic ends the call here.
+                    self.events.close();
+                    return Poll::Ready(Some(Err(status)));
+                }
+                // The watch ended without being cut off.
+                Poll::Ready(Err(_)) => self.cut_off = None,
+                Poll::Pending => {}
+            }
+        }
+        self.events.poll_recv(cx)
+    }
+}
+
+/// One of the server's presence watches, counted against
+/// `ServerConfig::max_watchers` and in the metrics for as long as it lives.
+struct WatcherSlot {
+    shared: Arc<ServerShared>,
+}
+
+impl WatcherSlot {
+    /// Takes a slot, or `None` if every one is taken.
+    fn take(shared: &Arc<ServerShared>) -> Option<Self> {
+        let max = shared.config.max_watchers;
+        shared
+            .watchers
+            .fetch_update(AtomicOrdering::AcqRel, AtomicOrdering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()?;
+        shared.metrics.watcher_started();
+        Some(Self {
+            shared: shared.clone(),
+        })
+    }
+}
+
+impl Drop for WatcherSlot {
+    fn drop(&mut self) {
+        self.shared.watchers.fetch_sub(1, AtomicOrdering::AcqRel);
+        self.shared.metrics.watcher_ended();
+    }
 }

@@ -1,6 +1,6 @@
 //! What every part of one server shares: settings, metrics, registry, gate, wheel.
 
-use std::sync::Arc;
+use std::sync::{atomic::AtomicUsize, Arc};
 
 use super::admission::AdmissionGate;
 use crate::{
@@ -19,4 +19,6 @@ pub(crate) struct ServerShared {
     pub(super) gate: Arc<AdmissionGate>,
     /// Deadlines and ping timers of every session.
     pub(super) wheel: TimerWheel,
+    /// Presence watches open now, held under `config.max_watchers`.
+    pub(super) watchers: AtomicUsize,
 }

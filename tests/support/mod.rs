@@ -271,6 +271,8 @@ pub async fn next_change(subscription: &mut Subscription) -> Change {
         .await
         .expect("not lagged")
         .expect("registry alive")
+        .as_ref()
+        .clone()
 }
 
 /// Waits for the close of `session_id` and returns its reason and when it came.
