@@ -8,8 +8,8 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
-    cli::init_tracing(args.log_format);
-    match cli::run(args) {
+    let logs = cli::init_tracing(args.log_format);
+    match cli::run(args, &logs) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             // One line, naming the value and the fix; details are in the chain.

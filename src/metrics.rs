@@ -44,6 +44,7 @@ pub struct Metrics {
     admission_rejections: ReasonCounter,
     watchers: Gauge,
     watchers_lagged: Counter,
+    log_lines_dropped: Counter,
 }
 
 impl Metrics {
@@ -64,6 +65,7 @@ impl Metrics {
             admission_rejections: ReasonCounter::default(),
             watchers: Gauge::default(),
             watchers_lagged: Counter::default(),
+            log_lines_dropped: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -120,6 +122,11 @@ impl Metrics {
             "heartbeat_watchers_lagged",
             "Presence watches ended because they fell too far behind",
             metrics.watchers_lagged.clone(),
+        );
+        registry.register(
+            "heartbeat_log_lines_dropped",
+            "Log lines dropped because the log writer fell behind (a slow or blocked stderr), never a stalled heartbeat",
+            metrics.log_lines_dropped.clone(),
         );
         // Creating each series is the point; the returned guard is not needed.
         for reason in close_reasons {
@@ -204,6 +211,15 @@ impl Metrics {
     /// it is cut, even while its sends are blocked).
     pub fn watcher_lagged(&self) {
         self.watchers_lagged.inc();
+    }
+
+    /// The log writer has dropped `total` lines since it started (a running
+    /// total, as the writer counts them).
+    pub fn log_lines_dropped(&self, total: u64) {
+        let counted = self.log_lines_dropped.get();
+        if total > counted {
+            self.log_lines_dropped.inc_by(total - counted);
+        }
     }
 
     /// The metrics in OpenMetrics if `openmetrics`, else in the classic

@@ -11,6 +11,7 @@ mod sessions;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::{fmt, EnvFilter};
 
 /// gRPC heartbeats and presence: know which clients are alive, end the silent
@@ -70,26 +71,55 @@ pub(crate) enum LogFormat {
 }
 
 /// Runs the parsed command.
-pub(crate) fn run(cli: Cli) -> anyhow::Result<()> {
+pub(crate) fn run(cli: Cli, logs: &LogSink) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve(args) => serve::run(args),
+        Command::Serve(args) => serve::run(args, logs),
         Command::Connect(args) => connect::run(args),
         Command::Sessions(args) => sessions::run(args),
     }
 }
 
-/// Sends `tracing` output to stderr in the chosen format.
-pub(crate) fn init_tracing(format: LogFormat) {
+/// Log lines queued for stderr before new ones are dropped (and counted).
+const LOG_QUEUE_LINES: usize = 16_384;
+
+/// Where log lines go: stderr, through a bounded queue drained by a thread of
+/// its own, so a slow or blocked stderr (a pipe nobody reads) never stalls a
+/// heartbeat. Lines that find the queue full are dropped and counted.
+pub(crate) struct LogSink {
+    /// Flushes what is queued when the program ends.
+    _flush: WorkerGuard,
+    dropped: ErrorCounter,
+}
+
+impl LogSink {
+    /// A handle on the count of dropped lines, for a task of its own.
+    pub(crate) fn drops(&self) -> ErrorCounter {
+        self.dropped.clone()
+    }
+}
+
+/// Sends `tracing` output to stderr in the chosen format, without blocking.
+pub(crate) fn init_tracing(format: LogFormat) -> LogSink {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // Colours only for a person at a terminal, never into files or pipes.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let (writer, flush) = NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(LOG_QUEUE_LINES)
+        .thread_name("hb-log")
+        .finish(std::io::stderr());
+    let dropped = writer.error_counter();
     let builder = fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(ansi);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+    LogSink {
+        _flush: flush,
+        dropped,
     }
 }
 

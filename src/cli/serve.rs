@@ -8,12 +8,15 @@ use tonic::transport::server::TcpIncoming;
 use tonic_heartbeat::{
     config::AdminToken,
     error::ServeError,
-    server::{self},
+    server::{self, HeartbeatHandle},
     FrameLimits, ServerConfig,
 };
 use tracing::{info, warn};
 
-use super::{human, parse_duration, HumanDuration, ShutdownSignals};
+use super::{human, parse_duration, HumanDuration, LogSink, ShutdownSignals};
+
+/// How often the count of dropped log lines reaches the metrics.
+const LOG_DROPS_REPORTED_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Every default of the server, written once in the library.
 const DEFAULTS: ServerConfig = ServerConfig::DEFAULT;
@@ -207,7 +210,7 @@ impl ServeArgs {
 }
 
 /// Validates the flags, binds, and serves until a signal.
-pub(crate) fn run(args: ServeArgs) -> anyhow::Result<()> {
+pub(crate) fn run(args: ServeArgs, logs: &LogSink) -> anyhow::Result<()> {
     let config = args.config()?;
     config
         .validate()
@@ -229,7 +232,18 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<()> {
             .with_nodelay(Some(true));
         let listen = incoming.local_addr().unwrap_or(args.listen);
         info!(%listen, ping_interval = ?config.ping_interval, timeout = ?config.timeout, "serving");
-        server::serve(incoming, config, shutdown_signal(signals), |_| {}).await?;
+        let drops = logs.drops();
+        let report_drops = move |handle: HeartbeatHandle| {
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(LOG_DROPS_REPORTED_EVERY);
+                loop {
+                    every.tick().await;
+                    let dropped = u64::try_from(drops.dropped_lines()).unwrap_or(u64::MAX);
+                    handle.metrics().log_lines_dropped(dropped);
+                }
+            });
+        };
+        server::serve(incoming, config, shutdown_signal(signals), report_drops).await?;
         Ok(())
     })
 }
