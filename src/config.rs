@@ -32,6 +32,22 @@ pub struct ServerConfig {
     pub ping_strikes: u32,
     /// Open sessions (streams, Hello or not) at most; more are refused. Default 100,000.
     pub max_sessions: usize,
+    /// A connection that opens no stream within this is closed (a slowloris,
+    /// or a peer that never sends the HTTP/2 preface). Default 10 s.
+    pub handshake_timeout: Duration,
+    /// A connection with no open stream for this long is closed. Default 5 min.
+    pub idle_timeout: Duration,
+    /// How often HTTP/2 pings probe a connection, to reap dead ones. Default 60 s.
+    pub http2_keepalive_interval: Duration,
+    /// How long an HTTP/2 ping may go unanswered before the connection is
+    /// closed. Default 20 s.
+    pub http2_keepalive_timeout: Duration,
+    /// Connections one client IP may hold; more are closed at accept.
+    /// Default 1,024.
+    pub max_connections_per_ip: usize,
+    /// Calls (sessions and presence calls) one client IP may hold open; more
+    /// are refused with `RESOURCE_EXHAUSTED`. Default 20,000.
+    pub max_streams_per_ip: usize,
     /// How long a shutdown waits for goodbyes to reach clients. Default 10 s.
     pub shutdown_grace: Duration,
     /// The `reconnect_after` hint sent with the shutdown goodbye. Default 1 s.
@@ -128,6 +144,12 @@ impl ServerConfig {
         min_ping_interval: Duration::from_secs(1),
         ping_strikes: 2,
         max_sessions: 100_000,
+        handshake_timeout: Duration::from_secs(10),
+        idle_timeout: Duration::from_secs(300),
+        http2_keepalive_interval: Duration::from_secs(60),
+        http2_keepalive_timeout: Duration::from_secs(20),
+        max_connections_per_ip: 1024,
+        max_streams_per_ip: 20_000,
         shutdown_grace: Duration::from_secs(10),
         reconnect_after: Duration::from_secs(1),
         max_streams_per_connection: 4096,
@@ -184,6 +206,18 @@ impl ServerConfig {
             ("hello_timeout", Some(self.hello_timeout), "10s"),
             ("min_ping_interval", Some(self.min_ping_interval), "1s"),
             ("shutdown_grace", Some(self.shutdown_grace), "10s"),
+            ("handshake_timeout", Some(self.handshake_timeout), "10s"),
+            ("idle_timeout", Some(self.idle_timeout), "5m"),
+            (
+                "http2_keepalive_interval",
+                Some(self.http2_keepalive_interval),
+                "60s",
+            ),
+            (
+                "http2_keepalive_timeout",
+                Some(self.http2_keepalive_timeout),
+                "20s",
+            ),
             ("reconnect_after", Some(self.reconnect_after), "1s"),
         ] {
             let Some(value) = value else { continue };
@@ -224,6 +258,8 @@ impl ServerConfig {
             ("watch_history", self.watch_history),
             ("watch_queue", self.watch_queue),
             ("max_watchers", self.max_watchers),
+            ("max_connections_per_ip", self.max_connections_per_ip),
+            ("max_streams_per_ip", self.max_streams_per_ip),
             (
                 "max_streams_per_connection",
                 self.max_streams_per_connection as usize,

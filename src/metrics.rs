@@ -45,6 +45,9 @@ pub struct Metrics {
     watchers: Gauge,
     watchers_lagged: Counter,
     log_lines_dropped: Counter,
+    connections_refused: Counter,
+    connections_closed_idle: Counter,
+    accept_errors: Counter,
 }
 
 impl Metrics {
@@ -66,6 +69,9 @@ impl Metrics {
             watchers: Gauge::default(),
             watchers_lagged: Counter::default(),
             log_lines_dropped: Counter::default(),
+            connections_refused: Counter::default(),
+            connections_closed_idle: Counter::default(),
+            accept_errors: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -127,6 +133,21 @@ impl Metrics {
             "heartbeat_log_lines_dropped",
             "Log lines dropped because the log writer fell behind (a slow or blocked stderr), never a stalled heartbeat",
             metrics.log_lines_dropped.clone(),
+        );
+        registry.register(
+            "heartbeat_connections_refused",
+            "Connections closed at accept because their peer IP held its maximum",
+            metrics.connections_refused.clone(),
+        );
+        registry.register(
+            "heartbeat_connections_closed_idle",
+            "Connections closed for opening no stream within the handshake timeout, or none for the idle timeout",
+            metrics.connections_closed_idle.clone(),
+        );
+        registry.register(
+            "heartbeat_accept_errors",
+            "Failed accepts (for instance out of file descriptors), each followed by a pause",
+            metrics.accept_errors.clone(),
         );
         // Creating each series is the point; the returned guard is not needed.
         for reason in close_reasons {
@@ -211,6 +232,21 @@ impl Metrics {
     /// it is cut, even while its sends are blocked).
     pub fn watcher_lagged(&self) {
         self.watchers_lagged.inc();
+    }
+
+    /// A connection was refused at accept: its peer was over its cap.
+    pub fn connection_refused(&self) {
+        self.connections_refused.inc();
+    }
+
+    /// A connection was closed for idleness (or for never starting).
+    pub fn connection_closed_idle(&self) {
+        self.connections_closed_idle.inc();
+    }
+
+    /// An `accept` failed.
+    pub fn accept_error(&self) {
+        self.accept_errors.inc();
     }
 
     /// The log writer has dropped `total` lines since it started (a running

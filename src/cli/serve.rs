@@ -88,6 +88,43 @@ pub(crate) struct ServeArgs {
     #[arg(long, env = "HEARTBEAT_RECONNECT_AFTER", default_value_t = human(DEFAULTS.reconnect_after), value_parser = parse_duration, value_name = "DURATION")]
     reconnect_after: HumanDuration,
 
+    /// A connection that opens no stream within this is closed (a peer that
+    /// never sends the HTTP/2 preface, or never calls).
+    #[arg(long, env = "HEARTBEAT_HANDSHAKE_TIMEOUT", default_value_t = human(DEFAULTS.handshake_timeout), value_parser = parse_duration, value_name = "DURATION")]
+    handshake_timeout: HumanDuration,
+
+    /// A connection with no open call for this long is closed.
+    #[arg(long, env = "HEARTBEAT_IDLE_TIMEOUT", default_value_t = human(DEFAULTS.idle_timeout), value_parser = parse_duration, value_name = "DURATION")]
+    idle_timeout: HumanDuration,
+
+    /// How often HTTP/2 pings probe each connection, to reap dead ones.
+    #[arg(long, env = "HEARTBEAT_HTTP2_KEEPALIVE_INTERVAL", default_value_t = human(DEFAULTS.http2_keepalive_interval), value_parser = parse_duration, value_name = "DURATION")]
+    http2_keepalive_interval: HumanDuration,
+
+    /// How long an HTTP/2 ping may go unanswered before its connection is closed.
+    #[arg(long, env = "HEARTBEAT_HTTP2_KEEPALIVE_TIMEOUT", default_value_t = human(DEFAULTS.http2_keepalive_timeout), value_parser = parse_duration, value_name = "DURATION")]
+    http2_keepalive_timeout: HumanDuration,
+
+    /// Connections one client IP may hold; more are closed at accept. Raise it
+    /// behind a load balancer, or for a load tool on one host.
+    #[arg(
+        long,
+        env = "HEARTBEAT_MAX_CONNECTIONS_PER_IP",
+        default_value_t = DEFAULTS.max_connections_per_ip,
+        value_name = "N"
+    )]
+    max_connections_per_ip: usize,
+
+    /// Calls (sessions, presence calls) one client IP may hold open; more are
+    /// refused with RESOURCE_EXHAUSTED.
+    #[arg(
+        long,
+        env = "HEARTBEAT_MAX_STREAMS_PER_IP",
+        default_value_t = DEFAULTS.max_streams_per_ip,
+        value_name = "N"
+    )]
+    max_streams_per_ip: usize,
+
     /// HTTP/2 streams one connection may hold open (one session is one stream).
     #[arg(
         long,
@@ -193,6 +230,12 @@ impl ServeArgs {
             shutdown_grace: self.shutdown_grace.into(),
             reconnect_after: self.reconnect_after.into(),
             max_streams_per_connection: self.max_streams_per_connection,
+            handshake_timeout: self.handshake_timeout.into(),
+            idle_timeout: self.idle_timeout.into(),
+            http2_keepalive_interval: self.http2_keepalive_interval.into(),
+            http2_keepalive_timeout: self.http2_keepalive_timeout.into(),
+            max_connections_per_ip: self.max_connections_per_ip,
+            max_streams_per_ip: self.max_streams_per_ip,
             limits: FrameLimits {
                 max_message_size: self.max_message_size,
                 max_client_id: self.max_client_id,

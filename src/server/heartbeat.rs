@@ -4,7 +4,9 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{admission::Refusal, session::SessionStream, shared::ServerShared};
+use super::{
+    admission::Refusal, connection::PeerInfo, session::SessionStream, shared::ServerShared,
+};
 use crate::{liveness::LivenessHandle, protocol::pb};
 
 /// The generated service's implementation; mounted behind the liveness layer.
@@ -41,7 +43,11 @@ impl pb::heartbeat_service_server::HeartbeatService for HeartbeatEndpoint {
                     "the server holds its maximum of {capacity} sessions; retry later"
                 )),
             })?;
-        let peer = request.remote_addr();
+        let peer = request
+            .extensions()
+            .get::<PeerInfo>()
+            .map(|peer| peer.remote_addr)
+            .or_else(|| request.remote_addr());
         Ok(Response::new(SessionStream::new(
             self.shared.clone(),
             handle,

@@ -28,6 +28,7 @@
 //! ```
 
 mod admission;
+mod connection;
 mod drain;
 mod exposition;
 mod farewell;
@@ -282,8 +283,16 @@ pub async fn serve(
         ));
     }
     let mut server_stopped = stopped.clone();
+    let peers = Arc::new(connection::PeerTable::new(
+        &config,
+        handle.shared.metrics.clone(),
+    ));
+    let incoming = connection::accept(incoming, peers, handle.shared.wheel.clone());
     let server = Server::builder()
         .max_concurrent_streams(config.max_streams_per_connection)
+        .http2_keepalive_interval(Some(config.http2_keepalive_interval))
+        .http2_keepalive_timeout(Some(config.http2_keepalive_timeout))
+        .layer(connection::StreamCountLayer)
         .add_service(health_service)
         .add_service(heartbeat)
         .add_service(handle.presence())
