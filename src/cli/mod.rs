@@ -40,7 +40,7 @@ enum Command {
     /// goodbyes are out (at most --shutdown-grace). A second signal exits at once.
     ///
     /// Example: heartbeat serve --listen 0.0.0.0:50051 --ping-interval 5s --timeout 15s
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
 
     /// Hold a heartbeat session with a server and print what happens.
     ///
@@ -73,7 +73,7 @@ pub(crate) enum LogFormat {
 /// Runs the parsed command.
 pub(crate) fn run(cli: Cli, logs: &LogSink) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve(args) => serve::run(args, logs),
+        Command::Serve(args) => serve::run(*args, logs),
         Command::Connect(args) => connect::run(args),
         Command::Sessions(args) => sessions::run(args),
     }
