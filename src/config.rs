@@ -7,7 +7,10 @@
 
 use std::{fmt, net::SocketAddr, path::Path, time::Duration};
 
-use crate::error::{ConfigError, TokenError};
+use crate::{
+    credentials::ClientCredentials,
+    error::{ConfigError, TokenError},
+};
 
 /// The longest duration any setting takes. Longer ones are surely typos, and
 /// deadlines that far away would overflow the clock.
@@ -63,6 +66,9 @@ pub struct ServerConfig {
     /// Presence watches open at once; more are refused with
     /// `RESOURCE_EXHAUSTED`. Default 256.
     pub max_watchers: usize,
+    /// The tokens clients must present, and the client ids each allows
+    /// (contract rule 1). Default: none (any client may say any id).
+    pub client_credentials: Option<ClientCredentials>,
     /// The token every PresenceService call must present. Default: none (open).
     pub admin_token: Option<AdminToken>,
     /// Where the standalone server answers `GET /metrics`. Default: nowhere.
@@ -157,6 +163,7 @@ impl ServerConfig {
         watch_history: 10_000,
         watch_queue: 1024,
         max_watchers: 256,
+        client_credentials: None,
         admin_token: None,
         metrics_listen: None,
     };

@@ -110,6 +110,29 @@ pub enum TokenError {
     },
 }
 
+/// The client credentials file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialsError {
+    /// The file could not be read.
+    #[error("cannot read the client credentials file {path}: {source}")]
+    Unreadable {
+        /// The file's path.
+        path: std::path::PathBuf,
+        /// Why reading failed.
+        source: io::Error,
+    },
+    /// A line is not a credential.
+    #[error("the client credentials file {path}, line {line}: {problem}")]
+    Malformed {
+        /// The file's path.
+        path: std::path::PathBuf,
+        /// The line's number, from 1.
+        line: usize,
+        /// What is wrong with it, and how to write it.
+        problem: String,
+    },
+}
+
 /// The standalone server could not start or failed while serving.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -166,6 +189,9 @@ pub enum ClientError {
     /// The backoff settings are invalid.
     #[error(transparent)]
     Backoff(#[from] InvalidBackoff),
+    /// The bearer token cannot travel in a header.
+    #[error("the bearer token is not valid in a header: it must be printable ASCII")]
+    InvalidToken,
     /// The client's own thread could not be started.
     #[error("cannot start the heartbeat client's thread: {0}")]
     Thread(#[source] io::Error),

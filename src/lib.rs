@@ -23,6 +23,7 @@
 //!   [`PresenceView`](presence::PresenceView); the registry's types on the wire.
 //! - [`metrics`]: metric names and recorders, in Prometheus text.
 //! - [`config`]: validated settings and their defaults.
+//! - [`credentials`]: client credentials, which token may use which client ids.
 //! - [`error`]: the errors returned at the library's boundaries.
 //!
 //! The `heartbeat` binary's command line lives in the binary, not here, behind
@@ -37,6 +38,7 @@
 mod backoff;
 pub mod client;
 pub mod config;
+pub mod credentials;
 pub mod error;
 pub mod liveness;
 pub mod metrics;

@@ -1,12 +1,12 @@
 //! `heartbeat connect`: hold a session and print what happens to it.
 
-use std::time::Duration;
+use std::{path::PathBuf, time::Duration};
 
 use clap::Args;
 use serde_json::json;
 use tonic_heartbeat::client::{Client, ClientEvent, LossReason};
 
-use super::{current_thread_runtime, parse_label, Output, ShutdownSignals};
+use super::{current_thread_runtime, parse_label, read_token, Output, ShutdownSignals};
 
 /// Flags of `heartbeat connect`.
 #[derive(Debug, Args)]
@@ -23,6 +23,11 @@ pub(crate) struct ConnectArgs {
     #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
     labels: Vec<(String, String)>,
 
+    /// A file holding this client's bearer token (surrounding white space
+    /// ignored), for a server with client credentials.
+    #[arg(long, env = "HEARTBEAT_TOKEN_FILE", value_name = "PATH")]
+    token_file: Option<PathBuf>,
+
     /// How events are printed: text for people, json (one object a line) for programs.
     #[arg(long, value_enum, default_value_t = Output::Text, env = "HEARTBEAT_OUTPUT")]
     output: Output,
@@ -36,6 +41,9 @@ pub(crate) fn run(args: ConnectArgs) -> anyhow::Result<()> {
         // say goodbye, not kill the process.
         let mut signals = ShutdownSignals::listen()?;
         let mut builder = Client::builder(args.url.clone()).client_id(args.client_id);
+        if let Some(path) = &args.token_file {
+            builder = builder.bearer_token(read_token(path)?);
+        }
         for (key, value) in args.labels {
             builder = builder.label(key, value);
         }

@@ -145,6 +145,20 @@ fn parse_label(text: &str) -> Result<(String, String), String> {
     }
 }
 
+/// Reads a token file: its content with surrounding white space trimmed.
+fn read_token(path: &std::path::Path) -> anyhow::Result<String> {
+    use anyhow::Context;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the token file {}", path.display()))?;
+    let token = text.trim();
+    anyhow::ensure!(
+        !token.is_empty(),
+        "the token file {} is empty: write the token into it",
+        path.display()
+    );
+    Ok(token.to_owned())
+}
+
 /// The small runtime of a command that talks to one server.
 fn current_thread_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     use anyhow::Context;

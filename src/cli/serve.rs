@@ -7,6 +7,7 @@ use clap::Args;
 use tonic::transport::server::TcpIncoming;
 use tonic_heartbeat::{
     config::AdminToken,
+    credentials::ClientCredentials,
     error::ServeError,
     server::{self, HeartbeatHandle},
     FrameLimits, ServerConfig,
@@ -202,6 +203,14 @@ pub(crate) struct ServeArgs {
     )]
     max_watchers: usize,
 
+    /// A file of client credentials, one `TOKEN IDS` a line: each bearer token
+    /// (or `sha256:<hex>` of it) and the client ids it may say Hello as (`id`,
+    /// `prefix*`, `*`, `""` for anonymous). Streams without a known token are
+    /// refused (UNAUTHENTICATED); a Hello with an id its token does not allow is
+    /// refused (PERMISSION_DENIED). Reloaded on SIGHUP and when the file changes.
+    #[arg(long, env = "HEARTBEAT_CLIENT_CREDENTIALS", value_name = "PATH")]
+    client_credentials: Option<PathBuf>,
+
     /// A file holding the admin token (surrounding white space ignored); when
     /// set, every PresenceService call needs `authorization: Bearer <token>`.
     #[arg(long, env = "HEARTBEAT_ADMIN_TOKEN_FILE", value_name = "PATH")]
@@ -218,6 +227,11 @@ impl ServeArgs {
             .admin_token_file
             .as_deref()
             .map(AdminToken::from_file)
+            .transpose()?;
+        let client_credentials = self
+            .client_credentials
+            .as_deref()
+            .map(ClientCredentials::from_file)
             .transpose()?;
         Ok(ServerConfig {
             ping_interval: self.ping_interval.into(),
@@ -246,6 +260,7 @@ impl ServeArgs {
             watch_history: self.watch_history,
             watch_queue: self.watch_queue,
             max_watchers: self.max_watchers,
+            client_credentials,
             admin_token,
             metrics_listen: self.metrics_listen,
         })
@@ -275,6 +290,9 @@ pub(crate) fn run(args: ServeArgs, logs: &LogSink) -> anyhow::Result<()> {
             .with_nodelay(Some(true));
         let listen = incoming.local_addr().unwrap_or(args.listen);
         info!(%listen, ping_interval = ?config.ping_interval, timeout = ?config.timeout, "serving");
+        if let Some(credentials) = config.client_credentials.clone() {
+            tokio::spawn(reload_on_change(credentials));
+        }
         let drops = logs.drops();
         let report_drops = move |handle: HeartbeatHandle| {
             tokio::spawn(async move {
@@ -289,6 +307,71 @@ pub(crate) fn run(args: ServeArgs, logs: &LogSink) -> anyhow::Result<()> {
         server::serve(incoming, config, shutdown_signal(signals), report_drops).await?;
         Ok(())
     })
+}
+
+/// How often credential files are checked for changes.
+const RELOAD_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Reloads the client credentials on SIGHUP and whenever their file changes.
+/// A file that does not parse leaves the credentials in force, and says why.
+async fn reload_on_change(credentials: ClientCredentials) {
+    let modified = |credentials: &ClientCredentials| {
+        credentials.path().and_then(|path| {
+            std::fs::metadata(path)
+                .and_then(|meta| meta.modified())
+                .ok()
+        })
+    };
+    let mut seen = modified(&credentials);
+    let mut hangups = Hangups::listen();
+    let mut every = tokio::time::interval(RELOAD_CHECK_EVERY);
+    loop {
+        tokio::select! {
+            () = hangups.recv() => {}
+            _ = every.tick() => {
+                let now = modified(&credentials);
+                if now == seen {
+                    continue;
+                }
+                seen = now;
+            }
+        }
+        match credentials.reload() {
+            Ok(count) => info!(credentials = count, "client credentials reloaded"),
+            Err(error) => warn!(%error, "client credentials not reloaded; the ones in force stay"),
+        }
+    }
+}
+
+/// SIGHUP, where there is such a thing.
+struct Hangups {
+    #[cfg(unix)]
+    signal: Option<tokio::signal::unix::Signal>,
+}
+
+impl Hangups {
+    fn listen() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Self {
+                signal: signal(SignalKind::hangup()).ok(),
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            Self {}
+        }
+    }
+
+    async fn recv(&mut self) {
+        #[cfg(unix)]
+        if let Some(signal) = &mut self.signal {
+            signal.recv().await;
+            return;
+        }
+        std::future::pending::<()>().await;
+    }
 }
 
 /// Completes on the first signal, and arms the second to exit at once.

@@ -194,6 +194,7 @@ pub struct ClientBuilder {
     close_timeout: Duration,
     configure: Option<EndpointHook>,
     runtime: Option<Handle>,
+    bearer_token: Option<String>,
 }
 
 /// A running heartbeat client. Dropping it ends the session (with a goodbye,
@@ -227,6 +228,7 @@ impl ClientBuilder {
             close_timeout: Duration::from_secs(5),
             configure: None,
             runtime: None,
+            bearer_token: None,
         }
     }
 
@@ -246,6 +248,13 @@ impl ClientBuilder {
     /// Default: none.
     pub fn metadata(mut self, metadata: MetadataMap) -> Self {
         self.metadata = metadata;
+        self
+    }
+
+    /// Sends `authorization: Bearer <token>` with every session request, for
+    /// a server that requires client credentials. Default: none.
+    pub fn bearer_token(mut self, token: impl Into<String>) -> Self {
+        self.bearer_token = Some(token.into());
         self
     }
 
@@ -287,7 +296,15 @@ impl ClientBuilder {
     }
 
     /// Validates the settings and starts the session; returns at once.
-    pub fn connect(self) -> Result<Client, ClientError> {
+    pub fn connect(mut self) -> Result<Client, ClientError> {
+        if let Some(token) = self.bearer_token.take() {
+            let mut value: tonic::metadata::MetadataValue<_> = format!("Bearer {token}")
+                .parse()
+                .map_err(|_| ClientError::InvalidToken)?;
+            // Kept out of HTTP/2 header compression tables.
+            value.set_sensitive(true);
+            self.metadata.insert("authorization", value);
+        }
         let endpoint = endpoint_for(&self.target)?;
         if endpoint.uri().scheme_str() == Some("https") && self.configure.is_none() {
             return Err(ClientError::InvalidUrl {

@@ -9,8 +9,12 @@ use std::{collections::HashMap, sync::Arc};
 
 use parking_lot::Mutex;
 use tokio::sync::Notify;
+use tonic::{metadata::MetadataMap, Status};
 
-use crate::liveness::LivenessHandle;
+use crate::{
+    credentials::{AllowedIds, ClientCredentials},
+    liveness::LivenessHandle,
+};
 
 /// Why a stream was refused before any frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,6 +26,12 @@ pub(crate) enum Refusal {
         /// The configured capacity.
         capacity: usize,
     },
+    /// Client credentials are on, and the stream presented none, or an
+    /// unknown one.
+    Unauthenticated {
+        /// Whether a token was presented at all.
+        presented: bool,
+    },
 }
 
 impl Refusal {
@@ -30,8 +40,63 @@ impl Refusal {
         match self {
             Self::Draining => "draining",
             Self::Full { .. } => "capacity",
+            Self::Unauthenticated { .. } => "unauthenticated",
         }
     }
+
+    /// Every refusal, for the metrics' zero series.
+    pub(crate) const ALL: [Refusal; 3] = [
+        Self::Draining,
+        Self::Full { capacity: 0 },
+        Self::Unauthenticated { presented: false },
+    ];
+
+    /// The status the stream is refused with, before any frame.
+    pub(crate) fn status(self) -> Status {
+        match self {
+            Self::Draining => Status::unavailable(
+                "the server is shutting down; reconnect to another instance or retry shortly",
+            ),
+            Self::Full { capacity } => Status::resource_exhausted(format!(
+                "the server holds its maximum of {capacity} sessions; retry later"
+            )),
+            Self::Unauthenticated { presented: false } => Status::unauthenticated(
+                "this server requires client credentials: send authorization: Bearer <token>",
+            ),
+            Self::Unauthenticated { presented: true } => Status::unauthenticated(
+                "the client token is not one this server knows: check the token you were given",
+            ),
+        }
+    }
+}
+
+/// The credentials of an `authorization: Bearer <token>` value; the scheme is
+/// case-insensitive (RFC 7235) and surrounding white space is ignored.
+pub(crate) fn bearer_token(value: &[u8]) -> Option<&[u8]> {
+    let (scheme, rest) = value.split_at_checked(7)?;
+    scheme
+        .eq_ignore_ascii_case(b"bearer ")
+        .then(|| rest.trim_ascii())
+}
+
+/// Checks a stream's credentials when the server requires them: what its
+/// token allows, `None` when credentials are off.
+pub(crate) fn authenticate(
+    credentials: Option<&ClientCredentials>,
+    metadata: &MetadataMap,
+) -> Result<Option<Arc<AllowedIds>>, Refusal> {
+    let Some(credentials) = credentials else {
+        return Ok(None);
+    };
+    let token = metadata
+        .get("authorization")
+        .and_then(|value| bearer_token(value.as_bytes()));
+    token
+        .and_then(|token| credentials.check(token))
+        .map(Some)
+        .ok_or(Refusal::Unauthenticated {
+            presented: token.is_some(),
+        })
 }
 
 /// Counts admitted streams against the capacity and refuses during a drain.

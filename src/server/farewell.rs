@@ -67,12 +67,22 @@ pub(crate) fn ending_for(
     // An end the client caused needs no explanation back: the status is a
     // bare OK (or CANCELLED, for a connection that is gone anyway).
     let status = status_for(reason, if goodbye.is_some() { message } else { "" });
+    Ending::new(goodbye.as_ref().map(grpc_message), trailers(&status))
+}
+
+/// An ending with no frame, only `status`: for a stream refused after it
+/// opened, before it became a session.
+pub(crate) fn refusal(status: &Status) -> Ending {
+    Ending::new(None, trailers(status))
+}
+
+fn trailers(status: &Status) -> HeaderMap {
     let mut trailers = HeaderMap::new();
     if status.add_header(&mut trailers).is_err() {
         // Only a message that cannot be a header value fails; keep the code.
         trailers.insert("grpc-status", (status.code() as i32).into());
     }
-    Ending::new(goodbye.as_ref().map(grpc_message), trailers)
+    trailers
 }
 
 /// One message framed as gRPC puts it on the wire: flag, length, payload.

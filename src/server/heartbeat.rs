@@ -5,7 +5,10 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{
-    admission::Refusal, connection::PeerInfo, session::SessionStream, shared::ServerShared,
+    admission::{authenticate, Refusal},
+    connection::PeerInfo,
+    session::SessionStream,
+    shared::ServerShared,
 };
 use crate::{liveness::LivenessHandle, protocol::pb};
 
@@ -30,19 +33,16 @@ impl pb::heartbeat_service_server::HeartbeatService for HeartbeatEndpoint {
             .ok_or_else(|| {
                 Status::internal("HeartbeatService must be mounted behind the liveness layer: use server::HeartbeatServer")
             })?;
-        let permit = self
-            .shared
-            .gate
-            .admit(handle.clone())
-            .inspect_err(|refusal| self.shared.metrics.admission_rejected(refusal.as_str()))
-            .map_err(|refusal| match refusal {
-                Refusal::Draining => Status::unavailable(
-                    "the server is shutting down; reconnect to another instance or retry shortly",
-                ),
-                Refusal::Full { capacity } => Status::resource_exhausted(format!(
-                    "the server holds its maximum of {capacity} sessions; retry later"
-                )),
-            })?;
+        let refused = |refusal: Refusal| {
+            self.shared.metrics.admission_rejected(refusal.as_str());
+            refusal.status()
+        };
+        let allowed = authenticate(
+            self.shared.config.client_credentials.as_ref(),
+            request.metadata(),
+        )
+        .map_err(refused)?;
+        let permit = self.shared.gate.admit(handle.clone()).map_err(refused)?;
         let peer = request
             .extensions()
             .get::<PeerInfo>()
@@ -53,6 +53,7 @@ impl pb::heartbeat_service_server::HeartbeatService for HeartbeatEndpoint {
             handle,
             permit,
             peer,
+            allowed,
             request.into_inner(),
         )))
     }

@@ -91,10 +91,7 @@ impl HeartbeatServer {
         let wheel = TimerWheel::new();
         let metrics = Arc::new(Metrics::new(
             &CloseReason::ALL.map(CloseReason::as_str),
-            &[
-                Refusal::Full { capacity: 0 }.as_str(),
-                Refusal::Draining.as_str(),
-            ],
+            &Refusal::ALL.map(Refusal::as_str),
         ));
         let shared = Arc::new(ServerShared {
             registry: SessionRegistry::new(

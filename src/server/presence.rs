@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use super::shared::ServerShared;
+use super::{admission::bearer_token, shared::ServerShared};
 use crate::{
     presence::SessionFilter,
     protocol::{
@@ -78,15 +78,6 @@ impl PresenceEndpoint {
             )),
         }
     }
-}
-
-/// The credentials of an `authorization: Bearer <token>` value; the scheme is
-/// case-insensitive (RFC 7235) and surrounding white space is ignored.
-fn bearer_token(value: &[u8]) -> Option<&[u8]> {
-    let (scheme, rest) = value.split_at_checked(7)?;
-    scheme
-        .eq_ignore_ascii_case(b"bearer ")
-        .then(|| rest.trim_ascii())
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchSessionsResponse, Status>> + Send>>;

@@ -24,6 +24,7 @@ use tonic::{Status, Streaming};
 use tracing::debug;
 
 use super::{admission::AdmissionPermit, drain, farewell, shared::ServerShared};
+use crate::credentials::AllowedIds;
 use crate::{
     config::FrameLimits,
     liveness::{EndCause, LivenessHandle, LivenessObserver, WheelTarget},
@@ -76,6 +77,9 @@ pub(crate) struct SessionStream {
     ending: bool,
     /// The client's address, for presence.
     peer: Option<SocketAddr>,
+    /// The client ids the stream's credential allows; `None` when client
+    /// credentials are off.
+    allowed: Option<Arc<AllowedIds>>,
     pings: PingLedger,
     rtt: RttEstimator,
     strikes: StrikeCounter,
@@ -90,6 +94,9 @@ enum Step {
     /// The session ends for this reason: the client's doing (a goodbye, a
     /// half-close: status `OK`), or the server's (a goodbye, then an error).
     Conclude(CloseReason, String),
+    /// The Hello names a client id its credential does not allow: the session
+    /// never opens, and the stream ends with `PERMISSION_DENIED` and no frame.
+    Deny(String),
 }
 
 /// Counts unsolicited client frames that come too close together.
@@ -109,6 +116,7 @@ impl SessionStream {
         handle: LivenessHandle,
         permit: AdmissionPermit,
         peer: Option<SocketAddr>,
+        allowed: Option<Arc<AllowedIds>>,
         inbound: Streaming<pb::HeartbeatRequest>,
     ) -> Self {
         let config = &server.config;
@@ -148,6 +156,7 @@ impl SessionStream {
             open: false,
             ending: false,
             peer,
+            allowed,
             pings: PingLedger::default(),
             rtt: RttEstimator::default(),
             strikes,
@@ -158,8 +167,19 @@ impl SessionStream {
         match (self.open, frame) {
             (false, Some(In::Hello(hello))) => {
                 match validate_hello(&hello, &self.shared.server.config.limits) {
-                    Ok(()) => self.open_session(hello, now),
                     Err(problem) => Step::Conclude(CloseReason::ProtocolViolation, problem),
+                    Ok(())
+                        if self
+                            .allowed
+                            .as_ref()
+                            .is_some_and(|allowed| !allowed.allows(&hello.client_id)) =>
+                    {
+                        Step::Deny(format!(
+                            "client_id \"{}\" is not one your credential allows: use one it names, or ask for a credential that allows it",
+                            Escaped::quote(&hello.client_id, QUOTE_BYTES)
+                        ))
+                    }
+                    Ok(()) => self.open_session(hello, now),
                 }
             }
             (false, _) => Step::Conclude(
@@ -291,6 +311,13 @@ impl Stream for SessionStream {
                         Step::Continue => {}
                         Step::Conclude(reason, message) => {
                             this.conclude(reason, &message);
+                            return Poll::Pending;
+                        }
+                        Step::Deny(message) => {
+                            this.ending = true;
+                            this.shared
+                                .handle
+                                .end(farewell::refusal(&Status::permission_denied(message)));
                             return Poll::Pending;
                         }
                     }

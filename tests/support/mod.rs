@@ -134,10 +134,28 @@ impl RawSession {
     pub async fn open_with(
         client: &mut HeartbeatServiceClient<tonic::transport::Channel>,
     ) -> Result<Self, Status> {
+        Self::open_authorized(client, None).await
+    }
+
+    /// Opens a stream that presents `authorization: Bearer <token>`.
+    pub async fn open_with_token(addr: SocketAddr, token: &str) -> Result<Self, Status> {
+        let mut client = HeartbeatServiceClient::connect(format!("http://{addr}"))
+            .await
+            .expect("connect");
+        Self::open_authorized(&mut client, Some(token)).await
+    }
+
+    async fn open_authorized(
+        client: &mut HeartbeatServiceClient<tonic::transport::Channel>,
+        token: Option<&str>,
+    ) -> Result<Self, Status> {
         let (outbound, requests) = mpsc::channel(1024);
-        let inbound = within(WAIT, client.heartbeat(ReceiverStream::new(requests)))
-            .await?
-            .into_inner();
+        let mut request = tonic::Request::new(ReceiverStream::new(requests));
+        if let Some(token) = token {
+            let value = format!("Bearer {token}").parse().expect("a header value");
+            request.metadata_mut().insert("authorization", value);
+        }
+        let inbound = within(WAIT, client.heartbeat(request)).await?.into_inner();
         Ok(Self {
             outbound: Some(outbound),
             inbound,
