@@ -483,8 +483,9 @@ async fn a_stream_without_hello_is_ended_at_the_hello_timeout() {
     };
     let server = TestServer::start(config).await;
     let mut events = server.handle.subscribe();
+    // Taken before the stream opens: the server's deadline starts after it.
+    let opened = Instant::now();
     let mut session = RawSession::open(server.addr).await.expect("admitted");
-    let opened = session.last_sent;
     let ended = session
         .expect_end(GoodbyeReason::Timeout, Code::DeadlineExceeded)
         .await;
