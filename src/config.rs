@@ -10,6 +10,7 @@ use std::{fmt, net::SocketAddr, path::Path, time::Duration};
 use crate::{
     credentials::ClientCredentials,
     error::{ConfigError, TokenError},
+    tls::ServerTls,
 };
 
 /// The longest duration any setting takes. Longer ones are surely typos, and
@@ -66,6 +67,9 @@ pub struct ServerConfig {
     /// Presence watches open at once; more are refused with
     /// `RESOURCE_EXHAUSTED`. Default 256.
     pub max_watchers: usize,
+    /// TLS for the server's listener (and, with a client CA, mutual TLS).
+    /// Default: none (plain HTTP/2).
+    pub tls: Option<ServerTls>,
     /// The tokens clients must present, and the client ids each allows
     /// (contract rule 1). Default: none (any client may say any id).
     pub client_credentials: Option<ClientCredentials>,
@@ -163,6 +167,7 @@ impl ServerConfig {
         watch_history: 10_000,
         watch_queue: 1024,
         max_watchers: 256,
+        tls: None,
         client_credentials: None,
         admin_token: None,
         metrics_listen: None,

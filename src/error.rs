@@ -133,6 +133,43 @@ pub enum CredentialsError {
     },
 }
 
+/// The TLS files cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file could not be read, or holds no valid PEM of what it should.
+    #[error("cannot read {what} from {path}: {source} (it must be PEM)")]
+    Pem {
+        /// The file's path.
+        path: std::path::PathBuf,
+        /// What the file should hold.
+        what: &'static str,
+        /// Why reading failed.
+        source: tokio_rustls::rustls::pki_types::pem::Error,
+    },
+    /// A certificate file holds no certificate.
+    #[error("{path} holds no certificate: it must hold PEM `CERTIFICATE` blocks")]
+    NoCertificate {
+        /// The file's path.
+        path: std::path::PathBuf,
+    },
+    /// rustls refused part of the configuration.
+    #[error("TLS refused {what}: {source}")]
+    Rejected {
+        /// What was refused.
+        what: &'static str,
+        /// rustls's reason.
+        source: tokio_rustls::rustls::Error,
+    },
+    /// The client CA cannot verify client certificates.
+    #[error("the client CA file {path} cannot be used: {problem}")]
+    ClientCa {
+        /// The file's path.
+        path: std::path::PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
 /// The standalone server could not start or failed while serving.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -189,6 +226,17 @@ pub enum ClientError {
     /// The backoff settings are invalid.
     #[error(transparent)]
     Backoff(#[from] InvalidBackoff),
+    /// A TLS file could not be read.
+    #[error("cannot read the TLS file {path}: {source}")]
+    TlsFile {
+        /// The file's path.
+        path: std::path::PathBuf,
+        /// Why reading failed.
+        source: io::Error,
+    },
+    /// A client certificate without its key, or a key without its certificate.
+    #[error("a client certificate and its key go together: give both, or neither")]
+    TlsPair,
     /// The bearer token cannot travel in a header.
     #[error("the bearer token is not valid in a header: it must be printable ASCII")]
     InvalidToken,

@@ -24,6 +24,7 @@
 //! - [`metrics`]: metric names and recorders, in Prometheus text.
 //! - [`config`]: validated settings and their defaults.
 //! - [`credentials`]: client credentials, which token may use which client ids.
+//! - [`tls`]: the server's TLS, with certificates that reload.
 //! - [`error`]: the errors returned at the library's boundaries.
 //!
 //! The `heartbeat` binary's command line lives in the binary, not here, behind
@@ -46,6 +47,7 @@ pub mod presence;
 pub mod protocol;
 pub mod registry;
 pub mod server;
+pub mod tls;
 
 pub use client::Client;
 pub use config::{FrameLimits, ServerConfig};

@@ -48,6 +48,7 @@ pub struct Metrics {
     connections_refused: Counter,
     connections_closed_idle: Counter,
     accept_errors: Counter,
+    tls_handshakes_failed: Counter,
 }
 
 impl Metrics {
@@ -72,6 +73,7 @@ impl Metrics {
             connections_refused: Counter::default(),
             connections_closed_idle: Counter::default(),
             accept_errors: Counter::default(),
+            tls_handshakes_failed: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -148,6 +150,11 @@ impl Metrics {
             "heartbeat_accept_errors",
             "Failed accepts (for instance out of file descriptors), each followed by a pause",
             metrics.accept_errors.clone(),
+        );
+        registry.register(
+            "heartbeat_tls_handshakes_failed",
+            "TLS handshakes that failed or timed out (an untrusted or missing client certificate, a plain-text client)",
+            metrics.tls_handshakes_failed.clone(),
         );
         // Creating each series is the point; the returned guard is not needed.
         for reason in close_reasons {
@@ -242,6 +249,11 @@ impl Metrics {
     /// A connection was closed for idleness (or for never starting).
     pub fn connection_closed_idle(&self) {
         self.connections_closed_idle.inc();
+    }
+
+    /// A TLS handshake failed or timed out.
+    pub fn tls_handshake_failed(&self) {
+        self.tls_handshakes_failed.inc();
     }
 
     /// An `accept` failed.

@@ -6,7 +6,7 @@ use clap::Args;
 use serde_json::json;
 use tonic_heartbeat::client::{Client, ClientEvent, LossReason};
 
-use super::{current_thread_runtime, parse_label, read_token, Output, ShutdownSignals};
+use super::{current_thread_runtime, parse_label, read_token, Output, ShutdownSignals, TlsArgs};
 
 /// Flags of `heartbeat connect`.
 #[derive(Debug, Args)]
@@ -22,6 +22,9 @@ pub(crate) struct ConnectArgs {
     /// A label for presence filters, as key=value; repeat for more.
     #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
     labels: Vec<(String, String)>,
+
+    #[command(flatten)]
+    tls: TlsArgs,
 
     /// A file holding this client's bearer token (surrounding white space
     /// ignored), for a server with client credentials.
@@ -41,6 +44,9 @@ pub(crate) fn run(args: ConnectArgs) -> anyhow::Result<()> {
         // say goodbye, not kill the process.
         let mut signals = ShutdownSignals::listen()?;
         let mut builder = Client::builder(args.url.clone()).client_id(args.client_id);
+        if let Some(tls) = args.tls.settings() {
+            builder = builder.tls(tls);
+        }
         if let Some(path) = &args.token_file {
             builder = builder.bearer_token(read_token(path)?);
         }

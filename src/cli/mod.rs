@@ -145,6 +145,34 @@ fn parse_label(text: &str) -> Result<(String, String), String> {
     }
 }
 
+/// TLS flags of the commands that talk to a server over `https://`.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct TlsArgs {
+    /// CA certificates (PEM) the server's certificate must chain to. Default:
+    /// the Mozilla roots built in.
+    #[arg(long, env = "HEARTBEAT_CA", value_name = "PATH")]
+    ca: Option<std::path::PathBuf>,
+
+    /// A client certificate (PEM), for a server that requires mutual TLS.
+    #[arg(long, env = "HEARTBEAT_CERT", value_name = "PATH", requires = "key")]
+    cert: Option<std::path::PathBuf>,
+
+    /// The private key (PEM) of --cert.
+    #[arg(long, env = "HEARTBEAT_KEY", value_name = "PATH", requires = "cert")]
+    key: Option<std::path::PathBuf>,
+}
+
+impl TlsArgs {
+    /// The client's TLS settings, if any flag was given.
+    fn settings(&self) -> Option<tonic_heartbeat::client::ClientTls> {
+        (self.ca.is_some() || self.cert.is_some()).then(|| tonic_heartbeat::client::ClientTls {
+            ca: self.ca.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+        })
+    }
+}
+
 /// Reads a token file: its content with surrounding white space trimmed.
 fn read_token(path: &std::path::Path) -> anyhow::Result<String> {
     use anyhow::Context;

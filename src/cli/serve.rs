@@ -1,6 +1,9 @@
 //! `heartbeat serve`: the standalone server.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
 
 use anyhow::Context;
 use clap::Args;
@@ -10,6 +13,7 @@ use tonic_heartbeat::{
     credentials::ClientCredentials,
     error::ServeError,
     server::{self, HeartbeatHandle},
+    tls::{ServerTls, TlsFiles},
     FrameLimits, ServerConfig,
 };
 use tracing::{info, warn};
@@ -203,6 +207,35 @@ pub(crate) struct ServeArgs {
     )]
     max_watchers: usize,
 
+    /// The server's certificate chain (PEM) for TLS; needs --tls-key. Reloaded
+    /// on SIGHUP and when the file changes, without dropping sessions.
+    #[arg(
+        long,
+        env = "HEARTBEAT_TLS_CERT",
+        value_name = "PATH",
+        requires = "tls_key"
+    )]
+    tls_cert: Option<PathBuf>,
+
+    /// The private key (PEM) of --tls-cert.
+    #[arg(
+        long,
+        env = "HEARTBEAT_TLS_KEY",
+        value_name = "PATH",
+        requires = "tls_cert"
+    )]
+    tls_key: Option<PathBuf>,
+
+    /// CA certificates (PEM) that client certificates must chain to: with it,
+    /// every connection needs a client certificate (mutual TLS).
+    #[arg(
+        long,
+        env = "HEARTBEAT_TLS_CLIENT_CA",
+        value_name = "PATH",
+        requires = "tls_cert"
+    )]
+    tls_client_ca: Option<PathBuf>,
+
     /// A file of client credentials, one `TOKEN IDS` a line: each bearer token
     /// (or `sha256:<hex>` of it) and the client ids it may say Hello as (`id`,
     /// `prefix*`, `*`, `""` for anonymous). Streams without a known token are
@@ -233,6 +266,14 @@ impl ServeArgs {
             .as_deref()
             .map(ClientCredentials::from_file)
             .transpose()?;
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(ServerTls::from_files(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: self.tls_client_ca.clone(),
+            })?),
+            _ => None,
+        };
         Ok(ServerConfig {
             ping_interval: self.ping_interval.into(),
             timeout: self.timeout.into(),
@@ -260,6 +301,7 @@ impl ServeArgs {
             watch_history: self.watch_history,
             watch_queue: self.watch_queue,
             max_watchers: self.max_watchers,
+            tls,
             client_credentials,
             admin_token,
             metrics_listen: self.metrics_listen,
@@ -290,8 +332,15 @@ pub(crate) fn run(args: ServeArgs, logs: &LogSink) -> anyhow::Result<()> {
             .with_nodelay(Some(true));
         let listen = incoming.local_addr().unwrap_or(args.listen);
         info!(%listen, ping_interval = ?config.ping_interval, timeout = ?config.timeout, "serving");
-        if let Some(credentials) = config.client_credentials.clone() {
-            tokio::spawn(reload_on_change(credentials));
+        let reloadables: Vec<Reloadable> = config
+            .client_credentials
+            .clone()
+            .map(Reloadable::Credentials)
+            .into_iter()
+            .chain(config.tls.clone().map(Reloadable::Tls))
+            .collect();
+        if !reloadables.is_empty() {
+            tokio::spawn(reload_on_change(reloadables));
         }
         let drops = logs.drops();
         let report_drops = move |handle: HeartbeatHandle| {
@@ -309,36 +358,85 @@ pub(crate) fn run(args: ServeArgs, logs: &LogSink) -> anyhow::Result<()> {
     })
 }
 
-/// How often credential files are checked for changes.
+/// How often credential and certificate files are checked for changes.
 const RELOAD_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Reloads the client credentials on SIGHUP and whenever their file changes.
-/// A file that does not parse leaves the credentials in force, and says why.
-async fn reload_on_change(credentials: ClientCredentials) {
-    let modified = |credentials: &ClientCredentials| {
-        credentials.path().and_then(|path| {
-            std::fs::metadata(path)
-                .and_then(|meta| meta.modified())
-                .ok()
-        })
+/// What the server reloads from files while it runs.
+#[derive(Clone)]
+enum Reloadable {
+    Credentials(ClientCredentials),
+    Tls(ServerTls),
+}
+
+impl Reloadable {
+    fn paths(&self) -> Vec<PathBuf> {
+        match self {
+            Self::Credentials(credentials) => {
+                credentials.path().map(Path::to_owned).into_iter().collect()
+            }
+            Self::Tls(tls) => {
+                let files = tls.files();
+                [
+                    Some(&files.cert),
+                    Some(&files.key),
+                    files.client_ca.as_ref(),
+                ]
+                .into_iter()
+                .flatten()
+                .cloned()
+                .collect()
+            }
+        }
+    }
+
+    /// Reloads, and logs what came of it: a file that does not parse leaves
+    /// what is in force, and says why.
+    fn reload(&self) {
+        match self {
+            Self::Credentials(credentials) => match credentials.reload() {
+                Ok(count) => info!(credentials = count, "client credentials reloaded"),
+                Err(error) => {
+                    warn!(%error, "client credentials not reloaded; the ones in force stay")
+                }
+            },
+            Self::Tls(tls) => match tls.reload() {
+                Ok(()) => info!("TLS certificates reloaded; new connections use them"),
+                Err(error) => {
+                    warn!(%error, "TLS certificates not reloaded; the ones in force stay")
+                }
+            },
+        }
+    }
+}
+
+/// Reloads everything on SIGHUP, and each thing when one of its files changes.
+async fn reload_on_change(reloadables: Vec<Reloadable>) {
+    let stamps = |reloadable: &Reloadable| -> Vec<Option<std::time::SystemTime>> {
+        reloadable
+            .paths()
+            .iter()
+            .map(|path| {
+                std::fs::metadata(path)
+                    .and_then(|meta| meta.modified())
+                    .ok()
+            })
+            .collect()
     };
-    let mut seen = modified(&credentials);
+    let mut seen: Vec<_> = reloadables.iter().map(stamps).collect();
     let mut hangups = Hangups::listen();
     let mut every = tokio::time::interval(RELOAD_CHECK_EVERY);
     loop {
         tokio::select! {
-            () = hangups.recv() => {}
+            () = hangups.recv() => reloadables.iter().for_each(Reloadable::reload),
             _ = every.tick() => {
-                let now = modified(&credentials);
-                if now == seen {
-                    continue;
+                for (reloadable, seen) in reloadables.iter().zip(&mut seen) {
+                    let now = stamps(reloadable);
+                    if now != *seen {
+                        *seen = now;
+                        reloadable.reload();
+                    }
                 }
-                seen = now;
             }
-        }
-        match credentials.reload() {
-            Ok(count) => info!(credentials = count, "client credentials reloaded"),
-            Err(error) => warn!(%error, "client credentials not reloaded; the ones in force stay"),
         }
     }
 }

@@ -14,7 +14,7 @@ use clap::Args;
 use serde_json::json;
 use tonic::Code;
 use tonic_heartbeat::{
-    client::{endpoint_for, Backoff},
+    client::{secure_endpoint, Backoff},
     config::AdminToken,
     error::PresenceError,
     presence::{PresenceClient, SessionFilter, SessionInfo, WatchEvent},
@@ -22,7 +22,7 @@ use tonic_heartbeat::{
     registry::{SessionEvent, SessionState},
 };
 
-use super::{current_thread_runtime, parse_label, Output, ShutdownSignals};
+use super::{current_thread_runtime, parse_label, Output, ShutdownSignals, TlsArgs};
 
 /// Flags of `heartbeat sessions`.
 #[derive(Debug, Args)]
@@ -55,6 +55,9 @@ pub(crate) struct SessionsArgs {
     #[arg(long, value_enum, default_value_t = Output::Text, env = "HEARTBEAT_OUTPUT")]
     output: Output,
 
+    #[command(flatten)]
+    tls: TlsArgs,
+
     /// A file holding the server's admin token, sent as `authorization: Bearer …`.
     #[arg(long, env = "HEARTBEAT_ADMIN_TOKEN_FILE", value_name = "PATH")]
     admin_token_file: Option<PathBuf>,
@@ -62,7 +65,7 @@ pub(crate) struct SessionsArgs {
 
 /// Lists, watches or evicts, as the flags say.
 pub(crate) fn run(args: SessionsArgs) -> anyhow::Result<()> {
-    let endpoint = endpoint_for(&args.url)?;
+    let endpoint = secure_endpoint(&args.url, args.tls.settings().as_ref())?;
     let token = args
         .admin_token_file
         .as_deref()

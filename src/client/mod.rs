@@ -48,7 +48,7 @@
 
 mod session;
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration};
 
 use parking_lot::Mutex;
 
@@ -58,7 +58,7 @@ use tokio::{
 };
 use tonic::{
     metadata::MetadataMap,
-    transport::{Endpoint, Error as TransportError},
+    transport::{Certificate, ClientTlsConfig, Endpoint, Error as TransportError, Identity},
 };
 
 pub use crate::backoff::Backoff;
@@ -195,6 +195,7 @@ pub struct ClientBuilder {
     configure: Option<EndpointHook>,
     runtime: Option<Handle>,
     bearer_token: Option<String>,
+    tls: Option<ClientTls>,
 }
 
 /// A running heartbeat client. Dropping it ends the session (with a goodbye,
@@ -229,6 +230,7 @@ impl ClientBuilder {
             configure: None,
             runtime: None,
             bearer_token: None,
+            tls: None,
         }
     }
 
@@ -248,6 +250,14 @@ impl ClientBuilder {
     /// Default: none.
     pub fn metadata(mut self, metadata: MetadataMap) -> Self {
         self.metadata = metadata;
+        self
+    }
+
+    /// TLS settings for an `https://` server: the CA to trust and, for mutual
+    /// TLS, a client certificate. Default: for `https://`, the Mozilla roots
+    /// built in and no client certificate.
+    pub fn tls(mut self, tls: ClientTls) -> Self {
+        self.tls = Some(tls);
         self
     }
 
@@ -305,13 +315,7 @@ impl ClientBuilder {
             value.set_sensitive(true);
             self.metadata.insert("authorization", value);
         }
-        let endpoint = endpoint_for(&self.target)?;
-        if endpoint.uri().scheme_str() == Some("https") && self.configure.is_none() {
-            return Err(ClientError::InvalidUrl {
-                url: self.target,
-                reason: "https needs TLS settings: pass them with configure_endpoint".into(),
-            });
-        }
+        let endpoint = secure_endpoint(&self.target, self.tls.as_ref())?;
         let endpoint = match &self.configure {
             Some(configure) => configure(endpoint).map_err(|error| ClientError::InvalidUrl {
                 url: self.target.clone(),
@@ -368,6 +372,64 @@ impl ClientBuilder {
             finished: Some(finished),
             close_timeout: self.close_timeout,
         })
+    }
+}
+
+/// TLS settings of a client, from PEM files.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientTls {
+    /// CA certificates the server's certificate must chain to; `None` for the
+    /// Mozilla roots built in.
+    pub ca: Option<PathBuf>,
+    /// A client certificate chain, for mutual TLS; needs `key`.
+    pub cert: Option<PathBuf>,
+    /// The private key of `cert`.
+    pub key: Option<PathBuf>,
+}
+
+impl ClientTls {
+    /// tonic's TLS settings from these files; the error names the file.
+    pub fn config(&self) -> Result<ClientTlsConfig, ClientError> {
+        let read = |path: &PathBuf| {
+            std::fs::read(path).map_err(|source| ClientError::TlsFile {
+                path: path.clone(),
+                source,
+            })
+        };
+        let config = ClientTlsConfig::new();
+        let config = match &self.ca {
+            Some(ca) => config.ca_certificate(Certificate::from_pem(read(ca)?)),
+            None => config.with_webpki_roots(),
+        };
+        match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => {
+                Ok(config.identity(Identity::from_pem(read(cert)?, read(key)?)))
+            }
+            (None, None) => Ok(config),
+            _ => Err(ClientError::TlsPair),
+        }
+    }
+}
+
+/// The endpoint for `target`, with TLS for `https://` (`tls`, or the
+/// defaults); TLS settings for a plain `http://` target are an error.
+pub fn secure_endpoint(target: &str, tls: Option<&ClientTls>) -> Result<Endpoint, ClientError> {
+    let endpoint = endpoint_for(target)?;
+    match (endpoint.uri().scheme_str() == Some("https"), tls) {
+        (true, tls) => {
+            let config = tls.cloned().unwrap_or_default().config()?;
+            endpoint
+                .tls_config(config)
+                .map_err(|error| ClientError::InvalidUrl {
+                    url: target.to_owned(),
+                    reason: error.to_string(),
+                })
+        }
+        (false, Some(_)) => Err(ClientError::InvalidUrl {
+            url: target.to_owned(),
+            reason: "TLS settings need an https:// URL".into(),
+        }),
+        (false, None) => Ok(endpoint),
     }
 }
 

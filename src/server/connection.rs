@@ -42,12 +42,18 @@ use tokio::{
     sync::mpsc,
     time::Instant,
 };
+use tokio_rustls::server::TlsStream;
 use tokio_stream::{wrappers::ReceiverStream, Stream, StreamExt};
 use tonic::transport::server::{Connected, TcpIncoming};
 use tower::{Layer, Service};
 use tracing::warn;
 
-use crate::{config::ServerConfig, liveness::TimerWheel, liveness::WheelTarget, metrics::Metrics};
+use crate::{
+    config::ServerConfig,
+    liveness::{TimerWheel, WheelTarget},
+    metrics::Metrics,
+    tls::ServerTls,
+};
 
 /// Accepted connections waiting for the HTTP/2 server to take them.
 const ACCEPTED_QUEUE: usize = 128;
@@ -264,14 +270,27 @@ impl std::fmt::Debug for PeerInfo {
     }
 }
 
-pin_project! {
-    /// An accepted connection as the HTTP/2 server sees it: reads end once the
-    /// connection is closed for idleness.
-    pub(crate) struct GuardedIo {
-        #[pin]
-        inner: TcpStream,
-        connection: Arc<Connection>,
-    }
+/// An accepted connection as the HTTP/2 server sees it: reads end once the
+/// connection is closed for idleness.
+pub(crate) struct GuardedIo {
+    inner: Transport,
+    connection: Arc<Connection>,
+}
+
+/// The bytes of a connection: plain TCP, or TLS over it.
+enum Transport {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+/// Forwards an `AsyncRead`/`AsyncWrite` call to whichever transport it is.
+macro_rules! on_transport {
+    ($io:expr, $method:ident($($arg:expr),*)) => {
+        match &mut $io.inner {
+            Transport::Plain(stream) => Pin::new(stream).$method($($arg),*),
+            Transport::Tls(stream) => Pin::new(stream.as_mut()).$method($($arg),*),
+        }
+    };
 }
 
 impl Connected for GuardedIo {
@@ -291,7 +310,7 @@ impl AsyncRead for GuardedIo {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let this = self.project();
+        let this = self.get_mut();
         {
             let mut reader = this.connection.reader.lock();
             if this.connection.closed.load(Ordering::Acquire) {
@@ -303,7 +322,7 @@ impl AsyncRead for GuardedIo {
                 _ => *reader = Some(cx.waker().clone()),
             }
         }
-        this.inner.poll_read(cx, buf)
+        on_transport!(this, poll_read(cx, buf))
     }
 }
 
@@ -313,15 +332,15 @@ impl AsyncWrite for GuardedIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.project().inner.poll_write(cx, buf)
+        on_transport!(self.get_mut(), poll_write(cx, buf))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_flush(cx)
+        on_transport!(self.get_mut(), poll_flush(cx))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_shutdown(cx)
+        on_transport!(self.get_mut(), poll_shutdown(cx))
     }
 
     fn poll_write_vectored(
@@ -329,25 +348,30 @@ impl AsyncWrite for GuardedIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.project().inner.poll_write_vectored(cx, bufs)
+        on_transport!(self.get_mut(), poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
+        match &self.inner {
+            Transport::Plain(stream) => stream.is_write_vectored(),
+            Transport::Tls(stream) => stream.is_write_vectored(),
+        }
     }
 }
 
 // === accepting ===
 
 /// Accepts on `listener` in a task of its own and yields the connections the
-/// caps allow. Ends when the returned stream is dropped.
+/// caps allow, after their TLS handshake when `tls` is set. Ends when the
+/// returned stream is dropped.
 pub(crate) fn accept(
     listener: TcpIncoming,
     table: Arc<PeerTable>,
     wheel: TimerWheel,
+    tls: Option<ServerTls>,
 ) -> impl Stream<Item = Result<GuardedIo, Infallible>> {
     let (accepted, stream) = mpsc::channel(ACCEPTED_QUEUE);
-    tokio::spawn(accept_loop(listener, table, wheel, accepted));
+    tokio::spawn(accept_loop(listener, table, wheel, tls, accepted));
     ReceiverStream::new(stream).map(Ok)
 }
 
@@ -355,8 +379,10 @@ async fn accept_loop(
     mut listener: TcpIncoming,
     table: Arc<PeerTable>,
     wheel: TimerWheel,
+    tls: Option<ServerTls>,
     accepted: mpsc::Sender<GuardedIo>,
 ) {
+    let handshakes = Arc::new(Mutex::new(RateLimitedLog::new()));
     let mut pause = ACCEPT_BACKOFF.0;
     let mut errors = RateLimitedLog::new();
     let mut refusals = RateLimitedLog::new();
@@ -387,15 +413,43 @@ async fn accept_loop(
             continue;
         };
         match Connection::open(peer, &table, &wheel) {
-            Ok(connection) => {
-                let io = GuardedIo {
-                    inner: stream,
-                    connection,
-                };
-                if accepted.send(io).await.is_err() {
-                    return;
+            Ok(connection) => match &tls {
+                None => {
+                    let io = GuardedIo {
+                        inner: Transport::Plain(stream),
+                        connection,
+                    };
+                    if accepted.send(io).await.is_err() {
+                        return;
+                    }
                 }
-            }
+                // Each handshake in a task of its own: a slow one holds up
+                // only itself, and the handshake timeout bounds it.
+                Some(tls) => {
+                    let handshake = tls.acceptor().accept(stream);
+                    let limit = table.handshake_timeout;
+                    let (accepted, handshakes, metrics) =
+                        (accepted.clone(), handshakes.clone(), table.metrics.clone());
+                    tokio::spawn(async move {
+                        let error = match tokio::time::timeout(limit, handshake).await {
+                            Ok(Ok(stream)) => {
+                                let io = GuardedIo {
+                                    inner: Transport::Tls(Box::new(stream)),
+                                    connection,
+                                };
+                                let _ = accepted.send(io).await;
+                                return;
+                            }
+                            Ok(Err(error)) => error.to_string(),
+                            Err(_) => "no handshake within the handshake timeout".to_owned(),
+                        };
+                        metrics.tls_handshake_failed();
+                        handshakes.lock().log(|suppressed| {
+                            warn!(peer = %peer.ip(), %error, suppressed, "TLS handshake failed")
+                        });
+                    });
+                }
+            },
             Err(limit) => {
                 table.metrics.connection_refused();
                 refusals.log(|suppressed| {

@@ -284,7 +284,12 @@ pub async fn serve(
         &config,
         handle.shared.metrics.clone(),
     ));
-    let incoming = connection::accept(incoming, peers, handle.shared.wheel.clone());
+    let incoming = connection::accept(
+        incoming,
+        peers,
+        handle.shared.wheel.clone(),
+        config.tls.clone(),
+    );
     let server = Server::builder()
         .max_concurrent_streams(config.max_streams_per_connection)
         .http2_keepalive_interval(Some(config.http2_keepalive_interval))

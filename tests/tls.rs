@@ -1,0 +1,270 @@
+//! TLS and mutual TLS, with certificates made at test time: the happy paths,
+//! the refusals (a client that does not trust the server, no client
+//! certificate, one from another CA, an expired one), and a reload that
+//! keeps sessions.
+
+mod support;
+
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use rcgen::{
+    date_time_ymd, BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair,
+};
+use support::*;
+use tonic_heartbeat::{
+    client::{secure_endpoint, Client, ClientEvent, ClientTls, LossReason},
+    protocol::pb::heartbeat_service_client::HeartbeatServiceClient,
+    tls::{ServerTls, TlsFiles},
+    ServerConfig,
+};
+
+/// A certificate authority made for one test.
+struct TestCa {
+    issuer: Issuer<'static, KeyPair>,
+    pem: String,
+}
+
+impl TestCa {
+    fn new(name: &str) -> Self {
+        let key = KeyPair::generate().expect("a key");
+        let mut params = CertificateParams::new(Vec::new()).expect("params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        let pem = params.self_signed(&key).expect("a CA").pem();
+        Self {
+            issuer: Issuer::new(params, key),
+            pem,
+        }
+    }
+
+    /// A leaf certificate and its key, as PEM.
+    fn leaf(
+        &self,
+        names: &[&str],
+        purpose: ExtendedKeyUsagePurpose,
+        expired: bool,
+    ) -> (String, String) {
+        let key = KeyPair::generate().expect("a key");
+        let mut params = CertificateParams::new(
+            names
+                .iter()
+                .map(|name| name.to_string())
+                .collect::<Vec<_>>(),
+        )
+        .expect("params");
+        params.extended_key_usages = vec![purpose];
+        if expired {
+            params.not_before = date_time_ymd(2020, 1, 1);
+            params.not_after = date_time_ymd(2021, 1, 1);
+        }
+        let cert = params.signed_by(&key, &self.issuer).expect("signed");
+        (cert.pem(), key.serialize_pem())
+    }
+}
+
+/// A directory of PEM files for one test.
+struct Pems {
+    dir: PathBuf,
+}
+
+impl Pems {
+    fn new(test: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("hb-tls-{test}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        Self { dir }
+    }
+
+    fn write(&self, name: &str, pem: &str) -> PathBuf {
+        let path = self.dir.join(name);
+        std::fs::write(&path, pem).expect("write a PEM");
+        path
+    }
+}
+
+impl Drop for Pems {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A server certificate for 127.0.0.1, and a TLS server config on it.
+fn tls_config(pems: &Pems, ca: &TestCa, client_ca: Option<&Path>) -> ServerConfig {
+    let (cert, key) = ca.leaf(
+        &["127.0.0.1", "localhost"],
+        ExtendedKeyUsagePurpose::ServerAuth,
+        false,
+    );
+    let files = TlsFiles {
+        cert: pems.write("server.pem", &cert),
+        key: pems.write("server.key", &key),
+        client_ca: client_ca.map(Path::to_owned),
+    };
+    ServerConfig {
+        tls: Some(ServerTls::from_files(files).expect("valid TLS files")),
+        ..fast_config()
+    }
+}
+
+fn https(server: &TestServer) -> String {
+    format!("https://{}", server.addr)
+}
+
+/// Whether a heartbeat call over TLS with `tls` gets through to the server.
+async fn call_succeeds(url: &str, tls: &ClientTls) -> Result<(), String> {
+    let endpoint = secure_endpoint(url, Some(tls)).map_err(|error| error.to_string())?;
+    let channel = within(WAIT, endpoint.connect())
+        .await
+        .map_err(|error| format!("{error:?}"))?;
+    let mut client = HeartbeatServiceClient::new(channel);
+    let (_outbound, requests) = tokio::sync::mpsc::channel(1);
+    within(
+        WAIT,
+        client.heartbeat(tokio_stream::wrappers::ReceiverStream::new(requests)),
+    )
+    .await
+    .map(|_| ())
+    .map_err(|status| format!("{status:?}"))
+}
+
+/// Tests that a client trusting the server's CA holds a session over TLS,
+/// and that one trusting another CA cannot connect.
+#[tokio::test]
+async fn tls_sessions_and_an_untrusted_server() {
+    let pems = Pems::new("plain");
+    let ca = TestCa::new("server ca");
+    let server = TestServer::start(tls_config(&pems, &ca, None)).await;
+    let trusted = ClientTls {
+        ca: Some(pems.write("ca.pem", &ca.pem)),
+        ..ClientTls::default()
+    };
+    let client = Client::builder(https(&server))
+        .client_id("over-tls")
+        .tls(trusted)
+        .connect()
+        .expect("client");
+    within(WAIT, client.live()).await.expect("live over TLS");
+    client.close().await.expect("close");
+
+    let other = TestCa::new("other ca");
+    let untrusting = ClientTls {
+        ca: Some(pems.write("other.pem", &other.pem)),
+        ..ClientTls::default()
+    };
+    let refused = call_succeeds(&https(&server), &untrusting).await;
+    assert!(refused.is_err(), "a client must not trust an unknown CA");
+}
+
+/// Tests that with a client CA, a client certificate from it is required:
+/// one gets through; none, one from another CA, or an expired one fails
+/// the handshake, and the failures are counted.
+#[tokio::test]
+async fn mutual_tls_requires_a_valid_client_certificate() {
+    let pems = Pems::new("mutual");
+    let ca = TestCa::new("one ca");
+    let client_ca = pems.write("client-ca.pem", &ca.pem);
+    let server = TestServer::start(tls_config(&pems, &ca, Some(&client_ca))).await;
+    let url = https(&server);
+    let with_cert = |name: &str, issuer: &TestCa, expired: bool| {
+        let (cert, key) = issuer.leaf(&["worker-1"], ExtendedKeyUsagePurpose::ClientAuth, expired);
+        ClientTls {
+            ca: Some(client_ca.clone()),
+            cert: Some(pems.write(&format!("{name}.pem"), &cert)),
+            key: Some(pems.write(&format!("{name}.key"), &key)),
+        }
+    };
+    call_succeeds(&url, &with_cert("good", &ca, false))
+        .await
+        .expect("a valid client certificate gets through");
+
+    let other = TestCa::new("another ca");
+    let refusals = [
+        (
+            "no certificate",
+            ClientTls {
+                ca: Some(client_ca.clone()),
+                ..ClientTls::default()
+            },
+        ),
+        ("another CA", with_cert("foreign", &other, false)),
+        ("expired", with_cert("expired", &ca, true)),
+    ];
+    for (what, tls) in &refusals {
+        assert!(
+            call_succeeds(&url, tls).await.is_err(),
+            "a client with {what} must be refused"
+        );
+    }
+    let metrics = server.handle.metrics().render(false).0;
+    let failed: u64 = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("heartbeat_tls_handshakes_failed_total "))
+        .and_then(|count| count.parse().ok())
+        .expect("the counter");
+    assert!(failed >= 3, "{failed} failed handshakes counted");
+}
+
+/// Tests that `heartbeat serve` reloads its certificate on SIGHUP: a client
+/// trusting only the new CA gets through afterwards, and a session opened
+/// before the reload is not dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_reload_without_dropping_sessions() {
+    let pems = Pems::new("reload");
+    let first = TestCa::new("first ca");
+    let (cert, key) = first.leaf(&["127.0.0.1"], ExtendedKeyUsagePurpose::ServerAuth, false);
+    let cert_path = pems.write("server.pem", &cert);
+    let key_path = pems.write("server.key", &key);
+    let (child, addr) = spawn_server_process(&[
+        "--tls-cert",
+        cert_path.to_str().expect("utf-8"),
+        "--tls-key",
+        key_path.to_str().expect("utf-8"),
+    ]);
+    let url = format!("https://{addr}");
+    let old = Client::builder(url.clone())
+        .client_id("before-reload")
+        .tls(ClientTls {
+            ca: Some(pems.write("first.pem", &first.pem)),
+            ..ClientTls::default()
+        })
+        .connect()
+        .expect("client");
+    let mut old_events = old.events();
+    within(WAIT, old.live()).await.expect("live");
+
+    let second = TestCa::new("second ca");
+    let (cert, key) = second.leaf(&["127.0.0.1"], ExtendedKeyUsagePurpose::ServerAuth, false);
+    std::fs::write(&cert_path, cert).expect("new cert");
+    std::fs::write(&key_path, key).expect("new key");
+    signal(&child, "-HUP");
+    let trusting_second = ClientTls {
+        ca: Some(pems.write("second.pem", &second.pem)),
+        ..ClientTls::default()
+    };
+    within(WAIT, async {
+        while call_succeeds(&url, &trusting_second).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    // The old session saw no loss through all of it.
+    while let Ok(Some(event)) = tokio::time::timeout(Duration::ZERO, old_events.next()).await {
+        assert!(
+            !matches!(
+                event,
+                ClientEvent::Lost {
+                    reason: LossReason::Transport { .. } | LossReason::Timeout { .. }
+                }
+            ),
+            "the old session was dropped: {event:?}"
+        );
+    }
+    assert!(matches!(
+        old.state(),
+        tonic_heartbeat::client::ClientState::Live { .. }
+    ));
+    signal(&child, "-KILL");
+}
