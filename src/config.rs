@@ -73,6 +73,10 @@ pub struct ServerConfig {
     /// The tokens clients must present, and the client ids each allows
     /// (contract rule 1). Default: none (any client may say any id).
     pub client_credentials: Option<ClientCredentials>,
+    /// Under mutual TLS, a stream without a bearer token may say `Hello` as
+    /// any name its client certificate is valid for (its DNS subject
+    /// alternative names), and one without either is refused. Default: false.
+    pub client_ids_from_certificate: bool,
     /// The token every PresenceService call must present. Default: none (open).
     pub admin_token: Option<AdminToken>,
     /// Where the standalone server answers `GET /metrics`. Default: nowhere.
@@ -169,6 +173,7 @@ impl ServerConfig {
         max_watchers: 256,
         tls: None,
         client_credentials: None,
+        client_ids_from_certificate: false,
         admin_token: None,
         metrics_listen: None,
     };
@@ -280,6 +285,13 @@ impl ServerConfig {
             if value == 0 {
                 return Err(ConfigError::ZeroCount { name });
             }
+        }
+        let mutual_tls = self
+            .tls
+            .as_ref()
+            .is_some_and(|tls| tls.files().client_ca.is_some());
+        if self.client_ids_from_certificate && !mutual_tls {
+            return Err(ConfigError::CertificateIdsWithoutMutualTls);
         }
         self.limits.validate()
     }

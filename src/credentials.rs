@@ -31,6 +31,7 @@ use std::{
 
 use parking_lot::RwLock;
 use sha2::{Digest, Sha256};
+use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
 
 use crate::error::CredentialsError;
 
@@ -89,6 +90,35 @@ impl AllowedIds {
             }
         }
         Ok(allowed)
+    }
+}
+
+/// What a stream's credential lets it say `Hello` as: the ids of its bearer
+/// token, or the names its client certificate is valid for (under mutual
+/// TLS, a certificate's DNS subject alternative names are its client ids).
+#[derive(Debug, Clone)]
+pub enum IdPermit {
+    /// The ids a bearer token allows.
+    Token(Arc<AllowedIds>),
+    /// A verified client certificate (DER): the client ids it names.
+    Certificate(Arc<CertificateDer<'static>>),
+}
+
+impl IdPermit {
+    /// Whether `client_id` is allowed. A certificate allows the names it is
+    /// valid for as a DNS name (wildcards included); never the empty id.
+    pub fn allows(&self, client_id: &str) -> bool {
+        match self {
+            Self::Token(allowed) => allowed.allows(client_id),
+            Self::Certificate(der) => {
+                let Ok(name) = ServerName::try_from(client_id) else {
+                    return false;
+                };
+                webpki::EndEntityCert::try_from(der.as_ref())
+                    .and_then(|cert| cert.verify_is_valid_for_subject_name(&name))
+                    .is_ok()
+            }
+        }
     }
 }
 

@@ -77,6 +77,11 @@ pub enum ConfigError {
         /// The configured ping interval.
         ping_interval: Duration,
     },
+    /// Client ids from certificates need client certificates.
+    #[error(
+        "client ids from certificates need mutual TLS: give a client CA (--tls-client-ca) too"
+    )]
+    CertificateIdsWithoutMutualTls,
     /// A size limit is outside its allowed range.
     #[error("{name} {value} is out of range: use {min} to {max}")]
     OutOfRange {

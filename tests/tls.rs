@@ -268,3 +268,58 @@ async fn certificates_reload_without_dropping_sessions() {
     ));
     signal(&child, "-KILL");
 }
+
+/// Tests that under mutual TLS with client ids from certificates, a client
+/// may say Hello as a name its certificate holds and nothing else.
+#[tokio::test]
+async fn client_certificates_name_their_client_ids() {
+    let pems = Pems::new("ids");
+    let ca = TestCa::new("id ca");
+    let client_ca = pems.write("client-ca.pem", &ca.pem);
+    let config = ServerConfig {
+        client_ids_from_certificate: true,
+        ..tls_config(&pems, &ca, Some(&client_ca))
+    };
+    let server = TestServer::start(config).await;
+    let (cert, key) = ca.leaf(&["worker-1"], ExtendedKeyUsagePurpose::ClientAuth, false);
+    let tls = ClientTls {
+        ca: Some(client_ca.clone()),
+        cert: Some(pems.write("worker.pem", &cert)),
+        key: Some(pems.write("worker.key", &key)),
+    };
+    let named = Client::builder(https(&server))
+        .client_id("worker-1")
+        .tls(tls.clone())
+        .connect()
+        .expect("client");
+    within(WAIT, named.live())
+        .await
+        .expect("its own name is allowed");
+    named.close().await.expect("close");
+
+    let squatter = Client::builder(https(&server))
+        .client_id("worker-2")
+        .tls(tls)
+        .connect()
+        .expect("client");
+    let mut events = squatter.events();
+    let reason = within(WAIT, async {
+        loop {
+            if let Some(ClientEvent::Lost { reason }) = events.next().await {
+                break reason;
+            }
+        }
+    })
+    .await;
+    assert!(
+        matches!(
+            &reason,
+            LossReason::Status {
+                code: tonic::Code::PermissionDenied,
+                ..
+            }
+        ),
+        "{reason:?}"
+    );
+    assert!(server.handle.registry().is_empty());
+}

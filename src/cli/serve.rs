@@ -244,6 +244,15 @@ pub(crate) struct ServeArgs {
     #[arg(long, env = "HEARTBEAT_CLIENT_CREDENTIALS", value_name = "PATH")]
     client_credentials: Option<PathBuf>,
 
+    /// Under mutual TLS, let a client without a bearer token say Hello as any
+    /// name its certificate is valid for (its DNS subject alternative names).
+    #[arg(
+        long,
+        env = "HEARTBEAT_CLIENT_IDS_FROM_CERT",
+        requires = "tls_client_ca"
+    )]
+    client_ids_from_cert: bool,
+
     /// A file holding the admin token (surrounding white space ignored); when
     /// set, every PresenceService call needs `authorization: Bearer <token>`.
     #[arg(long, env = "HEARTBEAT_ADMIN_TOKEN_FILE", value_name = "PATH")]
@@ -303,6 +312,7 @@ impl ServeArgs {
             max_watchers: self.max_watchers,
             tls,
             client_credentials,
+            client_ids_from_certificate: self.client_ids_from_cert,
             admin_token,
             metrics_listen: self.metrics_listen,
         })

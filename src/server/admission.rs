@@ -11,10 +11,8 @@ use parking_lot::Mutex;
 use tokio::sync::Notify;
 use tonic::{metadata::MetadataMap, Status};
 
-use crate::{
-    credentials::{AllowedIds, ClientCredentials},
-    liveness::LivenessHandle,
-};
+use crate::{config::ServerConfig, credentials::IdPermit, liveness::LivenessHandle};
+use tokio_rustls::rustls::pki_types::CertificateDer;
 
 /// Why a stream was refused before any frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,24 +77,31 @@ pub(crate) fn bearer_token(value: &[u8]) -> Option<&[u8]> {
         .then(|| rest.trim_ascii())
 }
 
-/// Checks a stream's credentials when the server requires them: what its
-/// token allows, `None` when credentials are off.
+/// Checks a stream's credential when the server requires one: the ids its
+/// bearer token allows or, when client ids come from certificates, those
+/// its verified client certificate names. `None` when neither is required.
 pub(crate) fn authenticate(
-    credentials: Option<&ClientCredentials>,
+    config: &ServerConfig,
     metadata: &MetadataMap,
-) -> Result<Option<Arc<AllowedIds>>, Refusal> {
-    let Some(credentials) = credentials else {
-        return Ok(None);
-    };
+    certificate: Option<&Arc<CertificateDer<'static>>>,
+) -> Result<Option<IdPermit>, Refusal> {
     let token = metadata
         .get("authorization")
         .and_then(|value| bearer_token(value.as_bytes()));
-    token
-        .and_then(|token| credentials.check(token))
-        .map(Some)
-        .ok_or(Refusal::Unauthenticated {
-            presented: token.is_some(),
-        })
+    let refused = Refusal::Unauthenticated {
+        presented: token.is_some(),
+    };
+    match (&config.client_credentials, token, certificate) {
+        (Some(credentials), Some(token), _) => credentials
+            .check(token)
+            .map(|allowed| Some(IdPermit::Token(allowed)))
+            .ok_or(refused),
+        (_, None, Some(certificate)) if config.client_ids_from_certificate => {
+            Ok(Some(IdPermit::Certificate(certificate.clone())))
+        }
+        (None, _, _) if !config.client_ids_from_certificate => Ok(None),
+        _ => Err(refused),
+    }
 }
 
 /// Counts admitted streams against the capacity and refuses during a drain.

@@ -42,7 +42,7 @@ use tokio::{
     sync::mpsc,
     time::Instant,
 };
-use tokio_rustls::server::TlsStream;
+use tokio_rustls::{rustls::pki_types::CertificateDer, server::TlsStream};
 use tokio_stream::{wrappers::ReceiverStream, Stream, StreamExt};
 use tonic::transport::server::{Connected, TcpIncoming};
 use tower::{Layer, Service};
@@ -259,6 +259,8 @@ fn micros_since(base: Instant, at: Instant) -> u64 {
 pub(crate) struct PeerInfo {
     /// The peer's address.
     pub(crate) remote_addr: SocketAddr,
+    /// The client certificate the TLS handshake verified, if any.
+    pub(crate) certificate: Option<Arc<CertificateDer<'static>>>,
     pub(crate) connection: Arc<Connection>,
 }
 
@@ -297,8 +299,18 @@ impl Connected for GuardedIo {
     type ConnectInfo = PeerInfo;
 
     fn connect_info(&self) -> PeerInfo {
+        let certificate = match &self.inner {
+            Transport::Plain(_) => None,
+            Transport::Tls(stream) => stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .map(|leaf| Arc::new(leaf.clone().into_owned())),
+        };
         PeerInfo {
             remote_addr: self.connection.peer,
+            certificate,
             connection: self.connection.clone(),
         }
     }

@@ -37,15 +37,15 @@ impl pb::heartbeat_service_server::HeartbeatService for HeartbeatEndpoint {
             self.shared.metrics.admission_rejected(refusal.as_str());
             refusal.status()
         };
+        let peer_info = request.extensions().get::<PeerInfo>();
         let allowed = authenticate(
-            self.shared.config.client_credentials.as_ref(),
+            &self.shared.config,
             request.metadata(),
+            peer_info.and_then(|peer| peer.certificate.as_ref()),
         )
         .map_err(refused)?;
         let permit = self.shared.gate.admit(handle.clone()).map_err(refused)?;
-        let peer = request
-            .extensions()
-            .get::<PeerInfo>()
+        let peer = peer_info
             .map(|peer| peer.remote_addr)
             .or_else(|| request.remote_addr());
         Ok(Response::new(SessionStream::new(

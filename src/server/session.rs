@@ -24,7 +24,7 @@ use tonic::{Status, Streaming};
 use tracing::debug;
 
 use super::{admission::AdmissionPermit, drain, farewell, shared::ServerShared};
-use crate::credentials::AllowedIds;
+use crate::credentials::IdPermit;
 use crate::{
     config::FrameLimits,
     liveness::{EndCause, LivenessHandle, LivenessObserver, WheelTarget},
@@ -79,7 +79,7 @@ pub(crate) struct SessionStream {
     peer: Option<SocketAddr>,
     /// The client ids the stream's credential allows; `None` when client
     /// credentials are off.
-    allowed: Option<Arc<AllowedIds>>,
+    allowed: Option<IdPermit>,
     pings: PingLedger,
     rtt: RttEstimator,
     strikes: StrikeCounter,
@@ -116,7 +116,7 @@ impl SessionStream {
         handle: LivenessHandle,
         permit: AdmissionPermit,
         peer: Option<SocketAddr>,
-        allowed: Option<Arc<AllowedIds>>,
+        allowed: Option<IdPermit>,
         inbound: Streaming<pb::HeartbeatRequest>,
     ) -> Self {
         let config = &server.config;
