@@ -90,10 +90,10 @@ impl Target {
             });
         let mut child = command.spawn().expect("spawn heartbeat serve");
         let stderr = child.stderr.take();
-        let deadline = std::time::Instant::now() + WAIT;
+        let deadline = Instant::now() + WAIT;
         while std::net::TcpStream::connect(addr).is_err() {
             assert!(
-                std::time::Instant::now() < deadline,
+                Instant::now() < deadline,
                 "the server never listened"
             );
             std::thread::sleep(Duration::from_millis(10));
@@ -502,6 +502,7 @@ async fn log_injection_strings_are_escaped() {
         .await;
     read_until(&mut chunks, &mut printed, "reason=client_goodbye").await;
     let _ = watch.kill();
+    let _ = watch.wait();
     assert!(
         !printed.contains('\u{1b}'),
         "a raw escape reached the terminal: {printed:?}"

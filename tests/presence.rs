@@ -1219,3 +1219,69 @@ async fn watches_are_capped() {
     })
     .await;
 }
+
+/// Tests, 50 times over, that a watch that keeps reading never stalls while
+/// another, on its own connection, stops reading, during bursts of opens and
+/// closes (48 at a time over 4 connections): the reader sees every revision,
+/// resuming by itself if it is ever cut off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reading_watch_never_stalls_beside_a_deaf_one() {
+    use tonic_heartbeat::presence::{PresenceClient, SessionFilter, WatchEvent};
+    let config = ServerConfig {
+        watch_queue: 256,
+        ..fast_config()
+    };
+    let server = TestServer::start(config).await;
+    let mut connections = Vec::new();
+    for _ in 0..4 {
+        let channel = channel(server.addr).await;
+        connections.push(pb::heartbeat_service_client::HeartbeatServiceClient::new(
+            channel,
+        ));
+    }
+    let pairs_per_round = 480;
+    for round in 0..50 {
+        let deaf_channel = small_window_endpoint(&server.url())
+            .connect()
+            .await
+            .expect("connect");
+        let mut deaf_client = PresenceServiceClient::new(deaf_channel);
+        let _deaf = watch(&mut deaf_client, watch_request(0, 0)).await;
+        let reader = PresenceClient::new(channel(server.addr).await);
+        let mut watcher = reader.watch(SessionFilter::default());
+        let start = loop {
+            if let WatchEvent::Synced { revision, .. } =
+                within(WAIT, watcher.next()).await.expect("watch")
+            {
+                break revision;
+            }
+        };
+        let churn: Vec<_> = (0..48)
+            .map(|task| {
+                let mut client = connections[task % 4].clone();
+                tokio::spawn(async move {
+                    for pair in 0..pairs_per_round / 48 {
+                        let mut session =
+                            RawSession::open_with(&mut client).await.expect("admitted");
+                        session.say_hello(&format!("r{round}-{task}-{pair}")).await;
+                        session.half_close();
+                        session.ended().await;
+                    }
+                })
+            })
+            .collect();
+        for task in churn {
+            within(WAIT, task).await.expect("churn task");
+        }
+        let end = start + 2 * pairs_per_round as u64;
+        within(WAIT, async {
+            loop {
+                match watcher.next().await.expect("no permanent error") {
+                    WatchEvent::Change(change) if change.revision >= end => break,
+                    _ => {}
+                }
+            }
+        })
+        .await;
+    }
+}
