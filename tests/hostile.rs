@@ -92,10 +92,7 @@ impl Target {
         let stderr = child.stderr.take();
         let deadline = Instant::now() + WAIT;
         while std::net::TcpStream::connect(addr).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "the server never listened"
-            );
+            assert!(Instant::now() < deadline, "the server never listened");
             std::thread::sleep(Duration::from_millis(10));
         }
         Self {
