@@ -67,15 +67,18 @@ pub struct ServerConfig {
     /// Presence watches open at once; more are refused with
     /// `RESOURCE_EXHAUSTED`. Default 256.
     pub max_watchers: usize,
-    /// TLS for the server's listener (and, with a client CA, mutual TLS).
-    /// Default: none (plain HTTP/2).
+    /// TLS for the server's listener (and, with a client CA, mutual TLS),
+    /// applied by [`serve`](crate::server::serve); an embedder serving on its own
+    /// listener sets up TLS there. Default: none (plain HTTP/2).
     pub tls: Option<ServerTls>,
     /// The tokens clients must present, and the client ids each allows
     /// (contract rule 1). Default: none (any client may say any id).
     pub client_credentials: Option<ClientCredentials>,
     /// Under mutual TLS, a stream without a bearer token may say `Hello` as
     /// any name its client certificate is valid for (its DNS subject
-    /// alternative names), and one without either is refused. Default: false.
+    /// alternative names), and one without either is refused. Needs the
+    /// listener of [`serve`](crate::server::serve), which sees the certificate.
+    /// Default: false.
     pub client_ids_from_certificate: bool,
     /// The token every PresenceService call must present. Default: none (open).
     pub admin_token: Option<AdminToken>,

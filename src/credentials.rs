@@ -106,10 +106,18 @@ pub enum IdPermit {
 
 impl IdPermit {
     /// Whether `client_id` is allowed. A certificate allows the names it is
-    /// valid for as a DNS name (wildcards included); never the empty id.
+    /// valid for as a DNS name (wildcards included), written in lower case
+    /// without a trailing dot, as client ids are compared exactly; never the
+    /// empty id.
     pub fn allows(&self, client_id: &str) -> bool {
         match self {
             Self::Token(allowed) => allowed.allows(client_id),
+            Self::Certificate(_)
+                if client_id.ends_with('.')
+                    || client_id.bytes().any(|b| b.is_ascii_uppercase()) =>
+            {
+                false
+            }
             Self::Certificate(der) => {
                 let Ok(name) = ServerName::try_from(client_id) else {
                     return false;
@@ -207,7 +215,7 @@ impl fmt::Debug for CredentialTable {
 }
 
 fn decode_digest(hex: &str) -> Option<[u8; 32]> {
-    if hex.len() != 64 {
+    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     let mut digest = [0u8; 32];
@@ -284,7 +292,10 @@ fn read_table(path: &Path) -> Result<CredentialTable, CredentialsError> {
 
 impl PartialEq for ClientCredentials {
     fn eq(&self, other: &Self) -> bool {
-        self.path == other.path && *self.table.read().clone() == *other.table.read().clone()
+        // One lock at a time: a reload waiting between two reads would deadlock.
+        let mine = self.table.read().clone();
+        let theirs = other.table.read().clone();
+        self.path == other.path && mine == theirs
     }
 }
 

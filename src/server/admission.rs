@@ -96,7 +96,9 @@ pub(crate) fn authenticate(
             .check(token)
             .map(|allowed| Some(IdPermit::Token(allowed)))
             .ok_or(refused),
-        (_, None, Some(certificate)) if config.client_ids_from_certificate => {
+        // Without a credentials file, a bearer header (an admin token sent
+        // along) does not get in the way of the certificate.
+        (_, _, Some(certificate)) if config.client_ids_from_certificate => {
             Ok(Some(IdPermit::Certificate(certificate.clone())))
         }
         (None, _, _) if !config.client_ids_from_certificate => Ok(None),

@@ -241,10 +241,11 @@ impl Drop for StreamHold {
     fn drop(&mut self) {
         let connection = &self.connection;
         connection.table.release(connection.peer.ip(), false);
-        if connection.streams.fetch_sub(1, Ordering::AcqRel) == 1 {
-            let now = micros_since(connection.wheel.base(), Instant::now());
-            connection.idle_since.store(now, Ordering::Release);
-        }
+        // Stored first, so the timer never sees no stream with an old idle
+        // time; while other streams remain, it is not read.
+        let now = micros_since(connection.wheel.base(), Instant::now());
+        connection.idle_since.store(now, Ordering::Release);
+        connection.streams.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -171,9 +171,11 @@ impl pb::presence_service_server::PresenceService for PresenceEndpoint {
         tokio::spawn(async move {
             // Held for the watch's life: the cap and the gauge.
             let _slot = slot;
-            if let WatchEnd::Lagged(lagged) = forward(subscription, filter, events).await {
+            if let WatchEnd::Lagged(lagged) = forward(subscription, filter, &events).await {
                 let _ = cut.send(Status::resource_exhausted(lagged.to_string()));
             }
+            // Dropped only now: the stream must not end before it hears of a lag.
+            drop(events);
         });
         Ok(Response::new(Box::pin(WatchResponses {
             events: stream,
@@ -217,9 +219,9 @@ enum WatchEnd {
 async fn forward(
     mut subscription: Subscription,
     filter: SessionFilter,
-    events: Sender,
+    events: &Sender,
 ) -> WatchEnd {
-    match stream_watch(&mut subscription, &filter, &events).await {
+    match stream_watch(&mut subscription, &filter, events).await {
         Ok(()) => WatchEnd::Over,
         Err(end) => end,
     }

@@ -235,6 +235,12 @@ impl SessionStream {
         let shared = &self.shared;
         let server = &shared.server;
         shared.said_hello.store(true, Ordering::Release);
+        if shared.handle.end_cause().is_some() {
+            // The end was decided while this Hello was on its way: the
+            // session never opens (and so never replaces an older one).
+            self.ending = true;
+            return Step::Continue;
+        }
         let opened = server.registry.open(
             SessionIdentity {
                 session_id: shared.id.clone(),
@@ -308,6 +314,8 @@ impl Stream for SessionStream {
                     this.shared.server.metrics.frame_received();
                     match this.on_frame(request.frame, Instant::now()) {
                         Step::Reply(frame) => return Poll::Ready(Some(Ok(this.send(frame)))),
+                        // The end was decided meanwhile: the layer performs it.
+                        Step::Continue if this.ending => return Poll::Pending,
                         Step::Continue => {}
                         Step::Conclude(reason, message) => {
                             this.conclude(reason, &message);
