@@ -150,6 +150,18 @@ impl Target {
     fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
+
+    /// A heartbeat client on a connection of its own.
+    async fn heartbeat_client(
+        &self,
+    ) -> pb::heartbeat_service_client::HeartbeatServiceClient<tonic::transport::Channel> {
+        let channel = tonic::transport::Endpoint::from_shared(self.url())
+            .expect("url")
+            .connect()
+            .await
+            .expect("connect");
+        pb::heartbeat_service_client::HeartbeatServiceClient::new(channel)
+    }
 }
 
 impl Drop for Target {
@@ -281,12 +293,7 @@ async fn slowloris_streams_without_hello() {
     let before = target.rss_kib();
     let mut silent = Vec::new();
     for _ in 0..20 {
-        let channel = tonic::transport::Endpoint::from_shared(target.url())
-            .expect("url")
-            .connect()
-            .await
-            .expect("connect");
-        let mut client = pb::heartbeat_service_client::HeartbeatServiceClient::new(channel);
+        let mut client = target.heartbeat_client().await;
         for _ in 0..100 {
             silent.push(RawSession::open_with(&mut client).await.expect("admitted"));
         }
@@ -382,12 +389,7 @@ async fn label_message_and_client_id_bombs() {
         .iter()
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
-    let channel = tonic::transport::Endpoint::from_shared(target.url())
-        .expect("url")
-        .connect()
-        .await
-        .expect("connect");
-    let mut client = pb::heartbeat_service_client::HeartbeatServiceClient::new(channel);
+    let mut client = target.heartbeat_client().await;
     let mut sessions = Vec::new();
     for i in 0..1000 {
         let mut session = RawSession::open_with(&mut client).await.expect("admitted");
