@@ -27,6 +27,11 @@ pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// Content type of the OpenMetrics text format.
 pub const OPENMETRICS_TEXT: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
+/// Upper bounds of the deadline-lateness buckets, in seconds.
+const LATENESS_BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0,
+];
+
 type ReasonCounter = Family<[(&'static str, &'static str); 1], Counter>;
 
 /// The server's metrics; cheap to share behind an `Arc`.
@@ -38,6 +43,7 @@ pub struct Metrics {
     sessions_opened: Counter,
     sessions_closed: ReasonCounter,
     rtt: Histogram,
+    deadline_lateness: Histogram,
     frames_received: Counter,
     frames_sent: Counter,
     ping_strikes: Counter,
@@ -63,6 +69,8 @@ impl Metrics {
             sessions_closed: ReasonCounter::default(),
             // 100 µs to about 26 s.
             rtt: Histogram::new(exponential_buckets(0.0001, 2.0, 19)),
+            // Fine where the target is (a few milliseconds), coarse beyond.
+            deadline_lateness: Histogram::new(LATENESS_BUCKETS),
             frames_received: Counter::default(),
             frames_sent: Counter::default(),
             ping_strikes: Counter::default(),
@@ -100,6 +108,11 @@ impl Metrics {
             "heartbeat_rtt_seconds",
             "Round-trip time of the server's pings, per answered ping",
             metrics.rtt.clone(),
+        );
+        registry.register(
+            "heartbeat_deadline_lateness_seconds",
+            "How long after its deadline (last frame plus timeout) each silent session's Goodbye{TIMEOUT} was handed to HTTP/2",
+            metrics.deadline_lateness.clone(),
         );
         registry.register(
             "heartbeat_frames_received",
@@ -201,6 +214,11 @@ impl Metrics {
     /// A client answered a server ping after `rtt`.
     pub fn rtt(&self, rtt: Duration) {
         self.rtt.observe(rtt.as_secs_f64());
+    }
+
+    /// A silent session's ending went out `lateness` after its deadline.
+    pub fn deadline_lateness(&self, lateness: Duration) {
+        self.deadline_lateness.observe(lateness.as_secs_f64());
     }
 
     /// A frame arrived from a client.

@@ -4,6 +4,7 @@
 //! (`--ping-interval` ↔ `HEARTBEAT_PING_INTERVAL`); the flag wins. Durations are
 //! written as people write them: `200ms`, `10s`, `1m30s`.
 
+mod bench;
 mod connect;
 mod serve;
 mod sessions;
@@ -59,6 +60,20 @@ enum Command {
     ///
     /// Example: heartbeat sessions http://127.0.0.1:50051 --label zone=eu-1 --watch
     Sessions(sessions::SessionsArgs),
+
+    /// Load a server with many sessions and measure it.
+    ///
+    /// Opens --sessions sessions over --connections HTTP/2 connections at
+    /// --rate per second; each says Hello, answers every server ping and
+    /// pings every interval. After the ramp it runs for --duration and
+    /// reports sessions established and failed, heartbeats per second, RTT
+    /// percentiles and the ends the server chose. --freeze K silences K
+    /// sessions and times the server's Goodbye{TIMEOUT} against each deadline;
+    /// --server-pid adds the server's CPU per round trip and memory per
+    /// session; --metrics-url adds the server's own deadline lateness.
+    ///
+    /// Example: heartbeat bench http://127.0.0.1:50051 --sessions 10000 --connections 100 --freeze 100 --duration 40s
+    Bench(bench::BenchArgs),
 }
 
 /// How log lines are written.
@@ -76,6 +91,7 @@ pub(crate) fn run(cli: Cli, logs: &LogSink) -> anyhow::Result<()> {
         Command::Serve(args) => serve::run(*args, logs),
         Command::Connect(args) => connect::run(args),
         Command::Sessions(args) => sessions::run(args),
+        Command::Bench(args) => bench::run(args),
     }
 }
 

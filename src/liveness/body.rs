@@ -103,6 +103,7 @@ where
                 pump.pump(cx);
             }
             if let Some(mut ending) = this.core.take_ending() {
+                this.core.ending_taken();
                 if !this.sent.at_boundary() {
                     ending.message = None;
                 }

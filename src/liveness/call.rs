@@ -87,6 +87,10 @@ pub trait LivenessObserver: Send + Sync {
     fn recovered(&self) {}
     /// The layer began to end the call, and why.
     fn ended(&self, _cause: EndCause) {}
+    /// The response side is sending the ending of a call that was silent for
+    /// the timeout, `lateness` after its deadline (its last message plus the
+    /// timeout): how late the layer was.
+    fn silence_ended(&self, _lateness: Duration) {}
 }
 
 /// A handle to one call's liveness, found in the request's extensions.
@@ -337,6 +341,19 @@ impl CallCore {
             return None;
         }
         self.ending.lock().take()
+    }
+
+    /// The response side took the ending and sends it now: a silent call's
+    /// observer hears how late that is.
+    pub(crate) fn ending_taken(&self) {
+        if self.cause.get() != Some(&EndCause::Silence) {
+            return;
+        }
+        let Some(observer) = self.observer.get() else {
+            return;
+        };
+        let deadline = self.instant(self.last_seen.load(Ordering::SeqCst)) + self.policy.timeout;
+        observer.silence_ended(Instant::now().saturating_duration_since(deadline));
     }
 
     /// Remembers the task to wake for an ending.

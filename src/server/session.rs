@@ -538,6 +538,12 @@ impl LivenessObserver for SessionObserver {
             EndCause::Requested => {}
         }
     }
+
+    fn silence_ended(&self, lateness: Duration) {
+        if let Some(session) = self.session.upgrade() {
+            session.server.metrics.deadline_lateness(lateness);
+        }
+    }
 }
 
 #[cfg(test)]
