@@ -30,7 +30,7 @@ pin_project! {
         core: Arc<CallCore>,
         pump: Option<Arc<dyn Pump>>,
         sent: MessageFramer,
-        farewell: Option<Ending>,
+        farewell: Option<Box<Ending>>,
         done: bool,
     }
 
@@ -60,7 +60,7 @@ impl<B> LivenessBody<B> {
     }
 
     /// A body that only performs `ending`, for a service that never answered.
-    pub(crate) fn ending(core: Arc<CallCore>, ending: Ending) -> Self {
+    pub(crate) fn ending(core: Arc<CallCore>, ending: Box<Ending>) -> Self {
         Self {
             inner: None,
             core,

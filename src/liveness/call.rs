@@ -120,8 +120,9 @@ pub(crate) struct CallCore {
     frames_out: AtomicU64,
     /// The request stream failed (reset, connection lost), as opposed to ending.
     inbound_failed: AtomicBool,
-    /// The ending to perform, until the response side takes it.
-    ending: Mutex<Option<Ending>>,
+    /// The ending to perform, until the response side takes it. Boxed: every
+    /// call carries this slot, few calls fill it.
+    ending: Mutex<Option<Box<Ending>>>,
     /// Why the call ends: set once, by the first cause. The one decision that
     /// every end of the call follows.
     cause: OnceLock<EndCause>,
@@ -319,7 +320,7 @@ impl CallCore {
         if self.cause.set(cause).is_err() {
             return false;
         }
-        *self.ending.lock() = Some(ending);
+        *self.ending.lock() = Some(Box::new(ending));
         self.state.swap(ENDED, Ordering::AcqRel);
         if let Some(observer) = self.observer.get() {
             observer.ended(cause);
@@ -336,7 +337,7 @@ impl CallCore {
     }
 
     /// Takes the pending ending, if one was asked for.
-    pub(crate) fn take_ending(&self) -> Option<Ending> {
+    pub(crate) fn take_ending(&self) -> Option<Box<Ending>> {
         if self.state.load(Ordering::Acquire) != ENDED {
             return None;
         }

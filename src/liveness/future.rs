@@ -50,6 +50,7 @@ where
             pump.pump(cx);
         }
         if let Some(ending) = this.core.take_ending() {
+            this.core.ending_taken();
             if let Some(pump) = this.pump.take() {
                 pump.close();
             }

@@ -16,6 +16,7 @@ use std::{
 };
 
 use bytes::Bytes;
+use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use parking_lot::Mutex;
 
@@ -43,8 +44,13 @@ pub(crate) struct Inbound<B: Body> {
 struct InboundState<B: Body> {
     /// The real request body, until it ends, fails or the call ends.
     body: Option<B>,
-    /// Frames read but not yet taken by the service.
-    queue: VecDeque<Frame<Bytes>>,
+    /// Data read but not yet taken by the service. Chunks, not `Frame`s: a
+    /// `Frame` is sized for trailers, three times a chunk, and the queue's
+    /// capacity stays with the call for its life.
+    queue: VecDeque<Bytes>,
+    /// The request's trailers, handed over after the data (gRPC clients
+    /// rarely send any).
+    trailers: Option<HeaderMap>,
     /// Bytes of data in `queue`.
     queued: usize,
     /// The body's error, handed to the service once.
@@ -69,6 +75,7 @@ impl<B: Body> Inbound<B> {
             state: Mutex::new(InboundState {
                 body: Some(body),
                 queue: VecDeque::new(),
+                trailers: None,
                 queued: 0,
                 error: None,
                 reader: None,
@@ -113,9 +120,18 @@ where
                                 return;
                             }
                         }
-                        state.queued += data.len();
                     }
-                    state.queue.push_back(frame);
+                    match frame.into_data() {
+                        Ok(data) => {
+                            state.queued += data.len();
+                            state.queue.push_back(data);
+                        }
+                        Err(frame) => {
+                            if let Ok(trailers) = frame.into_trailers() {
+                                state.trailers = Some(trailers);
+                            }
+                        }
+                    }
                     arrived = true;
                 }
                 Poll::Ready(Some(Err(error))) => {
@@ -171,17 +187,18 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let inbound = &self.inbound;
         let mut state = inbound.state.lock();
-        if let Some(frame) = state.queue.pop_front() {
+        if let Some(data) = state.queue.pop_front() {
             let was_full = state.queued >= inbound.core.policy().inbound_buffer;
-            if let Some(data) = frame.data_ref() {
-                state.queued -= data.len();
-            }
+            state.queued -= data.len();
             drop(state);
             if was_full {
                 // The layer stopped reading at the limit; there is room again.
                 inbound.core.wake();
             }
-            return Poll::Ready(Some(Ok(frame)));
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+        if let Some(trailers) = state.trailers.take() {
+            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
         }
         if let Some(error) = state.error.take() {
             return Poll::Ready(Some(Err(error)));
@@ -198,7 +215,10 @@ where
 
     fn is_end_stream(&self) -> bool {
         let state = self.inbound.state.lock();
-        state.body.is_none() && state.queue.is_empty() && state.error.is_none()
+        state.body.is_none()
+            && state.queue.is_empty()
+            && state.trailers.is_none()
+            && state.error.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {
