@@ -9,7 +9,7 @@ use std::{collections::HashMap, sync::Arc};
 
 use parking_lot::Mutex;
 use tokio::sync::Notify;
-use tonic::{metadata::MetadataMap, Status};
+use tonic::Status;
 
 use crate::{config::ServerConfig, credentials::IdPermit, liveness::LivenessHandle};
 use tokio_rustls::rustls::pki_types::CertificateDer;
@@ -82,11 +82,11 @@ pub(crate) fn bearer_token(value: &[u8]) -> Option<&[u8]> {
 /// its verified client certificate names. `None` when neither is required.
 pub(crate) fn authenticate(
     config: &ServerConfig,
-    metadata: &MetadataMap,
+    headers: &http::HeaderMap,
     certificate: Option<&Arc<CertificateDer<'static>>>,
 ) -> Result<Option<IdPermit>, Refusal> {
-    let token = metadata
-        .get("authorization")
+    let token = headers
+        .get(http::header::AUTHORIZATION)
         .and_then(|value| bearer_token(value.as_bytes()));
     let refused = Refusal::Unauthenticated {
         presented: token.is_some(),

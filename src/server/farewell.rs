@@ -67,16 +67,17 @@ pub(crate) fn ending_for(
     // An end the client caused needs no explanation back: the status is a
     // bare OK (or CANCELLED, for a connection that is gone anyway).
     let status = status_for(reason, if goodbye.is_some() { message } else { "" });
-    Ending::new(goodbye.as_ref().map(grpc_message), trailers(&status))
+    Ending::new(goodbye.as_ref().map(grpc_message), status_trailers(&status))
 }
 
 /// An ending with no frame, only `status`: for a stream refused after it
 /// opened, before it became a session.
 pub(crate) fn refusal(status: &Status) -> Ending {
-    Ending::new(None, trailers(status))
+    Ending::new(None, status_trailers(status))
 }
 
-fn trailers(status: &Status) -> HeaderMap {
+/// The trailers that carry `status`.
+pub(crate) fn status_trailers(status: &Status) -> HeaderMap {
     let mut trailers = HeaderMap::new();
     if status.add_header(&mut trailers).is_err() {
         // Only a message that cannot be a header value fails; keep the code.
@@ -87,13 +88,19 @@ fn trailers(status: &Status) -> HeaderMap {
 
 /// One message framed as gRPC puts it on the wire: flag, length, payload.
 fn grpc_message(message: &pb::HeartbeatResponse) -> Bytes {
-    let len = message.encoded_len();
-    let mut out = BytesMut::with_capacity(5 + len);
-    out.put_u8(0);
-    // Goodbye frames are a few hundred bytes at most; they always fit a u32.
-    out.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
-    message.encode_raw(&mut out);
+    let mut out = BytesMut::new();
+    put_grpc_message(message, &mut out);
     out.freeze()
+}
+
+/// Appends one message to `out` as gRPC frames it: flag, length, payload.
+pub(crate) fn put_grpc_message(message: &pb::HeartbeatResponse, out: &mut BytesMut) {
+    let len = message.encoded_len();
+    out.reserve(5 + len);
+    out.put_u8(0);
+    // Server frames are a few hundred bytes at most; they always fit a u32.
+    out.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
+    message.encode_raw(out);
 }
 
 #[cfg(test)]

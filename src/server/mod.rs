@@ -40,20 +40,19 @@ mod shared;
 
 use std::{
     convert::Infallible,
-    future::Future,
+    future::{Future, Ready},
     sync::{atomic::AtomicUsize, Arc},
     task::{Context, Poll},
 };
 
-use tonic::{
-    codegen::BoxFuture, server::NamedService, transport::server::TcpIncoming, transport::Server,
-};
+use tonic::{server::NamedService, transport::server::TcpIncoming, transport::Server};
 use tower::{Layer, Service};
 use tracing::{info, warn};
 
+pub use self::session::SessionBody;
 use self::{
     admission::{AdmissionGate, Refusal},
-    heartbeat::HeartbeatEndpoint,
+    heartbeat::HeartbeatMethod,
     shared::ServerShared,
 };
 use crate::{
@@ -61,10 +60,7 @@ use crate::{
     error::{ConfigError, ServeError},
     liveness::{Liveness, LivenessBody, LivenessLayer, ResponseFuture, TimerWheel},
     metrics::Metrics,
-    protocol::pb::{
-        self, heartbeat_service_server::HeartbeatServiceServer,
-        presence_service_server::PresenceServiceServer,
-    },
+    protocol::pb::{self, presence_service_server::PresenceServiceServer},
     protocol::CloseReason,
     registry::{SessionRegistry, Subscription},
 };
@@ -73,7 +69,7 @@ use crate::{
 /// mount with `Server::add_service`. See the [module docs](self).
 #[derive(Clone)]
 pub struct HeartbeatServer {
-    inner: Liveness<HeartbeatServiceServer<HeartbeatEndpoint>>,
+    inner: Liveness<HeartbeatMethod>,
 }
 
 /// A cloneable handle to a running heartbeat server's sessions.
@@ -123,12 +119,9 @@ impl HeartbeatServer {
                 None,
             ))
             .wheel(wheel);
-        let service = HeartbeatServiceServer::new(HeartbeatEndpoint {
+        let service = HeartbeatMethod {
             shared: shared.clone(),
-        })
-        // The layer refuses oversized frames first, with a goodbye; this only
-        // keeps tonic's own limit from being the smaller one.
-        .max_decoding_message_size(config.limits.max_message_size as usize);
+        };
         Ok((
             HeartbeatHandle { shared },
             HeartbeatServer {
@@ -143,9 +136,9 @@ impl NamedService for HeartbeatServer {
 }
 
 impl Service<http::Request<tonic::body::Body>> for HeartbeatServer {
-    type Response = http::Response<LivenessBody<tonic::body::Body>>;
+    type Response = http::Response<LivenessBody<SessionBody>>;
     type Error = Infallible;
-    type Future = ResponseFuture<BoxFuture<http::Response<tonic::body::Body>, Infallible>>;
+    type Future = ResponseFuture<Ready<Result<http::Response<SessionBody>, Infallible>>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         Service::<http::Request<tonic::body::Body>>::poll_ready(&mut self.inner, cx)

@@ -1,13 +1,18 @@
 //! One heartbeat session: the server's side of one `Heartbeat` stream.
 //!
-//! [`SessionStream`] is the response stream tonic polls. It is polled on the
+//! [`SessionBody`] is the response body hyper polls. It is polled on the
 //! HTTP/2 stream's own task, so it needs no task of its own: each poll reads
 //! whatever client frames are ready (answering a `Ping` at once), and sends the
 //! server's own `Ping` when the shared timer wheel says one is due. Deadlines,
 //! suspicion and every forced end belong to the liveness layer in front of it;
 //! the session decides *what* to say, the layer makes sure the call ends.
+//!
+//! It frames gRPC itself (see `heartbeat.rs` for why): whole messages are
+//! decoded straight from the layer's chunks, and a message split across
+//! chunks is the only one ever copied.
 
 use std::{
+    convert::Infallible,
     net::SocketAddr,
     pin::Pin,
     sync::{
@@ -18,12 +23,16 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use bytes::{Buf, Bytes, BytesMut};
+use http_body::{Body, Frame};
+use prost::Message;
 use tokio::time::Instant;
-use tokio_stream::Stream;
-use tonic::{Status, Streaming};
+use tonic::Status;
 use tracing::debug;
 
-use super::{admission::AdmissionPermit, drain, farewell, shared::ServerShared};
+use super::{
+    admission::AdmissionPermit, drain, farewell, heartbeat::RequestBody, shared::ServerShared,
+};
 use crate::credentials::IdPermit;
 use crate::{
     config::FrameLimits,
@@ -58,6 +67,9 @@ pub(crate) struct SessionShared {
     srtt_micros: AtomicU64,
     /// Set by the timer wheel when the next server ping is due.
     ping_due: AtomicBool,
+    /// Where in each ping interval this session's pings fall, in microseconds:
+    /// the same for every stream of one connection (see [`ping_phase`]).
+    ping_phase: u64,
     /// The stream's admission slot, freed the moment the call ends.
     permit: AdmissionPermit,
     /// Set when `Hello` arrives, so the deadline for it stands down.
@@ -67,9 +79,33 @@ pub(crate) struct SessionShared {
     outcome: OnceLock<(CloseReason, String)>,
 }
 
-/// The response stream of one `Heartbeat` call.
+/// The response body of one `Heartbeat` call: a session's frames, or nothing
+/// for a stream refused before its session began (its status is in the
+/// response's headers: a trailers-only response). Opaque: it is
+/// what [`HeartbeatServer`](super::HeartbeatServer) answers with, behind its
+/// liveness layer.
+pub struct SessionBody(BodyState);
+
+impl std::fmt::Debug for SessionBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionBody").finish_non_exhaustive()
+    }
+}
+
+enum BodyState {
+    Session(SessionStream),
+    Refused,
+}
+
+/// The server's side of one session.
 pub(crate) struct SessionStream {
-    inbound: Streaming<pb::HeartbeatRequest>,
+    /// The request as the liveness layer queued it.
+    inbound: RequestBody,
+    /// The unread rest of the last chunk.
+    chunk: Bytes,
+    /// The start of a message split across chunks; empty, and unallocated,
+    /// unless a client splits one.
+    partial: BytesMut,
     shared: Arc<SessionShared>,
     /// Whether `Hello` has arrived and the session is in the registry.
     open: bool,
@@ -108,16 +144,60 @@ struct StrikeCounter {
     last: Option<Instant>,
 }
 
-// === impl SessionStream ===
+// === impl SessionBody ===
 
-impl SessionStream {
+impl SessionBody {
+    /// Starts a session on an admitted stream.
     pub(crate) fn new(
         server: Arc<ServerShared>,
         handle: LivenessHandle,
         permit: AdmissionPermit,
         peer: Option<SocketAddr>,
         allowed: Option<IdPermit>,
-        inbound: Streaming<pb::HeartbeatRequest>,
+        inbound: RequestBody,
+    ) -> Self {
+        Self(BodyState::Session(SessionStream::new(
+            server, handle, permit, peer, allowed, inbound,
+        )))
+    }
+
+    /// The empty body of a stream refused before its session began.
+    pub(crate) fn refused() -> Self {
+        Self(BodyState::Refused)
+    }
+}
+
+impl Body for SessionBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        match &mut self.0 {
+            BodyState::Session(session) => session
+                .poll_message(cx)
+                .map(|message| Some(Ok(Frame::data(message)))),
+            BodyState::Refused => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.0, BodyState::Refused)
+    }
+}
+
+// === impl SessionStream ===
+
+impl SessionStream {
+    fn new(
+        server: Arc<ServerShared>,
+        handle: LivenessHandle,
+        permit: AdmissionPermit,
+        peer: Option<SocketAddr>,
+        allowed: Option<IdPermit>,
+        inbound: RequestBody,
     ) -> Self {
         let config = &server.config;
         let strikes = StrikeCounter {
@@ -126,12 +206,14 @@ impl SessionStream {
             strikes: 0,
             last: None,
         };
+        let ping_phase = ping_phase(peer, config.ping_interval);
         let shared = Arc::new(SessionShared {
             id: format!("{:016x}", rand::random::<u64>()),
             handle,
             server,
             srtt_micros: AtomicU64::new(u64::MAX),
             ping_due: AtomicBool::new(false),
+            ping_phase,
             permit,
             said_hello: AtomicBool::new(false),
             outcome: OnceLock::new(),
@@ -152,6 +234,8 @@ impl SessionStream {
         }
         Self {
             inbound,
+            chunk: Bytes::new(),
+            partial: BytesMut::new(),
             shared,
             open: false,
             ending: false,
@@ -264,7 +348,7 @@ impl SessionStream {
         }
         let ping_timer: Arc<dyn WheelTarget> = shared.clone();
         server.wheel.insert(
-            now + server.config.ping_interval,
+            shared.next_ping(now),
             PING_TIMER,
             Arc::downgrade(&ping_timer),
         );
@@ -275,10 +359,42 @@ impl SessionStream {
         }))
     }
 
-    /// Wraps a frame for sending, and counts it.
-    fn send(&self, frame: Out) -> pb::HeartbeatResponse {
+    /// Frames a message onto `out`, and counts it.
+    fn send(&self, frame: Out, out: &mut BytesMut) {
         self.shared.server.metrics.frame_sent();
-        pb::HeartbeatResponse { frame: Some(frame) }
+        farewell::put_grpc_message(&pb::HeartbeatResponse { frame: Some(frame) }, out);
+    }
+
+    /// The next whole message the client sent, if one is buffered: its
+    /// payload, or what is wrong with its prefix.
+    fn take_buffered(&mut self) -> Option<Result<Bytes, &'static str>> {
+        if !self.partial.is_empty() {
+            self.partial.extend_from_slice(&self.chunk);
+            self.chunk = Bytes::new();
+            let length = message_length(&self.partial)?;
+            let whole = self.partial.len().checked_sub(5)? >= length;
+            return whole.then(|| {
+                let mut message = self.partial.split_to(5 + length);
+                message.advance(5);
+                Ok(message.freeze())
+            });
+        }
+        match message_length(&self.chunk) {
+            Some(length) if self.chunk.len() - 5 >= length => {
+                let message = self.chunk.slice(5..5 + length);
+                self.chunk.advance(5 + length);
+                Some(Ok(message))
+            }
+            _ if self.chunk.first().is_some_and(|flag| *flag != 0) => Some(Err(
+                "a compressed message: this server takes only uncompressed ones (grpc-encoding identity)",
+            )),
+            _ => {
+                // Only the start of a message: keep it until the rest comes.
+                self.partial.extend_from_slice(&self.chunk);
+                self.chunk = Bytes::new();
+                None
+            }
+        }
     }
 
     /// Ends the session for `reason` (see [`SessionShared::conclude`]); the
@@ -292,69 +408,123 @@ impl SessionStream {
     }
 }
 
-impl Stream for SessionStream {
-    type Item = Result<pb::HeartbeatResponse, Status>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = &mut *self;
-        if this.ending {
+impl SessionStream {
+    /// What to send next: every reply to the frames that were ready, and a
+    /// ping if one is due, framed back to back in one chunk (so a client that
+    /// pipelines pings gets its pongs in one HTTP/2 frame, not one each).
+    /// Never ends by itself: every end of a session is performed by the
+    /// liveness layer, which then stops polling this.
+    fn poll_message(&mut self, cx: &mut Context<'_>) -> Poll<Bytes> {
+        if self.ending {
             // The liveness layer performs the end when it next polls.
             return Poll::Pending;
         }
+        let mut out = BytesMut::new();
         let mut budget = FRAMES_PER_POLL;
-        loop {
+        while !self.ending {
             if budget == 0 {
                 // Let other sessions run; come back for the rest.
                 cx.waker().wake_by_ref();
                 break;
             }
+            let Some(message) = self.next_message(cx) else {
+                break;
+            };
             budget -= 1;
-            match Pin::new(&mut this.inbound).poll_next(cx) {
-                Poll::Ready(Some(Ok(request))) => {
-                    this.shared.server.metrics.frame_received();
-                    match this.on_frame(request.frame, Instant::now()) {
-                        Step::Reply(frame) => return Poll::Ready(Some(Ok(this.send(frame)))),
-                        // The end was decided meanwhile: the layer performs it.
-                        Step::Continue if this.ending => return Poll::Pending,
-                        Step::Continue => {}
-                        Step::Conclude(reason, message) => {
-                            this.conclude(reason, &message);
-                            return Poll::Pending;
-                        }
-                        Step::Deny(message) => {
-                            this.ending = true;
-                            this.shared
-                                .handle
-                                .end(farewell::refusal(&Status::permission_denied(message)));
-                            return Poll::Pending;
-                        }
+            let request = match message.map(pb::HeartbeatRequest::decode) {
+                Ok(Ok(request)) => request,
+                Ok(Err(error)) => {
+                    // The bytes arrived but are not a HeartbeatRequest.
+                    self.conclude(
+                        CloseReason::ProtocolViolation,
+                        &format!("a frame could not be decoded: {error}"),
+                    );
+                    break;
+                }
+                Err(problem) => {
+                    self.conclude(problem.0, &problem.1);
+                    break;
+                }
+            };
+            self.shared.server.metrics.frame_received();
+            match self.on_frame(request.frame, Instant::now()) {
+                Step::Reply(frame) => self.send(frame, &mut out),
+                Step::Continue => {}
+                Step::Conclude(reason, message) => self.conclude(reason, &message),
+                Step::Deny(message) => {
+                    self.ending = true;
+                    self.shared
+                        .handle
+                        .end(farewell::refusal(&Status::permission_denied(message)));
+                }
+            }
+        }
+        if !self.ending && self.open && self.shared.ping_due.swap(false, Ordering::AcqRel) {
+            let seq = self.pings.next_ping(Instant::now());
+            self.send(Out::Ping(pb::Ping { seq }), &mut out);
+        }
+        if out.is_empty() {
+            Poll::Pending
+        } else {
+            // Sent even when the end was just decided: the layer performs it
+            // on its next poll, after these replies.
+            Poll::Ready(out.freeze())
+        }
+    }
+
+    /// The next whole message from the client: `None` when none is ready
+    /// (or the stream ended, and the session concluded); `Err` with the
+    /// close a broken stream calls for.
+    #[allow(clippy::type_complexity)]
+    fn next_message(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Option<Result<Bytes, (CloseReason, String)>> {
+        loop {
+            match self.take_buffered() {
+                Some(Ok(message)) => return Some(Ok(message)),
+                Some(Err(problem)) => {
+                    return Some(Err((CloseReason::ProtocolViolation, problem.into())))
+                }
+                None => {}
+            }
+            match Pin::new(&mut self.inbound).poll_frame(cx) {
+                // The client's trailers, if any, say nothing to us.
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.chunk = data;
                     }
                 }
                 Poll::Ready(Some(Err(status))) => {
-                    if this.shared.handle.inbound_failed() {
-                        this.conclude(CloseReason::Disconnected, status.message());
+                    return Some(Err(if self.shared.handle.inbound_failed() {
+                        (CloseReason::Disconnected, status.message().to_owned())
                     } else {
-                        // The bytes arrived but are not a HeartbeatRequest.
-                        this.conclude(
+                        (
                             CloseReason::ProtocolViolation,
-                            &format!("a frame could not be decoded: {}", status.message()),
-                        );
-                    }
-                    return Poll::Pending;
+                            format!("the request failed: {}", status.message()),
+                        )
+                    }));
+                }
+                Poll::Ready(None) if self.partial.is_empty() => {
+                    self.conclude(CloseReason::ClientHalfClose, "");
+                    return None;
                 }
                 Poll::Ready(None) => {
-                    this.conclude(CloseReason::ClientHalfClose, "");
-                    return Poll::Pending;
+                    return Some(Err((
+                        CloseReason::ProtocolViolation,
+                        "the stream ended inside a message".into(),
+                    )))
                 }
-                Poll::Pending => break,
+                Poll::Pending => return None,
             }
         }
-        if this.open && this.shared.ping_due.swap(false, Ordering::AcqRel) {
-            let seq = this.pings.next_ping(Instant::now());
-            return Poll::Ready(Some(Ok(this.send(Out::Ping(pb::Ping { seq })))));
-        }
-        Poll::Pending
     }
+}
+
+/// The length a gRPC message prefix announces, once all five bytes are in.
+fn message_length(buffer: &[u8]) -> Option<usize> {
+    let prefix: [u8; 4] = buffer.get(1..5)?.try_into().ok()?;
+    usize::try_from(u32::from_be_bytes(prefix)).ok()
 }
 
 impl Drop for SessionStream {
@@ -364,6 +534,29 @@ impl Drop for SessionStream {
         // connection lost under it. Otherwise this changes nothing.
         self.shared.conclude(CloseReason::Disconnected, "");
     }
+}
+
+/// Where in each ping interval a session's pings fall, in microseconds.
+///
+/// Every stream of one connection (one peer address) gets the same phase, so
+/// their pings come due in the same tick of the wheel: the streams queue them
+/// together and HTTP/2 sends them in one write, and their pongs come back in
+/// one read. A client that multiplexes many sessions on one connection (an
+/// agent, a proxy) then costs the server one write per interval, not one per
+/// session. Different connections get different phases, which spreads the
+/// pings of many clients over the interval. Without a peer address, the
+/// phase is random.
+fn ping_phase(peer: Option<SocketAddr>, interval: Duration) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    let spread = match peer {
+        Some(peer) => BuildHasherDefault::<DefaultHasher>::default().hash_one(peer),
+        None => rand::random(),
+    };
+    spread % micros(interval).max(1)
+}
+
+fn micros(duration: Duration) -> u64 {
+    u64::try_from(duration.as_micros()).unwrap_or(u64::MAX)
 }
 
 /// Checks a `Hello` against the limits; the error says which and by how
@@ -472,6 +665,20 @@ impl SessionLink for SessionShared {
 }
 
 impl SessionShared {
+    /// When the server's next ping after `now` is due: on a grid of the ping
+    /// interval, shifted by this session's phase.
+    fn next_ping(&self, now: Instant) -> Instant {
+        let base = self.server.wheel.base();
+        let interval = micros(self.server.config.ping_interval).max(1);
+        let since = micros(now.saturating_duration_since(base));
+        // The next grid point strictly after now: at most one interval away.
+        let rounds = since.saturating_sub(self.ping_phase) / interval + 1;
+        let due = self
+            .ping_phase
+            .saturating_add(rounds.saturating_mul(interval));
+        base + Duration::from_micros(due)
+    }
+
     /// Records the decided end: in the registry if the session is open, and
     /// here for a Hello still on its way (see `open_session`).
     fn record(&self, reason: CloseReason, message: &str) {
@@ -496,7 +703,7 @@ impl WheelTarget for SessionShared {
         }
         self.ping_due.store(true, Ordering::Release);
         self.handle.wake();
-        Some(now + self.server.config.ping_interval)
+        Some(self.next_ping(now))
     }
 }
 

@@ -343,11 +343,13 @@ pub async fn wedge_a_stream(addr: SocketAddr) -> RawSession {
             let ping = pb::HeartbeatRequest {
                 frame: Some(In::Ping(pb::Ping { seq })),
             };
-            // A send blocked for a whole second is flow control holding it.
-            if tokio::time::timeout(Duration::from_secs(1), session.outbound_send(ping))
-                .await
-                .is_err()
-            {
+            // A send blocked for a whole second is flow control holding it;
+            // a failed one means the stream is gone (the caller's checks
+            // then say why), and must not spin here.
+            if !matches!(
+                tokio::time::timeout(Duration::from_secs(1), session.outbound_send(ping)).await,
+                Ok(Ok(()))
+            ) {
                 return;
             }
         }
