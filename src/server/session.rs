@@ -84,17 +84,12 @@ pub(crate) struct SessionShared {
 /// response's headers: a trailers-only response). Opaque: it is
 /// what [`HeartbeatServer`](super::HeartbeatServer) answers with, behind its
 /// liveness layer.
-pub struct SessionBody(BodyState);
+pub struct SessionBody(Option<SessionStream>);
 
 impl std::fmt::Debug for SessionBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SessionBody").finish_non_exhaustive()
     }
-}
-
-enum BodyState {
-    Session(SessionStream),
-    Refused,
 }
 
 /// The server's side of one session.
@@ -156,14 +151,14 @@ impl SessionBody {
         allowed: Option<IdPermit>,
         inbound: RequestBody,
     ) -> Self {
-        Self(BodyState::Session(SessionStream::new(
+        Self(Some(SessionStream::new(
             server, handle, permit, peer, allowed, inbound,
         )))
     }
 
     /// The empty body of a stream refused before its session began.
     pub(crate) fn refused() -> Self {
-        Self(BodyState::Refused)
+        Self(None)
     }
 }
 
@@ -176,15 +171,15 @@ impl Body for SessionBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         match &mut self.0 {
-            BodyState::Session(session) => session
+            Some(session) => session
                 .poll_message(cx)
                 .map(|message| Some(Ok(Frame::data(message)))),
-            BodyState::Refused => Poll::Ready(None),
+            None => Poll::Ready(None),
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        matches!(self.0, BodyState::Refused)
+        self.0.is_none()
     }
 }
 
@@ -475,7 +470,6 @@ impl SessionStream {
     /// The next whole message from the client: `None` when none is ready
     /// (or the stream ended, and the session concluded); `Err` with the
     /// close a broken stream calls for.
-    #[allow(clippy::type_complexity)]
     fn next_message(
         &mut self,
         cx: &mut Context<'_>,

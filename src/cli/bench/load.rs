@@ -11,11 +11,8 @@
 //! speaks HTTP/2 through `h2` and frames gRPC messages by hand, so none of its
 //! CPU goes to a general-purpose client stack.
 
-use std::{
-    net::SocketAddr,
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+use tokio::time::Instant;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures_util::stream::{FuturesUnordered, StreamExt};
@@ -98,6 +95,14 @@ pub(super) async fn connection(
 ) {
     let share = (index..plan.sessions).step_by(plan.connections as usize);
     let expected = share.clone().count() as u64;
+    // This connection opens its share at its part of the rate, starting when
+    // its first session is due: connections open as the ramp reaches them,
+    // not all at once (a burst of connects overflows the server's accept
+    // backlog, and the SYNs dropped then come back seconds later).
+    let started = tokio::time::Instant::now();
+    let period = Duration::from_secs_f64(plan.connections as f64 / plan.rate);
+    let offset = Duration::from_secs_f64(index as f64 / plan.rate);
+    tokio::time::sleep_until(started + offset).await;
     let client = match open_connection(&plan).await {
         Ok(client) => client,
         Err(problem) => {
@@ -108,11 +113,7 @@ pub(super) async fn connection(
     let (send_request, connection) = client;
     let mut connection = std::pin::pin!(connection);
     let mut connection_done = false;
-    // This connection opens its share at its part of the rate, offset from
-    // the others so that the opens interleave.
-    let period = Duration::from_secs_f64(plan.connections as f64 / plan.rate);
-    let offset = Duration::from_secs_f64(index as f64 / plan.rate);
-    let mut opener = tokio::time::interval_at(tokio::time::Instant::now() + offset, period);
+    let mut opener = tokio::time::interval_at(started + offset, period);
     opener.set_missed_tick_behavior(MissedTickBehavior::Burst);
     let mut share = share.peekable();
     let mut sessions = FuturesUnordered::new();

@@ -11,10 +11,8 @@ mod load;
 mod probe;
 mod report;
 
-use std::{
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{sync::Arc, time::Duration};
+use tokio::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::Args;
@@ -28,6 +26,8 @@ use self::{
 };
 use super::{human, parse_duration, HumanDuration, Output};
 
+/// Connections opened when --connections is not given.
+const DEFAULT_CONNECTIONS: u64 = 10;
 /// How long sessions may keep settling after the ramp should have ended.
 const RAMP_GRACE: Duration = Duration::from_secs(30);
 /// How long the wind-down may take before the bench leaves anyway.
@@ -50,9 +50,10 @@ pub(crate) struct BenchArgs {
     /// HTTP/2 connections to spread them over. Each connection carries
     /// sessions/connections streams: a process may hold only so many open
     /// files, and the server caps connections and streams per client IP
-    /// (--max-connections-per-ip, --max-streams-per-ip).
-    #[arg(long, default_value_t = 10)]
-    connections: u64,
+    /// (--max-connections-per-ip, --max-streams-per-ip). Default: 10, or
+    /// --sessions if that is fewer.
+    #[arg(long)]
+    connections: Option<u64>,
 
     /// Sessions opened per second during the ramp, over all connections.
     #[arg(long, default_value_t = 5000.0)]
@@ -100,15 +101,21 @@ pub(crate) struct BenchArgs {
 }
 
 impl BenchArgs {
+    /// Connections to open: as asked, or 10 (fewer for fewer sessions).
+    fn connections(&self) -> u64 {
+        self.connections
+            .unwrap_or(self.sessions.min(DEFAULT_CONNECTIONS))
+    }
+
     /// Checks the flags; the error names the flag and the fix.
     fn validate(&self) -> anyhow::Result<()> {
         if self.sessions == 0 {
             bail!("--sessions 0 opens nothing: give at least 1");
         }
-        if self.connections == 0 || self.connections > self.sessions {
+        let connections = self.connections();
+        if connections == 0 || connections > self.sessions {
             bail!(
-                "--connections {} must be between 1 and --sessions ({})",
-                self.connections,
+                "--connections {connections} must be between 1 and --sessions ({})",
                 self.sessions
             );
         }
@@ -198,7 +205,7 @@ async fn bench(args: &BenchArgs) -> anyhow::Result<serde_json::Value> {
         addr,
         authority,
         sessions: args.sessions,
-        connections: args.connections,
+        connections: args.connections(),
         rate: args.rate,
         interval: args.interval.map(Duration::from),
         freeze,
@@ -219,6 +226,7 @@ async fn bench(args: &BenchArgs) -> anyhow::Result<serde_json::Value> {
     drop(phase_watch);
 
     let progress = Progress::new();
+
     // The ramp: until every session is up or has failed.
     let ramp_started = Instant::now();
     let ramp_limit = Duration::from_secs_f64(args.sessions as f64 / args.rate) + RAMP_GRACE;
@@ -235,6 +243,7 @@ async fn bench(args: &BenchArgs) -> anyhow::Result<serde_json::Value> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let ramp = ramp_started.elapsed();
+
     if tally.up() == 0 {
         progress.finish();
         let report = report::report(&tally, &measured_so_far(args, ramp));
@@ -249,7 +258,7 @@ async fn bench(args: &BenchArgs) -> anyhow::Result<serde_json::Value> {
         .server_pid
         .map(|pid| process_use(Some(pid)))
         .transpose()?;
-    tally.restart_rtt();
+    tally.measure_rtt(true);
     let round_trips_before = tally.round_trips();
     let steady_started = Instant::now();
     let _ = phase.send(if freeze == Freeze::None {
@@ -266,6 +275,7 @@ async fn bench(args: &BenchArgs) -> anyhow::Result<serde_json::Value> {
         .await;
     }
     let steady = steady_started.elapsed();
+    tally.measure_rtt(false);
     let steady_round_trips = tally.round_trips() - round_trips_before;
     let server_after = args
         .server_pid
@@ -325,7 +335,7 @@ fn measured_so_far(args: &BenchArgs, ramp: Duration) -> Measured {
     Measured {
         url: args.url.clone(),
         sessions: args.sessions,
-        connections: args.connections,
+        connections: args.connections(),
         ramp,
         steady: Duration::ZERO,
         steady_round_trips: 0,

@@ -4,11 +4,12 @@ use std::{
     collections::BTreeMap,
     fmt::Write as _,
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         OnceLock,
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
+use tokio::time::Instant;
 
 use hdrhistogram::Histogram;
 use parking_lot::Mutex;
@@ -33,7 +34,11 @@ pub(super) struct Tally {
     timeout: OnceLock<Duration>,
     /// Goodbyes{TIMEOUT} that came before the announced timeout had passed.
     early: AtomicU64,
+    /// The earliest of those, in microseconds before the timeout (0 if none).
+    earliest: AtomicU64,
     last_detection: Mutex<Option<Instant>>,
+    /// Whether RTTs are being recorded.
+    measuring: AtomicBool,
     rtt: Mutex<Histogram<u64>>,
     establish: Mutex<Histogram<u64>>,
     detection: Mutex<Histogram<u64>>,
@@ -58,7 +63,9 @@ impl Tally {
             timeout: OnceLock::new(),
             detected: AtomicU64::new(0),
             early: AtomicU64::new(0),
+            earliest: AtomicU64::new(0),
             last_detection: Mutex::new(None),
+            measuring: AtomicBool::new(true),
             rtt: Mutex::new(histogram()),
             establish: Mutex::new(histogram()),
             detection: Mutex::new(histogram()),
@@ -101,7 +108,9 @@ impl Tally {
     }
 
     pub(super) fn rtt(&self, rtt: Duration) {
-        self.rtt.lock().saturating_record(micros(rtt));
+        if self.measuring.load(Ordering::Relaxed) {
+            self.rtt.lock().saturating_record(micros(rtt));
+        }
     }
 
     pub(super) fn froze(&self) {
@@ -124,6 +133,8 @@ impl Tally {
         *self.last_detection.lock() = Some(Instant::now());
         if error < 0.0 {
             self.early.fetch_add(1, Ordering::Relaxed);
+            self.earliest
+                .fetch_max((-error * 1e6) as u64, Ordering::Relaxed);
         }
         let micros = (error.max(0.0) * 1e6) as u64;
         self.detection.lock().saturating_record(micros);
@@ -167,9 +178,14 @@ impl Tally {
         self.rtt.lock().value_at_quantile(0.99) as f64 / 1000.0
     }
 
-    /// Forgets the RTTs measured so far: the report covers the steady phase.
-    pub(super) fn restart_rtt(&self) {
-        self.rtt.lock().reset();
+    /// Starts or stops recording RTTs: the report covers the steady phase
+    /// only, not the ramp's bursts of Hellos nor the wind-down's half-closes.
+    /// Until the first call, RTTs are recorded for the progress line.
+    pub(super) fn measure_rtt(&self, on: bool) {
+        if on {
+            self.rtt.lock().reset();
+        }
+        self.measuring.store(on, Ordering::Relaxed);
     }
 
     pub(super) fn last_detection(&self) -> Option<Instant> {
@@ -261,6 +277,7 @@ pub(super) fn report(tally: &Tally, measured: &Measured) -> Value {
             "closed": tally.detections(),
             "not_closed": tally.frozen().saturating_sub(tally.detections()),
             "early": tally.early.load(Ordering::Relaxed),
+            "earliest_ms": tally.earliest.load(Ordering::Relaxed) as f64 / 1e3,
             "error_ms": quantiles(&detection),
             "all_closed_after_deadline_ms": measured.all_closed_after.map(|after| after.as_secs_f64() * 1e3),
         },
@@ -335,10 +352,11 @@ pub(super) fn text(report: &Value) -> String {
     if num("/detection/frozen") > 0.0 {
         let _ = writeln!(
             out,
-            "  detection     {} frozen, {} told TIMEOUT ({} early, {} not closed); error {}",
+            "  detection     {} frozen, {} told TIMEOUT ({} early, by up to {} ms; {} not closed); error {}",
             get("/detection/frozen"),
             get("/detection/closed"),
             get("/detection/early"),
+            fixed(get("/detection/earliest_ms"), 3),
             get("/detection/not_closed"),
             quantile_line(get("/detection/error_ms")),
         );

@@ -1,0 +1,157 @@
+//! `heartbeat bench` against the real server binary: that it runs, counts
+//! right, and that `--freeze` reports what happened. Its figures are
+//! measurements, so nothing here checks how fast anything is.
+
+mod support;
+
+use std::process::{Child, Command};
+
+use serde_json::Value;
+use support::*;
+
+/// A server that pings every 100 ms and ends a client silent for 400 ms, with
+/// its metrics on a port of its own.
+fn server() -> (Child, String, String) {
+    let metrics = free_port().to_string();
+    let (child, addr) = spawn_server_process(&[
+        "--ping-interval",
+        "100ms",
+        "--timeout",
+        "400ms",
+        "--min-ping-interval",
+        "10ms",
+        "--metrics-listen",
+        &metrics,
+    ]);
+    (
+        child,
+        format!("http://{addr}"),
+        format!("http://{metrics}/metrics"),
+    )
+}
+
+/// Runs `heartbeat bench` with `args` and returns its JSON report.
+fn bench(args: &[&str]) -> Value {
+    let output = Command::new(env!("CARGO_BIN_EXE_heartbeat"))
+        .arg("bench")
+        .args(args)
+        .args(["--output", "json"])
+        .output()
+        .expect("run heartbeat bench");
+    assert!(
+        output.status.success(),
+        "bench failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("the report is JSON")
+}
+
+fn at<'a>(report: &'a Value, path: &str) -> &'a Value {
+    report
+        .pointer(path)
+        .unwrap_or_else(|| panic!("{path} missing from {report:#}"))
+}
+
+/// Tests that every session is counted once, that the frozen ones are all
+/// told TIMEOUT and reported, and that the server's figures come with a pid
+/// and a metrics URL.
+#[test]
+fn bench_counts_sessions_and_reports_frozen_ones() {
+    let (mut server, url, metrics) = server();
+    let pid = server.id().to_string();
+    let report = bench(&[
+        &url,
+        "--sessions",
+        "60",
+        "--connections",
+        "4",
+        "--rate",
+        "600",
+        "--duration",
+        "1s",
+        "--freeze",
+        "6",
+        "--server-pid",
+        &pid,
+        "--metrics-url",
+        &metrics,
+    ]);
+    signal(&server, "-TERM");
+    let _ = server.wait();
+    assert_eq!(at(&report, "/sessions/established"), 60, "{report:#}");
+    assert_eq!(at(&report, "/sessions/failed"), 0, "{report:#}");
+    assert_eq!(at(&report, "/detection/frozen"), 6, "{report:#}");
+    assert_eq!(at(&report, "/detection/closed"), 6, "{report:#}");
+    assert_eq!(at(&report, "/detection/not_closed"), 0, "{report:#}");
+    assert_eq!(at(&report, "/server_ends/timeout"), 6, "{report:#}");
+    // Everyone else half-closed when the run ended.
+    assert_eq!(at(&report, "/wound_down"), 54, "{report:#}");
+    assert!(at(&report, "/steady/round_trips").as_u64() > Some(0));
+    assert!(at(&report, "/rtt_ms/count").as_u64() > Some(0));
+    let error = at(&report, "/detection/error_ms/max")
+        .as_f64()
+        .expect("a number");
+    assert!((0.0..400.0).contains(&error), "{report:#}");
+    // The server's own histogram saw the same six ends.
+    assert_eq!(at(&report, "/server_lateness/count"), 6, "{report:#}");
+    assert!(at(&report, "/server/cpu_us_per_round_trip").is_number());
+    assert!(at(&report, "/server/rss_bytes_per_session").is_number());
+    assert!(at(&report, "/generator/rss_bytes").as_u64() > Some(0));
+}
+
+/// Tests that `--freeze-all` silences every session at once, and that the
+/// report says when the last one was closed.
+#[test]
+fn freeze_all_reports_when_the_last_session_closed() {
+    let (mut server, url, _) = server();
+    let report = bench(&[
+        &url,
+        "--sessions",
+        "40",
+        "--connections",
+        "2",
+        "--rate",
+        "400",
+        "--duration",
+        "200ms",
+        "--freeze-all",
+    ]);
+    signal(&server, "-TERM");
+    let _ = server.wait();
+    assert_eq!(at(&report, "/detection/frozen"), 40, "{report:#}");
+    assert_eq!(at(&report, "/detection/closed"), 40, "{report:#}");
+    assert!(
+        at(&report, "/detection/all_closed_after_deadline_ms").is_number(),
+        "{report:#}"
+    );
+    assert_eq!(at(&report, "/server_ends/timeout"), 40, "{report:#}");
+}
+
+/// Tests that bad flags are refused with a message naming the flag and the fix.
+#[test]
+fn bad_flags_name_the_flag_and_the_fix() {
+    for (args, expected) in [
+        (
+            &["http://127.0.0.1:1", "--connections", "0"][..],
+            "--connections 0 must be between 1 and --sessions",
+        ),
+        (
+            &["http://127.0.0.1:1", "--sessions", "5", "--freeze", "6"][..],
+            "use --freeze-all",
+        ),
+        (&["https://127.0.0.1:1"][..], "plain-text HTTP/2 only"),
+        (
+            &["http://127.0.0.1:1", "--rate", "0"][..],
+            "--rate 0 must be a positive number",
+        ),
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_heartbeat"))
+            .arg("bench")
+            .args(args)
+            .output()
+            .expect("run heartbeat bench");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{args:?} was accepted");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+}
