@@ -110,6 +110,10 @@ pub(crate) struct CallCore {
     wheel: TimerWheel,
     /// When a message last arrived, in microseconds since the wheel's base.
     last_seen: AtomicU64,
+    /// The deadline a silent call was ended for, in microseconds since the
+    /// wheel's base: fixed when the wheel decides, so a message arriving
+    /// after the decision cannot move it.
+    missed_deadline: AtomicU64,
     /// `LIVE`, `SUSPECT` or `ENDED`.
     state: AtomicU8,
     /// Bumped whenever the deadline entry is replaced; older entries fizzle.
@@ -226,6 +230,7 @@ impl CallCore {
         let now = Instant::now();
         let core = Arc::new_cyclic(|this| CallCore {
             last_seen: AtomicU64::new(micros_since(wheel.base(), now)),
+            missed_deadline: AtomicU64::new(0),
             policy,
             wheel,
             state: AtomicU8::new(LIVE),
@@ -353,7 +358,7 @@ impl CallCore {
         let Some(observer) = self.observer.get() else {
             return;
         };
-        let deadline = self.instant(self.last_seen.load(Ordering::SeqCst)) + self.policy.timeout;
+        let deadline = self.instant(self.missed_deadline.load(Ordering::Acquire));
         observer.silence_ended(Instant::now().saturating_duration_since(deadline));
     }
 
@@ -392,6 +397,10 @@ impl WheelTarget for CallCore {
         let silence = now.saturating_duration_since(last_seen);
         let policy = &self.policy;
         if silence >= policy.timeout {
+            self.missed_deadline.store(
+                micros_since(self.wheel.base(), last_seen + policy.timeout),
+                Ordering::Release,
+            );
             self.request_ending(EndCause::Silence, policy.on_silence.clone());
             return None;
         }
@@ -409,4 +418,51 @@ impl WheelTarget for CallCore {
 
 fn micros_since(base: Instant, at: Instant) -> u64 {
     u64::try_from(at.saturating_duration_since(base).as_micros()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records the lateness it is told of.
+    #[derive(Default)]
+    struct Lateness(Mutex<Vec<Duration>>);
+
+    impl LivenessObserver for Lateness {
+        fn silence_ended(&self, lateness: Duration) {
+            self.0.lock().push(lateness);
+        }
+    }
+
+    /// Tests that the lateness of a silent call counts from the deadline the
+    /// wheel decided on, even when a message arrives between the decision
+    /// and the ending going out.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn lateness_counts_from_the_decided_deadline() {
+        let policy = LivenessPolicy {
+            timeout: Duration::from_millis(100),
+            suspect_after: None,
+            max_message_size: 1024,
+            inbound_buffer: 1024,
+            on_silence: Ending::status(4, "silent"),
+            on_oversize: Ending::status(8, "too big"),
+        };
+        let core = CallCore::start(Arc::new(policy), TimerWheel::with_shards(1));
+        let lateness = Arc::new(Lateness::default());
+        let _ = core.observer.set(lateness.clone());
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(core.cause.get(), Some(&EndCause::Silence));
+        // A message too late to count, then the ending goes out 20 ms later.
+        core.touch(1);
+        tokio::time::advance(Duration::from_millis(20)).await;
+        assert!(core.take_ending().is_some());
+        core.ending_taken();
+        let recorded = lateness.0.lock().clone();
+        assert_eq!(recorded.len(), 1);
+        assert!(
+            recorded[0] >= Duration::from_millis(60),
+            "lateness {:?} counted from the late message",
+            recorded[0]
+        );
+    }
 }

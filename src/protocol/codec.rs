@@ -8,11 +8,12 @@ use tonic_prost::ProstCodec;
 
 /// Initial size of each call's encode and decode buffer.
 ///
-/// tonic allocates 8 KiB each way per call by default; heartbeat frames are a
+/// tonic allocates 8 KiB each way per call by default; heartbeat messages are a
 /// few bytes (a ping is 9 with its prefix; a `Hello` with labels, a few
-/// hundred), and buffers grow on demand. Each call keeps both for its life, so
-/// at 100k idle sessions every byte here is 200 kB of the server's memory.
-const BUFFER_SIZE: usize = 64;
+/// hundred), presence messages rarely more than a few hundred, and buffers grow
+/// on demand. The server's sessions do not use this codec at all (see
+/// `server/heartbeat.rs`); a client's stream and each presence call do.
+const BUFFER_SIZE: usize = 256;
 
 /// How many encoded bytes tonic gathers before handing them to HTTP/2. Frames are
 /// flushed anyway whenever the response stream has nothing more ready.

@@ -1,8 +1,10 @@
 //! The `heartbeat.v1` wire protocol and what both ends share of it.
 //!
 //! - [`pb`]: the generated messages, clients and servers of `proto/heartbeat/v1`.
-//! - [`CompactCodec`]: prost with small buffers, because an idle session should
-//!   not pin 16 KiB of codec buffers the way tonic's defaults would.
+//! - [`CompactCodec`]: prost with small buffers for the generated services and
+//!   clients (presence, the client's stream), instead of tonic's 8 KiB each way.
+//! - [`grpc`]: gRPC's message framing, for the server's sessions and the load
+//!   generator, which speak `Heartbeat` without tonic's codec.
 //! - [`PingLedger`] and [`RttEstimator`]: ping numbering, pong matching and
 //!   round-trip smoothing, one implementation for the client and the server.
 //! - [`CloseReason`]: why sessions end, and how that maps to `Goodbye` and to
@@ -17,6 +19,7 @@
 
 mod codec;
 mod duration;
+pub mod grpc;
 mod ping;
 mod reason;
 pub mod text;

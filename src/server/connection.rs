@@ -154,11 +154,19 @@ pub(crate) struct Connection {
     started: AtomicBool,
     /// Set to close the connection: its next read is end-of-file.
     closed: AtomicBool,
+    /// Heartbeat sessions started on this connection so far.
+    sessions: AtomicU64,
     /// The task reading the connection, woken to see `closed`.
     reader: Mutex<Option<Waker>>,
 }
 
 impl Connection {
+    /// Numbers the heartbeat sessions of this connection 0, 1, 2, … in the
+    /// order they start.
+    pub(crate) fn next_session(&self) -> u64 {
+        self.sessions.fetch_add(1, Ordering::Relaxed)
+    }
+
     /// Accounts a new connection from `peer`, and arms its handshake check.
     fn open(
         peer: SocketAddr,
@@ -175,6 +183,7 @@ impl Connection {
             idle_since: AtomicU64::new(micros_since(wheel.base(), now)),
             started: AtomicBool::new(false),
             closed: AtomicBool::new(false),
+            sessions: AtomicU64::new(0),
             reader: Mutex::new(None),
         });
         let target: Arc<dyn WheelTarget> = connection.clone();

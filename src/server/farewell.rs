@@ -3,15 +3,13 @@
 
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
 use http::HeaderMap;
-use prost::Message;
 use tonic::{Code, Status};
 
 use crate::{
     config::ServerConfig,
     liveness::Ending,
-    protocol::{duration_to_proto, pb, text, CloseReason},
+    protocol::{duration_to_proto, grpc, pb, text, CloseReason},
 };
 
 /// The status a session ends with for `reason`; its message is cut to the
@@ -67,7 +65,7 @@ pub(crate) fn ending_for(
     // An end the client caused needs no explanation back: the status is a
     // bare OK (or CANCELLED, for a connection that is gone anyway).
     let status = status_for(reason, if goodbye.is_some() { message } else { "" });
-    Ending::new(goodbye.as_ref().map(grpc_message), status_trailers(&status))
+    Ending::new(goodbye.as_ref().map(grpc::frame), status_trailers(&status))
 }
 
 /// An ending with no frame, only `status`: for a stream refused after it
@@ -86,26 +84,10 @@ pub(crate) fn status_trailers(status: &Status) -> HeaderMap {
     trailers
 }
 
-/// One message framed as gRPC puts it on the wire: flag, length, payload.
-fn grpc_message(message: &pb::HeartbeatResponse) -> Bytes {
-    let mut out = BytesMut::new();
-    put_grpc_message(message, &mut out);
-    out.freeze()
-}
-
-/// Appends one message to `out` as gRPC frames it: flag, length, payload.
-pub(crate) fn put_grpc_message(message: &pb::HeartbeatResponse, out: &mut BytesMut) {
-    let len = message.encoded_len();
-    out.reserve(5 + len);
-    out.put_u8(0);
-    // Server frames are a few hundred bytes at most; they always fit a u32.
-    out.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
-    message.encode_raw(out);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use prost::Message;
 
     /// Tests that the farewell for a timeout is a decodable Goodbye and a
     /// DEADLINE_EXCEEDED status.

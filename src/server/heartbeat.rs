@@ -30,13 +30,16 @@ use super::{
     admission::{authenticate, Refusal},
     connection::PeerInfo,
     farewell,
-    session::SessionBody,
+    session::{PingGroup, SessionBody},
     shared::ServerShared,
 };
-use crate::liveness::{InboundBody, LivenessHandle};
-
-/// The path of the one method this service answers.
-const HEARTBEAT_PATH: &str = "/heartbeat.v1.HeartbeatService/Heartbeat";
+use crate::{
+    liveness::{InboundBody, LivenessHandle},
+    protocol::{
+        grpc::HEARTBEAT_PATH,
+        text::{Escaped, QUOTE_BYTES},
+    },
+};
 
 /// The request body the liveness layer hands the method.
 pub(crate) type RequestBody = InboundBody<tonic::body::Body>;
@@ -86,6 +89,16 @@ impl HeartbeatMethod {
                 request.uri().path()
             )));
         }
+        if let Some(encoding) = request
+            .headers()
+            .get("grpc-encoding")
+            .filter(|encoding| encoding.as_bytes() != b"identity")
+        {
+            return Err(Status::unimplemented(format!(
+                "messages compressed with \"{}\" are not taken: heartbeats are a few bytes, send them uncompressed (grpc-encoding identity)",
+                Escaped::quote(&String::from_utf8_lossy(encoding.as_bytes()), QUOTE_BYTES)
+            )));
+        }
         let (parts, inbound) = request.into_parts();
         let handle = parts
             .extensions
@@ -111,11 +124,16 @@ impl HeartbeatMethod {
         let peer = peer_info
             .map(|peer| peer.remote_addr)
             .or_else(|| tonic_peer(&parts.extensions));
+        let ping_group = peer_info.map(|peer| PingGroup {
+            peer: peer.remote_addr,
+            ordinal: peer.connection.next_session(),
+        });
         Ok(SessionBody::new(
             self.shared.clone(),
             handle,
             permit,
             peer,
+            ping_group,
             allowed,
             inbound,
         ))

@@ -8,8 +8,8 @@
 //! the session decides *what* to say, the layer makes sure the call ends.
 //!
 //! It frames gRPC itself (see `heartbeat.rs` for why): whole messages are
-//! decoded straight from the layer's chunks, and a message split across
-//! chunks is the only one ever copied.
+//! decoded straight from the layer's chunks (`protocol::grpc::Deframer`), and
+//! only a message split across chunks is ever copied.
 
 use std::{
     convert::Infallible,
@@ -23,7 +23,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame};
 use prost::Message;
 use tokio::time::Instant;
@@ -39,6 +39,7 @@ use crate::{
     liveness::{EndCause, LivenessHandle, LivenessObserver, WheelTarget},
     protocol::{
         duration_to_proto,
+        grpc::{self, Deframer},
         pb::{self, heartbeat_request::Frame as In, heartbeat_response::Frame as Out},
         text::{first_control, Escaped, QUOTE_BYTES},
         CloseReason, PingLedger, PongMatch, RttEstimator,
@@ -84,7 +85,7 @@ pub(crate) struct SessionShared {
 /// response's headers: a trailers-only response). Opaque: it is
 /// what [`HeartbeatServer`](super::HeartbeatServer) answers with, behind its
 /// liveness layer.
-pub struct SessionBody(Option<SessionStream>);
+pub struct SessionBody(Option<Session>);
 
 impl std::fmt::Debug for SessionBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -93,14 +94,11 @@ impl std::fmt::Debug for SessionBody {
 }
 
 /// The server's side of one session.
-pub(crate) struct SessionStream {
+struct Session {
     /// The request as the liveness layer queued it.
     inbound: RequestBody,
-    /// The unread rest of the last chunk.
-    chunk: Bytes,
-    /// The start of a message split across chunks; empty, and unallocated,
-    /// unless a client splits one.
-    partial: BytesMut,
+    /// Whole messages out of the queued chunks.
+    deframer: Deframer,
     shared: Arc<SessionShared>,
     /// Whether `Hello` has arrived and the session is in the registry.
     open: bool,
@@ -148,11 +146,12 @@ impl SessionBody {
         handle: LivenessHandle,
         permit: AdmissionPermit,
         peer: Option<SocketAddr>,
+        ping_group: Option<PingGroup>,
         allowed: Option<IdPermit>,
         inbound: RequestBody,
     ) -> Self {
-        Self(Some(SessionStream::new(
-            server, handle, permit, peer, allowed, inbound,
+        Self(Some(Session::new(
+            server, handle, permit, peer, ping_group, allowed, inbound,
         )))
     }
 
@@ -172,7 +171,7 @@ impl Body for SessionBody {
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         match &mut self.0 {
             Some(session) => session
-                .poll_message(cx)
+                .poll_replies(cx)
                 .map(|message| Some(Ok(Frame::data(message)))),
             None => Poll::Ready(None),
         }
@@ -183,14 +182,15 @@ impl Body for SessionBody {
     }
 }
 
-// === impl SessionStream ===
+// === impl Session ===
 
-impl SessionStream {
+impl Session {
     fn new(
         server: Arc<ServerShared>,
         handle: LivenessHandle,
         permit: AdmissionPermit,
         peer: Option<SocketAddr>,
+        ping_group: Option<PingGroup>,
         allowed: Option<IdPermit>,
         inbound: RequestBody,
     ) -> Self {
@@ -201,7 +201,7 @@ impl SessionStream {
             strikes: 0,
             last: None,
         };
-        let ping_phase = ping_phase(peer, config.ping_interval);
+        let ping_phase = ping_phase(ping_group, config.ping_interval);
         let shared = Arc::new(SessionShared {
             id: format!("{:016x}", rand::random::<u64>()),
             handle,
@@ -229,8 +229,7 @@ impl SessionStream {
         }
         Self {
             inbound,
-            chunk: Bytes::new(),
-            partial: BytesMut::new(),
+            deframer: Deframer::default(),
             shared,
             open: false,
             ending: false,
@@ -357,39 +356,7 @@ impl SessionStream {
     /// Frames a message onto `out`, and counts it.
     fn send(&self, frame: Out, out: &mut BytesMut) {
         self.shared.server.metrics.frame_sent();
-        farewell::put_grpc_message(&pb::HeartbeatResponse { frame: Some(frame) }, out);
-    }
-
-    /// The next whole message the client sent, if one is buffered: its
-    /// payload, or what is wrong with its prefix.
-    fn take_buffered(&mut self) -> Option<Result<Bytes, &'static str>> {
-        if !self.partial.is_empty() {
-            self.partial.extend_from_slice(&self.chunk);
-            self.chunk = Bytes::new();
-            let length = message_length(&self.partial)?;
-            let whole = self.partial.len().checked_sub(5)? >= length;
-            return whole.then(|| {
-                let mut message = self.partial.split_to(5 + length);
-                message.advance(5);
-                Ok(message.freeze())
-            });
-        }
-        match message_length(&self.chunk) {
-            Some(length) if self.chunk.len() - 5 >= length => {
-                let message = self.chunk.slice(5..5 + length);
-                self.chunk.advance(5 + length);
-                Some(Ok(message))
-            }
-            _ if self.chunk.first().is_some_and(|flag| *flag != 0) => Some(Err(
-                "a compressed message: this server takes only uncompressed ones (grpc-encoding identity)",
-            )),
-            _ => {
-                // Only the start of a message: keep it until the rest comes.
-                self.partial.extend_from_slice(&self.chunk);
-                self.chunk = Bytes::new();
-                None
-            }
-        }
+        grpc::put_message(&pb::HeartbeatResponse { frame: Some(frame) }, out);
     }
 
     /// Ends the session for `reason` (see [`SessionShared::conclude`]); the
@@ -403,13 +370,15 @@ impl SessionStream {
     }
 }
 
-impl SessionStream {
+// === impl Session: the frames ===
+
+impl Session {
     /// What to send next: every reply to the frames that were ready, and a
     /// ping if one is due, framed back to back in one chunk (so a client that
     /// pipelines pings gets its pongs in one HTTP/2 frame, not one each).
     /// Never ends by itself: every end of a session is performed by the
     /// liveness layer, which then stops polling this.
-    fn poll_message(&mut self, cx: &mut Context<'_>) -> Poll<Bytes> {
+    fn poll_replies(&mut self, cx: &mut Context<'_>) -> Poll<Bytes> {
         if self.ending {
             // The liveness layer performs the end when it next polls.
             return Poll::Pending;
@@ -475,10 +444,10 @@ impl SessionStream {
         cx: &mut Context<'_>,
     ) -> Option<Result<Bytes, (CloseReason, String)>> {
         loop {
-            match self.take_buffered() {
+            match self.deframer.next_message() {
                 Some(Ok(message)) => return Some(Ok(message)),
                 Some(Err(problem)) => {
-                    return Some(Err((CloseReason::ProtocolViolation, problem.into())))
+                    return Some(Err((CloseReason::ProtocolViolation, problem.to_string())))
                 }
                 None => {}
             }
@@ -486,20 +455,18 @@ impl SessionStream {
                 // The client's trailers, if any, say nothing to us.
                 Poll::Ready(Some(Ok(frame))) => {
                     if let Ok(data) = frame.into_data() {
-                        self.chunk = data;
+                        self.deframer.push(data);
                     }
                 }
+                // The layer hands on only a failed request (a reset, a lost
+                // connection): the client is gone.
                 Poll::Ready(Some(Err(status))) => {
-                    return Some(Err(if self.shared.handle.inbound_failed() {
-                        (CloseReason::Disconnected, status.message().to_owned())
-                    } else {
-                        (
-                            CloseReason::ProtocolViolation,
-                            format!("the request failed: {}", status.message()),
-                        )
-                    }));
+                    return Some(Err((
+                        CloseReason::Disconnected,
+                        status.message().to_owned(),
+                    )));
                 }
-                Poll::Ready(None) if self.partial.is_empty() => {
+                Poll::Ready(None) if self.deframer.is_empty() => {
                     self.conclude(CloseReason::ClientHalfClose, "");
                     return None;
                 }
@@ -515,13 +482,7 @@ impl SessionStream {
     }
 }
 
-/// The length a gRPC message prefix announces, once all five bytes are in.
-fn message_length(buffer: &[u8]) -> Option<usize> {
-    let prefix: [u8; 4] = buffer.get(1..5)?.try_into().ok()?;
-    usize::try_from(u32::from_be_bytes(prefix)).ok()
-}
-
-impl Drop for SessionStream {
+impl Drop for Session {
     fn drop(&mut self) {
         self.shared.permit.release();
         // Dropped with its end undecided: the stream was reset or the
@@ -530,23 +491,52 @@ impl Drop for SessionStream {
     }
 }
 
+/// Sessions of one connection whose pings fall due together.
+const PING_GROUP: u64 = 64;
+
+/// Which connection a session is on, and which of its sessions it is.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PingGroup {
+    /// The connection's peer address.
+    pub(crate) peer: SocketAddr,
+    /// The session's place among the connection's sessions: 0, 1, 2, …
+    pub(crate) ordinal: u64,
+}
+
 /// Where in each ping interval a session's pings fall, in microseconds.
 ///
-/// Every stream of one connection (one peer address) gets the same phase, so
+/// Sessions of one connection share a phase in groups of [`PING_GROUP`], so
 /// their pings come due in the same tick of the wheel: the streams queue them
 /// together and HTTP/2 sends them in one write, and their pongs come back in
 /// one read. A client that multiplexes many sessions on one connection (an
-/// agent, a proxy) then costs the server one write per interval, not one per
-/// session. Different connections get different phases, which spreads the
-/// pings of many clients over the interval. Without a peer address, the
-/// phase is random.
-fn ping_phase(peer: Option<SocketAddr>, interval: Duration) -> u64 {
+/// agent, a proxy) costs the server one write per group and interval, not one
+/// per session. Groups are small, so that one burst of pings stays short and
+/// never holds up other sessions' pongs for long; different groups and
+/// connections get different phases, which spreads the pings of many clients
+/// over the interval. Without a connection (the service mounted in another
+/// server), the phase is random.
+fn ping_phase(group: Option<PingGroup>, interval: Duration) -> u64 {
     use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
-    let spread = match peer {
-        Some(peer) => BuildHasherDefault::<DefaultHasher>::default().hash_one(peer),
+    let spread = match group {
+        Some(group) => BuildHasherDefault::<DefaultHasher>::default()
+            .hash_one((group.peer, group.ordinal / PING_GROUP)),
         None => rand::random(),
     };
     spread % micros(interval).max(1)
+}
+
+/// The first instant after `now` on the grid `base + phase + k × interval`.
+///
+/// So a session's first ping comes within one interval of its Welcome, and
+/// every later one exactly one interval after the one before.
+fn next_on_grid(base: Instant, now: Instant, phase: u64, interval: Duration) -> Instant {
+    let interval = micros(interval).max(1);
+    let since = micros(now.saturating_duration_since(base));
+    let rounds = match since.checked_sub(phase) {
+        None => 0,
+        Some(past) => past / interval + 1,
+    };
+    base + Duration::from_micros(phase.saturating_add(rounds.saturating_mul(interval)))
 }
 
 fn micros(duration: Duration) -> u64 {
@@ -659,18 +649,14 @@ impl SessionLink for SessionShared {
 }
 
 impl SessionShared {
-    /// When the server's next ping after `now` is due: on a grid of the ping
-    /// interval, shifted by this session's phase.
+    /// When the server's next ping after `now` is due: see [`next_on_grid`].
     fn next_ping(&self, now: Instant) -> Instant {
-        let base = self.server.wheel.base();
-        let interval = micros(self.server.config.ping_interval).max(1);
-        let since = micros(now.saturating_duration_since(base));
-        // The next grid point strictly after now: at most one interval away.
-        let rounds = since.saturating_sub(self.ping_phase) / interval + 1;
-        let due = self
-            .ping_phase
-            .saturating_add(rounds.saturating_mul(interval));
-        base + Duration::from_micros(due)
+        next_on_grid(
+            self.server.wheel.base(),
+            now,
+            self.ping_phase,
+            self.server.config.ping_interval,
+        )
     }
 
     /// Records the decided end: in the registry if the session is open, and
@@ -771,6 +757,43 @@ mod tests {
         assert!(!over_limit(1400));
         assert!(!over_limit(1500));
         assert!(over_limit(1600));
+    }
+
+    /// Tests that the ping grid's next point is strictly after now and at
+    /// most one interval away, before the phase, on it, and between points.
+    #[test]
+    fn the_ping_grid_is_at_most_one_interval_ahead() {
+        let base = Instant::now();
+        let interval = Duration::from_millis(100);
+        let phase = 30_000;
+        let at = |ms| base + Duration::from_millis(ms);
+        for (now, due) in [
+            (0, 30),
+            (29, 30),
+            (30, 130),
+            (31, 130),
+            (129, 130),
+            (130, 230),
+        ] {
+            assert_eq!(
+                next_on_grid(base, at(now), phase, interval),
+                at(due),
+                "now {now} ms"
+            );
+        }
+    }
+
+    /// Tests that the sessions of one connection share a phase in groups,
+    /// and that groups differ.
+    #[test]
+    fn a_connection_pings_in_groups() {
+        let interval = Duration::from_secs(10);
+        let peer = SocketAddr::from(([127, 0, 0, 1], 4000));
+        let phase = |ordinal| ping_phase(Some(PingGroup { peer, ordinal }), interval);
+        assert!((1..PING_GROUP).all(|ordinal| phase(ordinal) == phase(0)));
+        let groups: std::collections::HashSet<u64> =
+            (0..8).map(|group| phase(group * PING_GROUP)).collect();
+        assert!(groups.len() > 1, "every group on one phase");
     }
 
     /// Tests that each Hello limit is enforced with a message naming it.

@@ -12,21 +12,25 @@
 //! CPU goes to a general-purpose client stack.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
-use tokio::time::Instant;
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use prost::Message;
-use tokio::{net::TcpStream, sync::watch, time::MissedTickBehavior};
+use tokio::{
+    net::TcpStream,
+    sync::watch,
+    time::{Instant, MissedTickBehavior},
+};
 use tonic_heartbeat::{
-    protocol::pb::{self, heartbeat_request::Frame as Out, heartbeat_response::Frame as In},
+    protocol::{
+        grpc::{self, Deframer, HEARTBEAT_PATH},
+        pb::{self, heartbeat_request::Frame as Out, heartbeat_response::Frame as In},
+        proto_to_duration,
+    },
     CloseReason,
 };
 
 use super::report::Tally;
-
-/// The path of the heartbeat method.
-const HEARTBEAT_PATH: &str = "/heartbeat.v1.HeartbeatService/Heartbeat";
 
 /// Where the run is: every session watches this and acts on its changes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,6 +121,8 @@ pub(super) async fn connection(
     opener.set_missed_tick_behavior(MissedTickBehavior::Burst);
     let mut share = share.peekable();
     let mut sessions = FuturesUnordered::new();
+    let mut own_phase = phase.clone();
+    let mut stopping = false;
     loop {
         tokio::select! {
             result = &mut connection, if !connection_done => {
@@ -136,7 +142,17 @@ pub(super) async fn connection(
                     break;
                 }
             }
-            _ = opener.tick(), if share.peek().is_some() && !connection_done => {
+            () = stopped(&mut own_phase), if !stopping => {
+                stopping = true;
+                let unopened = share.by_ref().count() as u64;
+                if unopened > 0 {
+                    tally.failed("not opened before the run ended", unopened);
+                }
+                if sessions.is_empty() {
+                    break;
+                }
+            }
+            _ = opener.tick(), if share.peek().is_some() && !connection_done && !stopping => {
                 if let Some(session_index) = share.next() {
                     sessions.push(session(
                         plan.clone(),
@@ -192,22 +208,47 @@ async fn session(
     tally: Arc<Tally>,
     send_request: h2::client::SendRequest<Bytes>,
     index: u64,
-    phase: watch::Receiver<Phase>,
+    mut phase: watch::Receiver<Phase>,
 ) {
-    if let Err(problem) = run_session(plan, tally.clone(), send_request, index, phase).await {
-        tally.failed(&problem, 1);
+    let started = Instant::now();
+    // A session still opening when the run stops (held back by the server's
+    // stream limit, say) fails, and is counted as such.
+    let opened = tokio::select! {
+        opened = establish(&plan, send_request, index) => opened,
+        () = stopped(&mut phase) => Err("not established before the run ended".to_owned()),
+    };
+    match opened {
+        Ok(opened) => {
+            tally.established(started.elapsed());
+            run(plan, tally, index, phase, opened).await;
+        }
+        Err(problem) => tally.failed(&problem, 1),
     }
 }
 
-/// Runs a session; `Err` is a failure to establish it, by what went wrong.
-async fn run_session(
-    plan: Arc<Plan>,
-    tally: Arc<Tally>,
+/// Completes once the run is stopping.
+async fn stopped(phase: &mut watch::Receiver<Phase>) {
+    // A closed channel means the run is over as well.
+    let _ = phase.wait_for(|now| *now == Phase::Stopping).await;
+}
+
+/// A session the server has welcomed.
+struct Opened {
+    stream: h2::SendStream<Bytes>,
+    body: h2::RecvStream,
+    reader: Deframer,
+    welcome: pb::Welcome,
+    /// When the Hello was written: the session's last frame until it pings
+    /// or answers a ping.
+    hello_sent: Instant,
+}
+
+/// Opens a stream, says Hello and reads the Welcome; `Err` says what went wrong.
+async fn establish(
+    plan: &Plan,
     send_request: h2::client::SendRequest<Bytes>,
     index: u64,
-    mut phase: watch::Receiver<Phase>,
-) -> Result<(), String> {
-    let started = Instant::now();
+) -> Result<Opened, String> {
     let mut send_request = send_request
         .ready()
         .await
@@ -227,8 +268,9 @@ async fn run_session(
         })),
     };
     stream
-        .send_data(encode(&hello), false)
+        .send_data(grpc::frame(&hello), false)
         .map_err(|error| format!("send Hello: {error}"))?;
+    let hello_sent = Instant::now();
     let response = response
         .await
         .map_err(|error| format!("response: {error}"))?;
@@ -239,17 +281,25 @@ async fn run_session(
         return Err(code);
     }
     let mut body = response.into_body();
-    let mut reader = MessageReader::default();
-    let welcome = loop {
-        match reader.next().transpose()? {
-            Some(In::Welcome(welcome)) => break welcome,
+    let mut reader = Deframer::default();
+    loop {
+        match next_frame(&mut reader)? {
+            Some(In::Welcome(welcome)) => {
+                return Ok(Opened {
+                    stream,
+                    body,
+                    reader,
+                    welcome,
+                    hello_sent,
+                })
+            }
             Some(other) => return Err(format!("expected Welcome, got {}", frame_name(&other))),
             None => {}
         }
         match body.data().await {
             Some(Ok(chunk)) => {
                 let _ = body.flow_control().release_capacity(chunk.len());
-                reader.push(&chunk);
+                reader.push(chunk);
             }
             Some(Err(error)) => return Err(format!("before Welcome: {error}")),
             None => {
@@ -260,15 +310,33 @@ async fn run_session(
                     .unwrap_or_else(|| "ended before Welcome".to_owned()));
             }
         }
-    };
-    tally.established(started.elapsed());
+    }
+}
+
+/// Heartbeats until the server ends the session or the run stops.
+async fn run(
+    plan: Arc<Plan>,
+    tally: Arc<Tally>,
+    index: u64,
+    mut phase: watch::Receiver<Phase>,
+    opened: Opened,
+) {
+    let Opened {
+        stream,
+        mut body,
+        mut reader,
+        welcome,
+        hello_sent,
+    } = opened;
     let interval = plan
         .interval
-        .or_else(|| welcome.ping_interval.and_then(proto_duration))
+        .or_else(|| welcome.ping_interval.as_ref().and_then(proto_to_duration))
+        .filter(|interval| !interval.is_zero())
         .unwrap_or(Duration::from_secs(10));
     let timeout = welcome
         .timeout
-        .and_then(proto_duration)
+        .as_ref()
+        .and_then(proto_to_duration)
         .unwrap_or(Duration::from_secs(30));
     tally.announce_timeout(timeout);
     let mut session = Session {
@@ -276,39 +344,48 @@ async fn run_session(
         tally,
         index,
         stream,
-        last_write: Instant::now(),
+        last_write: hello_sent,
         pings: Default::default(),
         next_seq: 1,
         frozen: false,
         timeout,
     };
     // The first ping at a random point of the interval, so that pings spread.
-    let first = interval.mul_f64(rand::random::<f64>());
-    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + first, interval);
+    let first = Instant::now().checked_add(interval.mul_f64(rand::random::<f64>()));
+    let mut ticker = tokio::time::interval_at(first.unwrap_or_else(Instant::now), interval);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut stopping = false;
     let mut goodbye: Option<CloseReason> = None;
     loop {
         // Whatever the last chunk brought, handle it before waiting again.
-        while let Some(frame) = reader.next().transpose()? {
-            if let Some(reason) = session.on_frame(frame) {
-                goodbye = Some(reason);
+        loop {
+            match next_frame(&mut reader) {
+                Ok(Some(frame)) => {
+                    if let Some(reason) = session.on_frame(frame) {
+                        goodbye = Some(reason);
+                    }
+                }
+                Ok(None) => break,
+                Err(problem) => {
+                    session.ended(goodbye, Some(problem), stopping);
+                    return;
+                }
             }
         }
         tokio::select! {
             chunk = body.data() => match chunk {
                 Some(Ok(chunk)) => {
                     let _ = body.flow_control().release_capacity(chunk.len());
-                    reader.push(&chunk);
+                    reader.push(chunk);
                 }
                 Some(Err(error)) => {
                     session.ended(goodbye, Some(format!("stream error: {error}")), stopping);
-                    return Ok(());
+                    return;
                 }
                 None => {
                     let status = body.trailers().await.ok().flatten().as_ref().and_then(grpc_status);
                     session.ended(goodbye, status, stopping);
-                    return Ok(());
+                    return;
                 }
             },
             _ = ticker.tick(), if !session.frozen && !stopping => session.ping(),
@@ -323,11 +400,11 @@ async fn run_session(
                     Phase::Frozen if session.plan.freezes(session.index) && !session.frozen => {
                         if session.plan.freeze == Freeze::All {
                             // One last frame for every session at once: every
-                            // deadline falls at the same moment.
+                            // deadline falls at about the same moment.
                             session.ping();
                         }
                         session.frozen = true;
-                        session.tally.froze();
+                        session.tally.froze(session.last_write);
                     }
                     Phase::Frozen => {}
                     Phase::Stopping => {
@@ -392,7 +469,7 @@ impl Session {
     fn write(&mut self, frame: Out) {
         let request = pb::HeartbeatRequest { frame: Some(frame) };
         // A failed send shows up as the stream's end on the read side.
-        let _ = self.stream.send_data(encode(&request), false);
+        let _ = self.stream.send_data(grpc::frame(&request), false);
         self.last_write = Instant::now();
     }
 
@@ -413,54 +490,19 @@ impl Session {
     }
 }
 
-/// Frames one message with gRPC's 5-byte prefix.
-fn encode(message: &pb::HeartbeatRequest) -> Bytes {
-    let length = message.encoded_len();
-    let mut buf = BytesMut::with_capacity(5 + length);
-    buf.put_u8(0);
-    buf.put_u32(length as u32);
-    // The buffer was sized for the message: encoding cannot run out of room.
-    let _ = message.encode(&mut buf);
-    buf.freeze()
-}
-
-/// Collects chunks and yields whole gRPC messages.
-#[derive(Default)]
-struct MessageReader {
-    buf: BytesMut,
-}
-
-impl MessageReader {
-    fn push(&mut self, chunk: &[u8]) {
-        self.buf.extend_from_slice(chunk);
-    }
-
-    /// The next whole frame, if one is buffered.
-    fn next(&mut self) -> Option<Result<In, String>> {
-        if self.buf.len() < 5 {
-            return None;
-        }
-        let compressed = self.buf[0];
-        let length = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]);
-        if compressed != 0 {
-            return Some(Err("the server sent a compressed message".to_owned()));
-        }
-        let length = length as usize;
-        if self.buf.len() < 5 + length {
-            return None;
-        }
-        self.buf.advance(5);
-        let payload = self.buf.split_to(length);
-        Some(
-            pb::HeartbeatResponse::decode(payload)
-                .map_err(|error| format!("undecodable frame: {error}"))
-                .and_then(|response| {
-                    response
-                        .frame
-                        .ok_or_else(|| "a response with no frame".to_owned())
-                }),
-        )
-    }
+/// The next frame the server sent, if a whole one is in; `Err` for a
+/// message that is not a `HeartbeatResponse`.
+fn next_frame(reader: &mut Deframer) -> Result<Option<In>, String> {
+    let Some(payload) = reader.next_message() else {
+        return Ok(None);
+    };
+    let payload = payload.map_err(|error| error.to_string())?;
+    let response = pb::HeartbeatResponse::decode(payload)
+        .map_err(|error| format!("undecodable frame: {error}"))?;
+    response
+        .frame
+        .map(Some)
+        .ok_or_else(|| "a response with no frame".to_owned())
 }
 
 /// The gRPC status in `headers`, as `CODE: message`, unless it is OK or absent.
@@ -480,12 +522,6 @@ fn frame_name(frame: &In) -> &'static str {
         In::Pong(_) => "Pong",
         In::Goodbye(_) => "Goodbye",
     }
-}
-
-fn proto_duration(duration: prost_types::Duration) -> Option<Duration> {
-    let seconds = u64::try_from(duration.seconds).ok()?;
-    let nanos = u32::try_from(duration.nanos).ok()?;
-    Some(Duration::new(seconds, nanos)).filter(|duration| !duration.is_zero())
 }
 
 #[cfg(test)]
@@ -519,29 +555,5 @@ mod tests {
         let all = plan(10, Freeze::All);
         assert!((0..10).all(|i| all.freezes(i)));
         assert!(!(0..10).any(|i| plan(10, Freeze::None).freezes(i)));
-    }
-
-    /// Tests that the reader yields whole messages across chunk boundaries.
-    #[test]
-    fn reader_reassembles_split_messages() {
-        let response = pb::HeartbeatResponse {
-            frame: Some(In::Pong(pb::Pong { seq: 300 })),
-        };
-        let mut framed = vec![0];
-        framed.extend_from_slice(&(response.encoded_len() as u32).to_be_bytes());
-        framed.extend_from_slice(&response.encode_to_vec());
-        let mut reader = MessageReader::default();
-        let (first, rest) = framed.split_at(3);
-        reader.push(first);
-        assert!(reader.next().is_none());
-        reader.push(rest);
-        reader.push(&framed);
-        for _ in 0..2 {
-            match reader.next() {
-                Some(Ok(In::Pong(pong))) => assert_eq!(pong.seq, 300),
-                other => panic!("expected a pong, got {other:?}"),
-            }
-        }
-        assert!(reader.next().is_none());
     }
 }

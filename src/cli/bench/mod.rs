@@ -34,6 +34,10 @@ const RAMP_GRACE: Duration = Duration::from_secs(30);
 const WIND_DOWN: Duration = Duration::from_secs(10);
 /// How long frozen sessions are waited for beyond their timeout.
 const FREEZE_GRACE: Duration = Duration::from_secs(5);
+/// The longest wait for frozen sessions, whatever timeout the server announced.
+const MAX_FREEZE_WAIT: Duration = Duration::from_secs(24 * 3600);
+/// The fastest ramp the bench attempts, in sessions per second.
+const MAX_RATE: f64 = 1_000_000.0;
 
 /// Flags of `heartbeat bench`.
 #[derive(Debug, Args)]
@@ -70,14 +74,16 @@ pub(crate) struct BenchArgs {
 
     /// At the start of the steady phase, this many sessions (spread evenly)
     /// stop writing but keep reading; the bench times the server's
-    /// Goodbye{TIMEOUT} to each against its deadline. --duration must exceed
-    /// the server's timeout for the goodbyes to come within the run.
+    /// Goodbye{TIMEOUT} to each against its deadline, waiting past --duration
+    /// for them if need be.
     #[arg(long, default_value_t = 0, conflicts_with = "freeze_all")]
     freeze: u64,
 
     /// Every session sends one last ping at the start of the steady phase and
-    /// then falls silent, so that all their deadlines coincide; the bench
-    /// reports how long after that deadline the last goodbye came.
+    /// then falls silent, so that their deadlines all but coincide; the bench
+    /// reports how far apart the last frames left and how late the last
+    /// goodbye came after its deadline. The steady phase's figures then
+    /// describe silent sessions.
     #[arg(long)]
     freeze_all: bool,
 
@@ -119,9 +125,9 @@ impl BenchArgs {
                 self.sessions
             );
         }
-        if !(self.rate.is_finite() && self.rate > 0.0) {
+        if !(self.rate >= 0.01 && self.rate <= MAX_RATE) {
             bail!(
-                "--rate {} must be a positive number of sessions per second, like 5000",
+                "--rate {} must be between 0.01 and {MAX_RATE} sessions per second, like 5000",
                 self.rate
             );
         }
@@ -244,7 +250,7 @@ async fn bench(args: &BenchArgs) -> anyhow::Result<serde_json::Value> {
     }
     let ramp = ramp_started.elapsed();
 
-    if tally.up() == 0 {
+    if tally.established_count() == 0 {
         progress.finish();
         let report = report::report(&tally, &measured_so_far(args, ramp));
         bail!(
@@ -254,10 +260,7 @@ async fn bench(args: &BenchArgs) -> anyhow::Result<serde_json::Value> {
     }
 
     // The steady phase.
-    let server_loaded = args
-        .server_pid
-        .map(|pid| process_use(Some(pid)))
-        .transpose()?;
+    let server_loaded = progress.probe(args.server_pid.map(|pid| process_use(Some(pid))));
     tally.measure_rtt(true);
     let round_trips_before = tally.round_trips();
     let steady_started = Instant::now();
@@ -277,26 +280,19 @@ async fn bench(args: &BenchArgs) -> anyhow::Result<serde_json::Value> {
     let steady = steady_started.elapsed();
     tally.measure_rtt(false);
     let steady_round_trips = tally.round_trips() - round_trips_before;
-    let server_after = args
-        .server_pid
-        .map(|pid| process_use(Some(pid)))
-        .transpose()?;
+    let server_after = progress.probe(args.server_pid.map(|pid| process_use(Some(pid))));
 
     // The freeze: wait for the goodbyes still owed. Every frozen session's
     // last frame left before the steady phase began (with --freeze-all, just
     // as it began), so each is owed its goodbye by then plus the timeout.
-    let mut all_closed_after = None;
     if freeze != Freeze::None {
         let timeout = tally.announced_timeout().unwrap_or_default();
-        let deadline = steady_started + timeout + FREEZE_GRACE;
+        let deadline = steady_started
+            .checked_add(timeout.saturating_add(FREEZE_GRACE))
+            .unwrap_or(steady_started + MAX_FREEZE_WAIT);
         while tally.frozen_ended() < tally.frozen() && Instant::now() < deadline {
             progress.show("frozen", &tally);
             tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        if freeze == Freeze::All {
-            all_closed_after = tally
-                .last_detection()
-                .map(|last| last.saturating_duration_since(steady_started + timeout));
         }
     }
 
@@ -307,7 +303,9 @@ async fn bench(args: &BenchArgs) -> anyhow::Result<serde_json::Value> {
     progress.finish();
 
     let lateness = match (&metrics, lateness_before) {
-        (Some(metrics), Some(before)) => Some(metrics.lateness().await?.since(&before)),
+        (Some(metrics), Some(before)) => progress
+            .probe(Some(metrics.lateness().await))
+            .map(|after| after.since(&before)),
         _ => None,
     };
     let server = match (args.server_pid, server_before, server_loaded, server_after) {
@@ -324,7 +322,9 @@ async fn bench(args: &BenchArgs) -> anyhow::Result<serde_json::Value> {
         steady_round_trips,
         server,
         lateness,
-        all_closed_after,
+        freeze_spread: (freeze == Freeze::All)
+            .then(|| tally.last_writes_spread())
+            .flatten(),
         ..measured_so_far(args, ramp)
     };
     Ok(report::report(&tally, &measured))
@@ -345,7 +345,7 @@ fn measured_so_far(args: &BenchArgs, ramp: Duration) -> Measured {
             rss: 0,
         }),
         lateness: None,
-        all_closed_after: None,
+        freeze_spread: None,
     }
 }
 
@@ -371,8 +371,8 @@ impl Progress {
     fn show(&self, phase: &str, tally: &Tally) {
         let elapsed = self.started.elapsed().as_secs_f64().max(1e-9);
         self.bar.set_message(format!(
-            "{phase}: {} up, {} failed, {} ended by the server, rtt p99 {:.2} ms, {:.0} heartbeats/s",
-            tally.up(),
+            "{phase}: {} established, {} failed, {} ended by the server, rtt p99 {:.2} ms, {:.0} heartbeats/s",
+            tally.established_count(),
             tally.failures(),
             tally.server_ends(),
             tally.rtt_p99_ms(),
@@ -382,7 +382,24 @@ impl Progress {
     }
 
     fn note(&self, line: &str) {
-        self.bar.println(line);
+        // A hidden bar (stderr is not a terminal) would swallow the line.
+        if self.bar.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            self.bar.println(line);
+        }
+    }
+
+    /// A reading taken once the run is under way: a failure (the server
+    /// exited, say) costs that figure, noted, not the whole report.
+    fn probe<T>(&self, reading: Option<anyhow::Result<T>>) -> Option<T> {
+        match reading? {
+            Ok(value) => Some(value),
+            Err(error) => {
+                self.note(&format!("note: {error:#}; that figure is left out"));
+                None
+            }
+        }
     }
 
     fn finish(&self) {

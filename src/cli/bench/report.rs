@@ -36,7 +36,8 @@ pub(super) struct Tally {
     early: AtomicU64,
     /// The earliest of those, in microseconds before the timeout (0 if none).
     earliest: AtomicU64,
-    last_detection: Mutex<Option<Instant>>,
+    /// The first and the last of the frozen sessions' last frames.
+    last_writes: Mutex<Option<(Instant, Instant)>>,
     /// Whether RTTs are being recorded.
     measuring: AtomicBool,
     rtt: Mutex<Histogram<u64>>,
@@ -64,7 +65,7 @@ impl Tally {
             detected: AtomicU64::new(0),
             early: AtomicU64::new(0),
             earliest: AtomicU64::new(0),
-            last_detection: Mutex::new(None),
+            last_writes: Mutex::new(None),
             measuring: AtomicBool::new(true),
             rtt: Mutex::new(histogram()),
             establish: Mutex::new(histogram()),
@@ -113,8 +114,19 @@ impl Tally {
         }
     }
 
-    pub(super) fn froze(&self) {
+    /// A session stopped writing; its last frame left at `last_write`.
+    pub(super) fn froze(&self, last_write: Instant) {
         self.frozen.fetch_add(1, Ordering::Relaxed);
+        let mut spread = self.last_writes.lock();
+        *spread = Some(match *spread {
+            None => (last_write, last_write),
+            Some((first, last)) => (first.min(last_write), last.max(last_write)),
+        });
+    }
+
+    /// How far apart the frozen sessions' last frames left.
+    pub(super) fn last_writes_spread(&self) -> Option<Duration> {
+        self.last_writes.lock().map(|(first, last)| last - first)
     }
 
     /// A frozen session ended.
@@ -130,7 +142,6 @@ impl Tally {
     /// timeout had passed (negative: before).
     pub(super) fn detected(&self, error: f64) {
         self.detected.fetch_add(1, Ordering::Relaxed);
-        *self.last_detection.lock() = Some(Instant::now());
         if error < 0.0 {
             self.early.fetch_add(1, Ordering::Relaxed);
             self.earliest
@@ -140,8 +151,8 @@ impl Tally {
         self.detection.lock().saturating_record(micros);
     }
 
-    /// Sessions up now.
-    pub(super) fn up(&self) -> u64 {
+    /// Sessions established so far, whether still open or not.
+    pub(super) fn established_count(&self) -> u64 {
         self.established.load(Ordering::Relaxed)
     }
 
@@ -152,7 +163,7 @@ impl Tally {
 
     /// Sessions that have either established or failed.
     pub(super) fn settled(&self) -> u64 {
-        self.up() + self.failures()
+        self.established_count() + self.failures()
     }
 
     pub(super) fn round_trips(&self) -> u64 {
@@ -187,10 +198,6 @@ impl Tally {
         }
         self.measuring.store(on, Ordering::Relaxed);
     }
-
-    pub(super) fn last_detection(&self) -> Option<Instant> {
-        *self.last_detection.lock()
-    }
 }
 
 fn micros(duration: Duration) -> u64 {
@@ -211,8 +218,8 @@ pub(super) struct Measured {
     pub(super) generator: ProcessUse,
     /// The server's lateness histogram over the run, with `--metrics-url`.
     pub(super) lateness: Option<Lateness>,
-    /// With `--freeze-all`: from the common deadline to the last goodbye.
-    pub(super) all_closed_after: Option<Duration>,
+    /// With `--freeze-all`: how far apart the sessions' last frames left.
+    pub(super) freeze_spread: Option<Duration>,
 }
 
 /// The server's use of CPU and memory, from `/proc`.
@@ -227,7 +234,7 @@ pub(super) struct ServerUse {
 
 /// The final report, as JSON; the text table is printed from the same value.
 pub(super) fn report(tally: &Tally, measured: &Measured) -> Value {
-    let established = tally.up();
+    let established = tally.established_count();
     let rtt = tally.rtt.lock();
     let detection = tally.detection.lock();
     let establish = tally.establish.lock();
@@ -279,7 +286,7 @@ pub(super) fn report(tally: &Tally, measured: &Measured) -> Value {
             "early": tally.early.load(Ordering::Relaxed),
             "earliest_ms": tally.earliest.load(Ordering::Relaxed) as f64 / 1e3,
             "error_ms": quantiles(&detection),
-            "all_closed_after_deadline_ms": measured.all_closed_after.map(|after| after.as_secs_f64() * 1e3),
+            "last_frames_spread_ms": measured.freeze_spread.map(|spread| spread.as_secs_f64() * 1e3),
         },
         "server": server,
         "server_lateness": measured.lateness.as_ref().map(Lateness::to_json),
@@ -360,10 +367,11 @@ pub(super) fn text(report: &Value) -> String {
             get("/detection/not_closed"),
             quantile_line(get("/detection/error_ms")),
         );
-        if let Some(after) = get("/detection/all_closed_after_deadline_ms").as_f64() {
+        if let Some(spread) = get("/detection/last_frames_spread_ms").as_f64() {
             let _ = writeln!(
                 out,
-                "                all closed {after:.1} ms after their common deadline"
+                "                their last frames left within {spread:.1} ms of each other; the last goodbye came {} ms after its deadline",
+                fixed(get("/detection/error_ms/max"), 3)
             );
         }
     }
