@@ -25,15 +25,13 @@ use tonic::{
     Request, Response, Status, Streaming,
 };
 use tonic_heartbeat::protocol::{
-    duration_to_proto,
+    duration_to_proto, grpc,
     pb::{
         heartbeat_request::Frame as In, heartbeat_response::Frame as Out, HeartbeatRequest,
         HeartbeatResponse, Pong, Welcome,
     },
 };
 use tonic_prost::ProstCodec;
-
-const PATH: &str = "/heartbeat.v1.HeartbeatService/Heartbeat";
 
 /// The echo service: the Welcome it announces, nothing else.
 #[derive(Clone)]
@@ -84,7 +82,7 @@ impl tower::Service<http::Request<tonic::body::Body>> for Echo {
     fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
         let echo = self.clone();
         Box::pin(async move {
-            if request.uri().path() != PATH {
+            if request.uri().path() != grpc::HEARTBEAT_PATH {
                 return Ok(Status::unimplemented("only Heartbeat is served here").into_http());
             }
             let mut grpc = Grpc::new(ProstCodec::<HeartbeatResponse, HeartbeatRequest>::default());

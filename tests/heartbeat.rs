@@ -9,6 +9,7 @@ use tokio::time::Instant;
 use tonic::Code;
 use tonic_heartbeat::{
     protocol::{
+        grpc,
         pb::{
             self, heartbeat_request::Frame as In, heartbeat_response::Frame as Out, GoodbyeReason,
         },
@@ -448,35 +449,103 @@ async fn a_client_that_stops_reading_loses_its_slot_at_the_timeout() {
     assert!(!welcome.session_id.is_empty());
 }
 
-/// Tests that a refusal before any frame is a trailers-only response (one
-/// HEADERS frame ending the stream), as every gRPC implementation expects.
-#[tokio::test]
-async fn refusals_are_trailers_only() {
-    let server = TestServer::start(fast_config()).await;
-    server.handle.drain();
+/// Opens a raw HTTP/2 stream on `path` with `headers` and, optionally, one
+/// body chunk; returns the response head and body.
+async fn raw_call(
+    server: &TestServer,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<bytes::Bytes>,
+) -> http::Response<h2::RecvStream> {
     let tcp = tokio::net::TcpStream::connect(server.addr)
         .await
         .expect("connect");
     let (mut h2, connection) = h2::client::handshake(tcp).await.expect("handshake");
     tokio::spawn(connection);
-    let request = http::Request::post(format!(
-        "{}/heartbeat.v1.HeartbeatService/Heartbeat",
-        server.url()
-    ))
-    .header("content-type", "application/grpc")
-    .header("te", "trailers")
-    .body(())
-    .expect("request");
-    let (response, _body) = h2.send_request(request, false).expect("send");
-    let response = within(WAIT, response).await.expect("response");
+    let mut request = http::Request::post(format!("{}{path}", server.url()))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request.body(()).expect("request");
+    let (response, mut stream) = h2.send_request(request, false).expect("send");
+    if let Some(body) = body {
+        stream.send_data(body, false).expect("send the body");
+    }
+    within(WAIT, response).await.expect("response")
+}
+
+/// Asserts a trailers-only response (one HEADERS frame ending the stream)
+/// with `code`, as every gRPC implementation expects of a refusal.
+fn assert_trailers_only(response: &http::Response<h2::RecvStream>, code: Code) {
     assert_eq!(
         response.headers().get("grpc-status").map(|v| v.as_bytes()),
-        Some(&b"14"[..])
+        Some((code as i32).to_string().as_bytes()),
+        "{response:?}"
     );
     assert!(
         response.body().is_end_stream(),
         "the refusal should end the stream in its HEADERS frame"
     );
+}
+
+/// Tests that a refusal before any frame is a trailers-only response.
+#[tokio::test]
+async fn refusals_are_trailers_only() {
+    let server = TestServer::start(fast_config()).await;
+    server.handle.drain();
+    let response = raw_call(
+        &server,
+        "/heartbeat.v1.HeartbeatService/Heartbeat",
+        &[],
+        None,
+    )
+    .await;
+    assert_trailers_only(&response, Code::Unavailable);
+}
+
+/// Tests that another method of the service, and compressed messages, are
+/// refused at once with UNIMPLEMENTED, trailers-only, as tonic's generated
+/// server would; and that a compressed message slipped in after Hello ends
+/// the session as a protocol violation.
+#[tokio::test]
+async fn unknown_methods_and_compression_are_refused() {
+    let server = TestServer::start(fast_config()).await;
+    let response = raw_call(&server, "/heartbeat.v1.HeartbeatService/Beat", &[], None).await;
+    assert_trailers_only(&response, Code::Unimplemented);
+    let path = "/heartbeat.v1.HeartbeatService/Heartbeat";
+    let response = raw_call(&server, path, &[("grpc-encoding", "gzip")], None).await;
+    assert_trailers_only(&response, Code::Unimplemented);
+
+    let mut events = server.handle.subscribe();
+    let hello = pb::HeartbeatRequest {
+        frame: Some(In::Hello(pb::Hello {
+            client_id: "squeezed".into(),
+            ..Default::default()
+        })),
+    };
+    let mut body = bytes::BytesMut::from(&grpc::frame(&hello)[..]);
+    let mut compressed = bytes::BytesMut::from(&grpc::frame(&hello)[..]);
+    compressed[0] = 1;
+    body.extend_from_slice(&compressed);
+    let response = raw_call(&server, path, &[], Some(body.freeze())).await;
+    assert_eq!(response.status(), http::StatusCode::OK);
+    let opened = next_change(&mut events).await;
+    let session_id = opened.event.session().identity.session_id.clone();
+    loop {
+        if let SessionEvent::Closed {
+            session,
+            reason,
+            message,
+        } = next_change(&mut events).await.event
+        {
+            assert_eq!(session.identity.session_id, session_id);
+            assert_eq!(reason, CloseReason::ProtocolViolation);
+            assert!(message.contains("compressed"), "{message}");
+            break;
+        }
+    }
 }
 
 /// Tests that a stream that never says Hello is ended at the hello timeout

@@ -36,6 +36,8 @@ const WIND_DOWN: Duration = Duration::from_secs(10);
 const FREEZE_GRACE: Duration = Duration::from_secs(5);
 /// The longest wait for frozen sessions, whatever timeout the server announced.
 const MAX_FREEZE_WAIT: Duration = Duration::from_secs(24 * 3600);
+/// The most sessions one bench process opens.
+const MAX_SESSIONS: u64 = 10_000_000;
 /// The fastest ramp the bench attempts, in sessions per second.
 const MAX_RATE: f64 = 1_000_000.0;
 
@@ -115,8 +117,11 @@ impl BenchArgs {
 
     /// Checks the flags; the error names the flag and the fix.
     fn validate(&self) -> anyhow::Result<()> {
-        if self.sessions == 0 {
-            bail!("--sessions 0 opens nothing: give at least 1");
+        if self.sessions == 0 || self.sessions > MAX_SESSIONS {
+            bail!(
+                "--sessions {} must be between 1 and {MAX_SESSIONS}",
+                self.sessions
+            );
         }
         let connections = self.connections();
         if connections == 0 || connections > self.sessions {
