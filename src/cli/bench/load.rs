@@ -32,6 +32,10 @@ use tonic_heartbeat::{
 
 use super::report::Tally;
 
+/// Framing overhead of unread small DATA frames the generator's HTTP/2 may
+/// hold per connection (h2 allows half the connection window, at least 25 KiB).
+const DATA_FRAME_BUDGET: usize = 64 * 1024 * 1024;
+
 /// Where the run is: every session watches this and acts on its changes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Phase {
@@ -180,6 +184,10 @@ async fn open_connection(plan: &Plan) -> Result<Connection, String> {
     // A heartbeat is a few bytes that must leave now.
     let _ = tcp.set_nodelay(true);
     h2::client::Builder::new()
+        // h2 counts the small DATA frames it holds unread against a budget,
+        // to stop a hostile peer; a busy generator holding many heartbeats
+        // from a trusted server must not trip it.
+        .data_frame_budget(DATA_FRAME_BUDGET)
         .handshake(tcp)
         .await
         .map_err(|error| format!("HTTP/2 handshake: {error}"))
