@@ -517,6 +517,13 @@ async fn unknown_methods_and_compression_are_refused() {
     let path = "/heartbeat.v1.HeartbeatService/Heartbeat";
     let response = raw_call(&server, path, &[("grpc-encoding", "gzip")], None).await;
     assert_trailers_only(&response, Code::Unimplemented);
+    assert_eq!(
+        response
+            .headers()
+            .get("grpc-accept-encoding")
+            .map(|v| v.as_bytes()),
+        Some(&b"identity"[..])
+    );
 
     let mut events = server.handle.subscribe();
     let hello = pb::HeartbeatRequest {

@@ -4,7 +4,7 @@
 use std::{
     fmt,
     sync::{
-        atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering},
+        atomic::{AtomicU64, AtomicU8, Ordering},
         Arc, OnceLock, Weak,
     },
     task::{Context, Waker},
@@ -122,8 +122,6 @@ pub(crate) struct CallCore {
     frames_in: AtomicU64,
     /// Whole messages sent to the peer.
     frames_out: AtomicU64,
-    /// The request stream failed (reset, connection lost), as opposed to ending.
-    inbound_failed: AtomicBool,
     /// The ending to perform, until the response side takes it. Boxed: every
     /// call carries this slot, few calls fill it.
     ending: Mutex<Option<Box<Ending>>>,
@@ -171,12 +169,6 @@ impl LivenessHandle {
     /// Whole messages sent so far.
     pub fn frames_out(&self) -> u64 {
         self.core.frames_out.load(Ordering::Relaxed)
-    }
-
-    /// Whether the request stream failed (a reset or a lost connection) rather
-    /// than ending cleanly.
-    pub fn inbound_failed(&self) -> bool {
-        self.core.inbound_failed.load(Ordering::Acquire)
     }
 
     /// Why the call ends, once that is decided.
@@ -237,7 +229,6 @@ impl CallCore {
             generation: AtomicU64::new(0),
             frames_in: AtomicU64::new(0),
             frames_out: AtomicU64::new(0),
-            inbound_failed: AtomicBool::new(false),
             ending: Mutex::new(None),
             cause: OnceLock::new(),
             waker: Mutex::new(None),
@@ -311,10 +302,6 @@ impl CallCore {
 
     pub(crate) fn count_sent(&self, messages: u64) {
         self.frames_out.fetch_add(messages, Ordering::Relaxed);
-    }
-
-    pub(crate) fn mark_inbound_failed(&self) {
-        self.inbound_failed.store(true, Ordering::Release);
     }
 
     /// Decides how the call ends, unless that is decided already: the first

@@ -137,7 +137,6 @@ where
                 Poll::Ready(Some(Err(error))) => {
                     state.error = Some(error);
                     state.body = None;
-                    self.core.mark_inbound_failed();
                     arrived = true;
                 }
                 Poll::Ready(None) => {

@@ -21,8 +21,9 @@ pub fn put_message(message: &impl Message, out: &mut BytesMut) {
     let length = message.encoded_len();
     out.reserve(PREFIX + length);
     out.put_u8(0);
-    // Heartbeat messages are bytes to kilobytes; a length past u32 cannot
-    // be framed at all, and saturating keeps the prefix well-formed.
+    // Heartbeat messages are bytes to kilobytes (the server's limits bound
+    // them); gRPC cannot frame 4 GiB, so there is nothing better to write.
+    debug_assert!(u32::try_from(length).is_ok(), "a message over 4 GiB");
     out.put_u32(u32::try_from(length).unwrap_or(u32::MAX));
     message.encode_raw(out);
 }
@@ -46,8 +47,10 @@ pub enum DeframeError {
 
 /// Gathers chunks of a framed stream and yields whole payloads.
 ///
-/// Push a chunk only after [`next_message`](Self::next_message) has returned `None`: by then
-/// the previous chunk has been used up.
+/// Push a chunk after [`next_message`](Self::next_message) has returned
+/// `None`: then nothing is copied but a message split across chunks. It sets
+/// no limit on a message's size: the caller bounds that before the bytes get
+/// here (the server's liveness layer refuses an oversized prefix).
 #[derive(Debug, Default)]
 pub struct Deframer {
     /// The unread rest of the last chunk.
@@ -67,7 +70,7 @@ impl Deframer {
         self.chunk = chunk;
     }
 
-    /// Whether no part of a message is waiting for the rest of it.
+    /// Whether nothing is buffered: no unread message and no part of one.
     pub fn is_empty(&self) -> bool {
         self.chunk.is_empty() && self.partial.is_empty()
     }
@@ -95,11 +98,16 @@ impl Deframer {
         if flag != 0 {
             return Some(Err(DeframeError::Compressed));
         }
-        self.take_into_partial(PREFIX + length);
-        if self.partial.len() < PREFIX + length {
+        let whole = PREFIX.saturating_add(length);
+        self.take_into_partial(whole);
+        if self.partial.len() < whole {
             return None;
         }
-        let mut message = std::mem::take(&mut self.partial);
+        let mut message = self.partial.split_to(whole);
+        if self.partial.is_empty() {
+            // Let the gathering buffer go with the message.
+            self.partial = BytesMut::new();
+        }
         message.advance(PREFIX);
         Some(Ok(message.freeze()))
     }
@@ -186,5 +194,23 @@ mod tests {
         deframer.push(frame(&ping(9)).slice(..7));
         assert_eq!(deframer.next_message(), None);
         assert!(!deframer.is_empty());
+    }
+
+    /// Tests that pushing before the last chunk is read keeps every message
+    /// whole and in order.
+    #[test]
+    fn an_early_push_keeps_messages_apart() {
+        let mut wire = BytesMut::new();
+        for seq in 1..=3 {
+            put_message(&ping(seq), &mut wire);
+        }
+        let mut deframer = Deframer::default();
+        deframer.push(wire.freeze());
+        deframer.push(frame(&ping(4)));
+        let seen: Vec<pb::HeartbeatRequest> = std::iter::from_fn(|| deframer.next_message())
+            .map(|payload| pb::HeartbeatRequest::decode(payload.expect("plain")).expect("decodes"))
+            .collect();
+        assert_eq!(seen, (1..=4).map(ping).collect::<Vec<_>>());
+        assert!(deframer.is_empty());
     }
 }

@@ -30,7 +30,7 @@ use super::{
     admission::{authenticate, Refusal},
     connection::PeerInfo,
     farewell,
-    session::{PingGroup, SessionBody},
+    session::{PingGroup, Session, SessionBody},
     shared::ServerShared,
 };
 use crate::{
@@ -94,10 +94,16 @@ impl HeartbeatMethod {
             .get("grpc-encoding")
             .filter(|encoding| encoding.as_bytes() != b"identity")
         {
-            return Err(Status::unimplemented(format!(
+            let mut status = Status::unimplemented(format!(
                 "messages compressed with \"{}\" are not taken: heartbeats are a few bytes, send them uncompressed (grpc-encoding identity)",
                 Escaped::quote(&String::from_utf8_lossy(encoding.as_bytes()), QUOTE_BYTES)
-            )));
+            ));
+            // What the gRPC compression spec asks a refusal to say.
+            status.metadata_mut().insert(
+                "grpc-accept-encoding",
+                tonic::metadata::MetadataValue::from_static("identity"),
+            );
+            return Err(status);
         }
         let (parts, inbound) = request.into_parts();
         let handle = parts
@@ -128,7 +134,7 @@ impl HeartbeatMethod {
             peer: peer.remote_addr,
             ordinal: peer.connection.next_session(),
         });
-        Ok(SessionBody::new(
+        Ok(SessionBody::session(Session::new(
             self.shared.clone(),
             handle,
             permit,
@@ -136,7 +142,7 @@ impl HeartbeatMethod {
             ping_group,
             allowed,
             inbound,
-        ))
+        )))
     }
 }
 

@@ -94,7 +94,7 @@ impl std::fmt::Debug for SessionBody {
 }
 
 /// The server's side of one session.
-struct Session {
+pub(crate) struct Session {
     /// The request as the liveness layer queued it.
     inbound: RequestBody,
     /// Whole messages out of the queued chunks.
@@ -140,19 +140,9 @@ struct StrikeCounter {
 // === impl SessionBody ===
 
 impl SessionBody {
-    /// Starts a session on an admitted stream.
-    pub(crate) fn new(
-        server: Arc<ServerShared>,
-        handle: LivenessHandle,
-        permit: AdmissionPermit,
-        peer: Option<SocketAddr>,
-        ping_group: Option<PingGroup>,
-        allowed: Option<IdPermit>,
-        inbound: RequestBody,
-    ) -> Self {
-        Self(Some(Session::new(
-            server, handle, permit, peer, ping_group, allowed, inbound,
-        )))
+    /// The body of an admitted stream: its session's frames.
+    pub(crate) fn session(session: Session) -> Self {
+        Self(Some(session))
     }
 
     /// The empty body of a stream refused before its session began.
@@ -185,7 +175,8 @@ impl Body for SessionBody {
 // === impl Session ===
 
 impl Session {
-    fn new(
+    /// Starts the session of an admitted stream; it opens at `Hello`.
+    pub(crate) fn new(
         server: Arc<ServerShared>,
         handle: LivenessHandle,
         permit: AdmissionPermit,

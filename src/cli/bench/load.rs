@@ -216,14 +216,17 @@ async fn session(
     tally: Arc<Tally>,
     send_request: h2::client::SendRequest<Bytes>,
     index: u64,
-    mut phase: watch::Receiver<Phase>,
+    phase: watch::Receiver<Phase>,
 ) {
     let started = Instant::now();
     // A session still opening when the run stops (held back by the server's
     // stream limit, say) fails, and is counted as such.
+    // A watcher of its own: waiting for the stop must not mark a freeze
+    // that came meanwhile as seen, or the session would never freeze.
+    let mut watching = phase.clone();
     let opened = tokio::select! {
         opened = establish(&plan, send_request, index) => opened,
-        () = stopped(&mut phase) => Err("not established before the run ended".to_owned()),
+        () = stopped(&mut watching) => Err("not established before the run ended".to_owned()),
     };
     match opened {
         Ok(opened) => {
@@ -489,7 +492,7 @@ impl Session {
         }
         match goodbye {
             Some(reason) => self.tally.ended_by(reason.as_str()),
-            None if stopping => self.tally.wound_down(),
+            None if stopping && status.is_none() => self.tally.wound_down(),
             None => self.tally.ended_by(&format!(
                 "no goodbye ({})",
                 status.as_deref().unwrap_or("stream ended")

@@ -376,10 +376,10 @@ impl Progress {
     fn show(&self, phase: &str, tally: &Tally) {
         let elapsed = self.started.elapsed().as_secs_f64().max(1e-9);
         self.bar.set_message(format!(
-            "{phase}: {} established, {} failed, {} ended by the server, rtt p99 {:.2} ms, {:.0} heartbeats/s",
+            "{phase}: {} established, {} failed, {} ended, rtt p99 {:.2} ms, {:.0} heartbeats/s",
             tally.established_count(),
             tally.failures(),
-            tally.server_ends(),
+            tally.ends(),
             tally.rtt_p99_ms(),
             tally.round_trips() as f64 / elapsed,
         ));

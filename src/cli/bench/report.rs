@@ -78,10 +78,12 @@ impl Tally {
         let _ = self.timeout.set(timeout);
     }
 
+    /// The timeout of the first `Welcome`, once one arrived.
     pub(super) fn announced_timeout(&self) -> Option<Duration> {
         self.timeout.get().copied()
     }
 
+    /// A session was welcomed, `took` after it started.
     pub(super) fn established(&self, took: Duration) {
         self.established.fetch_add(1, Ordering::Relaxed);
         self.establish.lock().saturating_record(micros(took));
@@ -93,7 +95,8 @@ impl Tally {
         *self.failures.lock().entry(problem.to_owned()).or_default() += count;
     }
 
-    /// An established session was ended by the server, for `reason`.
+    /// An established session ended before the run stopped it: by the
+    /// server, for `reason`, or for what went wrong on the stream.
     pub(super) fn ended_by(&self, reason: &str) {
         *self.ends.lock().entry(reason.to_owned()).or_default() += 1;
     }
@@ -108,6 +111,7 @@ impl Tally {
         self.round_trips.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// One of the generator's pings was answered after `rtt`.
     pub(super) fn rtt(&self, rtt: Duration) {
         if self.measuring.load(Ordering::Relaxed) {
             self.rtt.lock().saturating_record(micros(rtt));
@@ -129,11 +133,12 @@ impl Tally {
         self.last_writes.lock().map(|(first, last)| last - first)
     }
 
-    /// A frozen session ended.
+    /// Frozen sessions that have ended, however.
     pub(super) fn frozen_ended(&self) -> u64 {
         self.frozen_ended.load(Ordering::Relaxed)
     }
 
+    /// A frozen session ended.
     pub(super) fn frozen_end(&self) {
         self.frozen_ended.fetch_add(1, Ordering::Relaxed);
     }
@@ -166,6 +171,7 @@ impl Tally {
         self.established_count() + self.failures()
     }
 
+    /// Pings answered so far, both ways.
     pub(super) fn round_trips(&self) -> u64 {
         self.round_trips.load(Ordering::Relaxed)
     }
@@ -175,12 +181,13 @@ impl Tally {
         self.detected.load(Ordering::Relaxed)
     }
 
+    /// Sessions that stopped writing.
     pub(super) fn frozen(&self) -> u64 {
         self.frozen.load(Ordering::Relaxed)
     }
 
-    /// Server-initiated ends so far (all reasons).
-    pub(super) fn server_ends(&self) -> u64 {
+    /// Established sessions ended so far, other than by the run's stop.
+    pub(super) fn ends(&self) -> u64 {
         self.ends.lock().values().sum()
     }
 
@@ -279,6 +286,10 @@ pub(super) fn report(tally: &Tally, measured: &Measured) -> Value {
         "rtt_ms": quantiles(&rtt),
         "server_ends": *tally.ends.lock(),
         "wound_down": tally.wound_down.load(Ordering::Relaxed),
+        // Still open when the wind-down gave up waiting for them.
+        "still_open": established
+            .saturating_sub(tally.ends())
+            .saturating_sub(tally.wound_down.load(Ordering::Relaxed)),
         "detection": {
             "frozen": tally.frozen(),
             "closed": tally.detections(),
