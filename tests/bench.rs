@@ -1,6 +1,7 @@
 //! `heartbeat bench` against the real server binary: that it runs, counts
 //! right, and that `--freeze` reports what happened. Its figures are
-//! measurements, so nothing here checks how fast anything is.
+//! measurements, so nothing here checks how fast anything is. Its flags are
+//! checked with the others, in `tests/cli.rs`.
 
 mod support;
 
@@ -130,33 +131,4 @@ fn freeze_all_silences_every_session_at_once() {
     );
     assert_eq!(at(&report, "/detection/early"), 0, "{report:#}");
     assert_eq!(at(&report, "/server_ends/timeout"), 40, "{report:#}");
-}
-
-/// Tests that bad flags are refused with a message naming the flag and the fix.
-#[test]
-fn bad_flags_name_the_flag_and_the_fix() {
-    for (args, expected) in [
-        (
-            &["http://127.0.0.1:1", "--connections", "0"][..],
-            "--connections 0 must be between 1 and --sessions",
-        ),
-        (
-            &["http://127.0.0.1:1", "--sessions", "5", "--freeze", "6"][..],
-            "use --freeze-all",
-        ),
-        (&["https://127.0.0.1:1"][..], "plain-text HTTP/2 only"),
-        (
-            &["http://127.0.0.1:1", "--rate", "0"][..],
-            "--rate 0 must be between 0.01 and 1000000",
-        ),
-    ] {
-        let output = Command::new(env!("CARGO_BIN_EXE_heartbeat"))
-            .arg("bench")
-            .args(args)
-            .output()
-            .expect("run heartbeat bench");
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(!output.status.success(), "{args:?} was accepted");
-        assert!(stderr.contains(expected), "{args:?}: {stderr}");
-    }
 }

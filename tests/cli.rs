@@ -185,3 +185,47 @@ fn durations_have_an_upper_bound() {
         );
     }
 }
+
+/// Tests that `heartbeat bench` refuses each bad flag, and each bound just
+/// over it, with a line naming the flag and the fix.
+#[test]
+fn bench_flags_name_the_flag_and_the_fix() {
+    for (args, expected) in [
+        (
+            &["http://127.0.0.1:1", "--connections", "0"][..],
+            "--connections 0 must be between 1 and --sessions",
+        ),
+        (
+            &["http://127.0.0.1:1", "--sessions", "5", "--freeze", "6"][..],
+            "use --freeze-all",
+        ),
+        (&["https://127.0.0.1:1"][..], "plain-text HTTP/2 only"),
+        (
+            &["http://127.0.0.1:1", "--rate", "0"][..],
+            "--rate 0 must be between 0.01 and 1000000",
+        ),
+        (
+            &["http://127.0.0.1:1", "--rate", "1000001"][..],
+            "--rate 1000001 must be between 0.01 and 1000000",
+        ),
+        (
+            &["http://127.0.0.1:1", "--sessions", "10000001"][..],
+            "--sessions 10000001 must be between 1 and 10000000",
+        ),
+        (
+            &[
+                "http://127.0.0.1:1",
+                "--metrics-url",
+                "https://127.0.0.1:2/metrics",
+            ][..],
+            "the metrics listener speaks plain HTTP",
+        ),
+    ] {
+        let mut all = vec!["bench"];
+        all.extend_from_slice(args);
+        let output = heartbeat(&all, &[]);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{args:?} was accepted");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+}

@@ -539,20 +539,19 @@ async fn unknown_methods_and_compression_are_refused() {
     let response = raw_call(&server, path, &[], Some(body.freeze())).await;
     assert_eq!(response.status(), http::StatusCode::OK);
     let opened = next_change(&mut events).await;
-    let session_id = opened.event.session().identity.session_id.clone();
-    loop {
-        if let SessionEvent::Closed {
-            session,
-            reason,
-            message,
-        } = next_change(&mut events).await.event
-        {
-            assert_eq!(session.identity.session_id, session_id);
-            assert_eq!(reason, CloseReason::ProtocolViolation);
-            assert!(message.contains("compressed"), "{message}");
-            break;
-        }
-    }
+    let session_id = &opened.event.session().identity.session_id;
+    let closed = event_for(&mut events, session_id, |event| {
+        matches!(event, SessionEvent::Closed { .. })
+    })
+    .await;
+    let SessionEvent::Closed {
+        reason, message, ..
+    } = closed
+    else {
+        unreachable!("event_for picked a close");
+    };
+    assert_eq!(reason, CloseReason::ProtocolViolation);
+    assert!(message.contains("compressed"), "{message}");
 }
 
 /// Tests that a stream that never says Hello is ended at the hello timeout

@@ -516,14 +516,12 @@ fn next_frame(reader: &mut Deframer) -> Result<Option<In>, String> {
         .ok_or_else(|| "a response with no frame".to_owned())
 }
 
-/// The gRPC status in `headers`, as `CODE: message`, unless it is OK or absent.
+/// The name of the gRPC status in `headers` (`Unavailable`, …), by which
+/// failures are grouped; `None` when it is OK or absent.
 fn grpc_status(headers: &http::HeaderMap) -> Option<String> {
-    let code = headers.get("grpc-status")?.to_str().ok()?;
-    let code: i32 = code.parse().ok()?;
-    if code == 0 {
-        return None;
-    }
-    Some(format!("{:?}", tonic::Code::from(code)))
+    tonic::Status::from_header_map(headers)
+        .filter(|status| status.code() != tonic::Code::Ok)
+        .map(|status| format!("{:?}", status.code()))
 }
 
 fn frame_name(frame: &In) -> &'static str {

@@ -21,7 +21,7 @@ use tokio::sync::watch;
 
 use self::{
     load::{Freeze, Phase, Plan},
-    probe::{process_use, MetricsUrl},
+    probe::{process_use, HttpTarget, MetricsUrl},
     report::{Measured, ServerUse, Tally},
 };
 use super::{human, parse_duration, HumanDuration, Output};
@@ -169,31 +169,13 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
 }
 
 async fn bench(args: &BenchArgs) -> anyhow::Result<serde_json::Value> {
-    let uri: http::Uri = args
-        .url
-        .parse()
-        .with_context(|| format!("{:?} is not a URL: write http://127.0.0.1:50051", args.url))?;
-    match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => bail!(
-            "{:?}: the bench speaks plain-text HTTP/2 only; point it at a plain-text listener",
-            args.url
-        ),
-        _ => bail!(
-            "{:?} must start with http://, like http://127.0.0.1:50051",
-            args.url
-        ),
-    }
-    let authority = uri
-        .authority()
-        .with_context(|| format!("{:?} has no host: write http://127.0.0.1:50051", args.url))?
-        .to_string();
-    let addr =
-        tokio::net::lookup_host((uri.host().unwrap_or_default(), uri.port_u16().unwrap_or(80)))
-            .await
-            .with_context(|| format!("cannot resolve the host of {:?}", args.url))?
-            .next()
-            .with_context(|| format!("the host of {:?} has no address", args.url))?;
+    let target = HttpTarget::resolve(
+        &args.url,
+        "the server URL",
+        "http://127.0.0.1:50051",
+        "the bench speaks plain-text HTTP/2 only, to a plain-text listener",
+    )
+    .await?;
     let metrics = match &args.metrics_url {
         Some(url) => Some(MetricsUrl::parse(url).await?),
         None => None,
@@ -213,8 +195,8 @@ async fn bench(args: &BenchArgs) -> anyhow::Result<serde_json::Value> {
         (false, count) => Freeze::Some(count),
     };
     let plan = Arc::new(Plan {
-        addr,
-        authority,
+        addr: target.addr,
+        authority: target.authority,
         sessions: args.sessions,
         connections: args.connections(),
         rate: args.rate,

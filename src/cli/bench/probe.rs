@@ -142,6 +142,49 @@ impl Lateness {
     }
 }
 
+/// A plain-text `http://` URL the bench was given, resolved.
+pub(super) struct HttpTarget {
+    pub(super) uri: http::Uri,
+    /// `host:port` as written, for requests' `:authority` or `Host`.
+    pub(super) authority: String,
+    pub(super) addr: SocketAddr,
+}
+
+impl HttpTarget {
+    /// Parses and resolves `url`, given as `what`; the errors show `example`,
+    /// and say `why_plain` when the URL asks for TLS.
+    pub(super) async fn resolve(
+        url: &str,
+        what: &str,
+        example: &str,
+        why_plain: &str,
+    ) -> anyhow::Result<Self> {
+        let uri: http::Uri = url
+            .parse()
+            .with_context(|| format!("{what} {url:?} is not a URL: write {example}"))?;
+        match uri.scheme_str() {
+            Some("http") => {}
+            Some("https") => bail!("{what} {url:?}: {why_plain}; write http://, like {example}"),
+            _ => bail!("{what} {url:?} must start with http://, like {example}"),
+        }
+        let authority = uri
+            .authority()
+            .with_context(|| format!("{what} {url:?} has no host: write {example}"))?
+            .to_string();
+        let addr =
+            tokio::net::lookup_host((uri.host().unwrap_or_default(), uri.port_u16().unwrap_or(80)))
+                .await
+                .with_context(|| format!("cannot resolve the host of {what} {url:?}"))?
+                .next()
+                .with_context(|| format!("the host of {what} {url:?} has no address"))?;
+        Ok(Self {
+            uri,
+            authority,
+            addr,
+        })
+    }
+}
+
 /// Where to scrape the server's metrics: an `http://host:port/path` URL.
 #[derive(Debug, Clone)]
 pub(super) struct MetricsUrl {
@@ -152,28 +195,22 @@ pub(super) struct MetricsUrl {
 
 impl MetricsUrl {
     pub(super) async fn parse(url: &str) -> anyhow::Result<Self> {
-        let uri: http::Uri = url.parse().with_context(|| {
-            format!("--metrics-url {url:?} is not a URL: write http://127.0.0.1:9090/metrics")
-        })?;
-        if uri.scheme_str() != Some("http") {
-            bail!("--metrics-url {url:?} must start with http:// (the metrics listener speaks plain HTTP)");
-        }
-        let host = uri
-            .authority()
-            .with_context(|| {
-                format!("--metrics-url {url:?} has no host: write http://127.0.0.1:9090/metrics")
-            })?
-            .to_string();
-        let port = uri.port_u16().unwrap_or(80);
-        let addr = tokio::net::lookup_host((uri.host().unwrap_or_default(), port))
-            .await
-            .with_context(|| format!("cannot resolve the host of --metrics-url {url:?}"))?
-            .next()
-            .with_context(|| format!("the host of --metrics-url {url:?} has no address"))?;
-        let path = uri
+        let target = HttpTarget::resolve(
+            url,
+            "--metrics-url",
+            "http://127.0.0.1:9090/metrics",
+            "the metrics listener speaks plain HTTP",
+        )
+        .await?;
+        let path = target
+            .uri
             .path_and_query()
             .map_or("/metrics".to_owned(), |path| path.to_string());
-        Ok(Self { addr, host, path })
+        Ok(Self {
+            addr: target.addr,
+            host: target.authority,
+            path,
+        })
     }
 
     /// Fetches the metrics and reads the lateness histogram out of them.
