@@ -385,18 +385,23 @@ struct Subscriber {
     lag: Arc<LagSignal>,
 }
 
+/// Epochs are drawn below this, so that a JavaScript number or a JSON decoder
+/// that reads the epoch as a double holds it exactly; a resume with a rounded
+/// epoch would get a reset instead of a replay.
+pub const EPOCH_LIMIT: u64 = 1 << 53;
+
+/// A random epoch in `1..EPOCH_LIMIT`.
+fn new_epoch(rng: &mut impl rand::Rng) -> u64 {
+    rng.random_range(1..EPOCH_LIMIT)
+}
+
 // === impl SessionRegistry ===
 
 impl SessionRegistry {
     /// A registry keeping `history` changes for resuming, with subscriber
     /// queues of `queue` changes, recording into `metrics`.
     pub fn new(history: usize, queue: usize, metrics: Arc<Metrics>) -> Self {
-        let epoch = loop {
-            let candidate: u64 = rand::random();
-            if candidate != 0 {
-                break candidate;
-            }
-        };
+        let epoch = new_epoch(&mut rand::rng());
         Self {
             shared: Arc::new(Shared {
                 epoch,
@@ -408,7 +413,7 @@ impl SessionRegistry {
         }
     }
 
-    /// The server's epoch: never 0, new on every start.
+    /// The server's epoch: never 0, below 2^53, new on every start.
     pub fn epoch(&self) -> u64 {
         self.shared.epoch
     }
@@ -872,6 +877,15 @@ mod tests {
     }
 
     /// Tests that the first close reason wins and later ones are ignored.
+    #[test]
+    fn epochs_are_never_zero_and_fit_a_double() {
+        // Most of 2^64 lies above 2^53: an unbounded draw fails this at once.
+        for _ in 0..64 {
+            let epoch = registry(1, 1).epoch();
+            assert!((1..EPOCH_LIMIT).contains(&epoch), "epoch {epoch}");
+        }
+    }
+
     #[test]
     fn first_close_reason_wins() {
         let registry = registry(100, 100);
