@@ -5,16 +5,13 @@
 
 mod support;
 
-use std::{
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::{path::Path, time::Duration};
 
-use rcgen::{
-    date_time_ymd, BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair,
+use rcgen::ExtendedKeyUsagePurpose;
+use support::{
+    certs::{Pems, TestCa},
+    *,
 };
-use support::*;
 use tonic_heartbeat::{
     client::{secure_endpoint, Client, ClientEvent, ClientTls, LossReason},
     protocol::pb::heartbeat_service_client::HeartbeatServiceClient,
@@ -22,82 +19,9 @@ use tonic_heartbeat::{
     ServerConfig,
 };
 
-/// A certificate authority made for one test.
-struct TestCa {
-    issuer: Issuer<'static, KeyPair>,
-    pem: String,
-}
-
-impl TestCa {
-    fn new(name: &str) -> Self {
-        let key = KeyPair::generate().expect("a key");
-        let mut params = CertificateParams::new(Vec::new()).expect("params");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        let pem = params.self_signed(&key).expect("a CA").pem();
-        Self {
-            issuer: Issuer::new(params, key),
-            pem,
-        }
-    }
-
-    /// A leaf certificate and its key, as PEM.
-    fn leaf(
-        &self,
-        names: &[&str],
-        purpose: ExtendedKeyUsagePurpose,
-        expired: bool,
-    ) -> (String, String) {
-        let key = KeyPair::generate().expect("a key");
-        let mut params = CertificateParams::new(
-            names
-                .iter()
-                .map(|name| name.to_string())
-                .collect::<Vec<_>>(),
-        )
-        .expect("params");
-        params.extended_key_usages = vec![purpose];
-        if expired {
-            params.not_before = date_time_ymd(2020, 1, 1);
-            params.not_after = date_time_ymd(2021, 1, 1);
-        }
-        let cert = params.signed_by(&key, &self.issuer).expect("signed");
-        (cert.pem(), key.serialize_pem())
-    }
-}
-
-/// A directory of PEM files for one test.
-struct Pems {
-    dir: PathBuf,
-}
-
-impl Pems {
-    fn new(test: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("hb-tls-{test}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        Self { dir }
-    }
-
-    fn write(&self, name: &str, pem: &str) -> PathBuf {
-        let path = self.dir.join(name);
-        std::fs::write(&path, pem).expect("write a PEM");
-        path
-    }
-}
-
-impl Drop for Pems {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 /// A server certificate for 127.0.0.1, and a TLS server config on it.
 fn tls_config(pems: &Pems, ca: &TestCa, client_ca: Option<&Path>) -> ServerConfig {
-    let (cert, key) = ca.leaf(
-        &["127.0.0.1", "localhost"],
-        ExtendedKeyUsagePurpose::ServerAuth,
-        false,
-    );
+    let (cert, key) = ca.server_leaf();
     let files = TlsFiles {
         cert: pems.write("server.pem", &cert),
         key: pems.write("server.key", &key),

@@ -4,16 +4,14 @@
 //! own connection, stops reading, during bursts of opens and closes (48 at a
 //! time over 4 connections). Once, a Python grpc.aio reader was seen to stop
 //! at about 4,500 of 5,000 changes with its stream still open; these tests
-//! repeat the pattern with the library's Rust watcher and with a Python
-//! grpc.aio reader (grpcio from PyPI, installed into a cached venv on first
-//! run; stubs generated from `proto/` by grpcio-tools' own protoc).
+//! repeat the pattern with the library's Rust watcher and with the Python
+//! package's watcher (`interop/python`, on grpc.aio).
 
 mod support;
 
 use std::{
     io::{BufRead, BufReader},
-    path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Stdio,
 };
 
 use support::*;
@@ -26,7 +24,6 @@ use tonic_heartbeat::{
 
 const ROUNDS: usize = 50;
 const PAIRS_PER_ROUND: usize = 480;
-const GRPCIO: &str = "1.85.1";
 
 /// Four connections that open and close sessions 48 at a time.
 struct Churn {
@@ -123,15 +120,15 @@ async fn a_rust_reader_never_stalls_beside_a_deaf_watch() {
 /// reaches every round's last revision.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_python_reader_never_stalls_beside_a_deaf_watch() {
-    let (python, stubs) = python_with_grpc();
     let server = TestServer::start(server_config()).await;
     let churn = Churn::new(&server).await;
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/watch_reader.py");
-    let mut child = Command::new(&python)
-        .arg(&script)
-        .args(["--target", &server.addr.to_string()])
-        .arg("--stubs")
-        .arg(&stubs)
+    let mut child = languages::python()
+        .command([
+            "conformance.py",
+            "watch",
+            "--target",
+            &server.addr.to_string(),
+        ])
         .stdout(Stdio::piped())
         .spawn()
         .expect("start the Python reader");
@@ -139,7 +136,8 @@ async fn a_python_reader_never_stalls_beside_a_deaf_watch() {
     let (revisions_tx, mut revisions) = tokio::sync::mpsc::unbounded_channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(revision) = line.split(' ').next().and_then(|n| n.parse::<u64>().ok()) {
+            let event: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
+            if let Some(revision) = event["revision"].as_u64() {
                 if revisions_tx.send(revision).is_err() {
                     break;
                 }
@@ -158,43 +156,4 @@ async fn a_python_reader_never_stalls_beside_a_deaf_watch() {
     }
     let _ = child.kill();
     let _ = child.wait();
-}
-
-/// A Python with grpcio, in a venv cached under the target directory, and
-/// stubs generated from `proto/`.
-fn python_with_grpc() -> (PathBuf, PathBuf) {
-    let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("python-grpcio-{GRPCIO}"));
-    let python = root.join("bin/python");
-    let has_grpc = |python: &Path| {
-        Command::new(python)
-            .args(["-c", "import grpc, grpc_tools"])
-            .status()
-            .is_ok_and(|status| status.success())
-    };
-    if !has_grpc(&python) {
-        run(Command::new("python3").args(["-m", "venv"]).arg(&root));
-        run(Command::new(root.join("bin/pip")).args([
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            &format!("grpcio=={GRPCIO}"),
-            &format!("grpcio-tools=={GRPCIO}"),
-        ]));
-    }
-    let stubs = root.join("stubs");
-    std::fs::create_dir_all(&stubs).expect("stubs directory");
-    let proto = Path::new(env!("CARGO_MANIFEST_DIR")).join("proto");
-    run(Command::new(&python)
-        .args(["-m", "grpc_tools.protoc", "-I"])
-        .arg(&proto)
-        .arg(format!("--python_out={}", stubs.display()))
-        .arg(format!("--grpc_python_out={}", stubs.display()))
-        .arg(proto.join("heartbeat/v1/heartbeat.proto"))
-        .arg(proto.join("heartbeat/v1/presence.proto")));
-    (python, stubs)
-}
-
-fn run(command: &mut Command) {
-    let status = command.status().expect("run a setup command");
-    assert!(status.success(), "{command:?} failed: {status}");
 }

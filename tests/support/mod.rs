@@ -4,6 +4,10 @@
 //! on events under a bounded timeout instead of sleeping.
 #![allow(dead_code)] // each test file uses its own subset of these helpers
 
+pub mod certs;
+pub mod languages;
+pub mod proxy;
+
 use std::{
     future::Future,
     io::{BufRead, BufReader},

@@ -1,0 +1,744 @@
+//! Clients in other languages, generated from `proto/`, against the real
+//! `heartbeat` binary: the Python package (`interop/python`, grpcio) and the
+//! Node package (`interop/node`, @grpc/grpc-js with @grpc/proto-loader).
+//!
+//! Each scenario runs once per language. The clients are the packages'
+//! examples and sketches, and `conformance.py` / `conformance.js`, which
+//! print what they receive as one JSON object a line; the assertions live
+//! here, so both languages are held to the same checks. Python and Node are
+//! installed on first run (see `support::languages`).
+
+mod support;
+
+use std::{
+    io::{BufRead, BufReader, Read},
+    net::SocketAddr,
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use serde_json::Value;
+use support::{
+    certs::{Pems, TestCa},
+    languages::{node, python},
+    proxy::CutProxy,
+    *,
+};
+use tokio::sync::mpsc;
+use tonic_heartbeat::protocol::pb::{
+    self, heartbeat_request::Frame as In, presence_service_client::PresenceServiceClient,
+};
+
+/// The interop server's timing: quick enough for tests, slow enough that a
+/// Python or Node client on a busy CI machine keeps up.
+const TIMING: [&str; 8] = [
+    "--ping-interval",
+    "100ms",
+    "--timeout",
+    "500ms",
+    "--min-ping-interval",
+    "20ms",
+    "--reconnect-after",
+    "300ms",
+];
+const TIMEOUT: f64 = 0.5;
+const RECONNECT_AFTER: f64 = 0.3;
+
+/// The real binary, killed when dropped.
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Server {
+    /// A server with the interop timing and `extra` flags.
+    fn start(extra: &[&str]) -> Self {
+        let args: Vec<&str> = TIMING.iter().chain(extra).copied().collect();
+        let (child, addr) = spawn_server_process(&args);
+        Self { child, addr }
+    }
+
+    /// A server listening on `addr` (to restart one where clients expect it).
+    fn start_at(addr: SocketAddr) -> Self {
+        Self::start(&["--listen", &addr.to_string()])
+    }
+
+    fn target(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// Sends `signal` and waits for the process to exit.
+    fn stop(mut self, how: &str) -> ExitStatus {
+        signal(&self.child, how);
+        self.child.wait().expect("wait for the server")
+    }
+
+    async fn presence(&self) -> PresenceServiceClient<tonic::transport::Channel> {
+        PresenceServiceClient::connect(format!("http://{}", self.addr))
+            .await
+            .expect("connect to presence")
+    }
+
+    /// The open sessions (one page is plenty here), with epoch and revision.
+    async fn list(&self) -> (u64, u64, Vec<String>) {
+        let page = self
+            .presence()
+            .await
+            .list_sessions(pb::ListSessionsRequest::default())
+            .await
+            .expect("ListSessions")
+            .into_inner();
+        assert!(page.next_page_token.is_empty(), "one page");
+        let mut ids: Vec<String> = page.sessions.into_iter().map(|s| s.session_id).collect();
+        ids.sort();
+        (page.epoch, page.revision, ids)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Lang {
+    Python,
+    Node,
+}
+
+impl Lang {
+    fn other(self) -> Self {
+        match self {
+            Lang::Python => Lang::Node,
+            Lang::Node => Lang::Python,
+        }
+    }
+
+    /// `conformance.py` or `conformance.js` with `args`.
+    fn conformance(self, args: &[&str]) -> Driver {
+        let command = match self {
+            Lang::Python => python().command(["conformance.py"].iter().chain(args)),
+            Lang::Node => node().command(["conformance.js"].iter().chain(args)),
+        };
+        Driver::spawn(format!("{self:?} conformance {args:?}"), command)
+    }
+
+    /// The package's example, holding a session, printing JSON.
+    fn example(self, args: &[&str]) -> Driver {
+        let command = match self {
+            Lang::Python => {
+                python().command(["-m", "heartbeat_client", "--json"].iter().chain(args))
+            }
+            Lang::Node => node().command(["example.js", "--json"].iter().chain(args)),
+        };
+        Driver::spawn(format!("{self:?} example {args:?}"), command)
+    }
+
+    /// The README's sketch, on the generated stubs alone.
+    fn sketch(self, target: &str, client_id: &str) -> Driver {
+        let command = match self {
+            Lang::Python => {
+                let mut command = python().command(["sketch.py", target, client_id]);
+                command.env("PYTHONPATH", &python().stubs);
+                command
+            }
+            Lang::Node => node().command(["sketch.js", target, client_id]),
+        };
+        Driver::spawn(format!("{self:?} sketch"), command)
+    }
+}
+
+/// A client process; its stdout is read line by line as it comes.
+struct Driver {
+    name: String,
+    child: Child,
+    lines: mpsc::UnboundedReceiver<String>,
+    seen: Vec<String>,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Driver {
+    fn spawn(name: String, mut command: Command) -> Self {
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|error| panic!("start {name}: {error}"));
+        let (send, lines) = mpsc::unbounded_channel();
+        let stdout = child.stdout.take().expect("piped stdout");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if send.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut pipe = child.stderr.take().expect("piped stderr");
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = pipe.read_to_string(&mut text);
+            sink.lock().expect("not poisoned").push_str(&text);
+        });
+        Self {
+            name,
+            child,
+            lines,
+            seen: Vec::new(),
+            stderr,
+        }
+    }
+
+    /// What the process said so far, for failure messages.
+    fn transcript(&self) -> String {
+        format!(
+            "{}\n--- stdout:\n{}\n--- stderr:\n{}",
+            self.name,
+            self.seen.join("\n"),
+            self.stderr.lock().expect("not poisoned")
+        )
+    }
+
+    /// The next line, or `None` once stdout closed.
+    async fn next_line(&mut self) -> Option<String> {
+        let line = self.lines.recv().await?;
+        self.seen.push(line.clone());
+        Some(line)
+    }
+
+    /// Reads lines until one (JSON) satisfies `wanted`, within `WAIT`.
+    async fn expect(&mut self, what: &str, wanted: impl Fn(&Value) -> bool) -> Value {
+        let found = tokio::time::timeout(WAIT, async {
+            while let Some(line) = self.next_line().await {
+                let value: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+                if wanted(&value) {
+                    return Some(value);
+                }
+            }
+            None
+        })
+        .await;
+        match found {
+            Ok(Some(value)) => value,
+            Ok(None) => panic!("{what}: the process ended first\n{}", self.transcript()),
+            Err(_) => panic!("{what}: not seen within {WAIT:?}\n{}", self.transcript()),
+        }
+    }
+
+    /// Reads lines until one starts with `prefix` (for the sketches' text).
+    async fn expect_text(&mut self, prefix: &str) -> String {
+        let found = tokio::time::timeout(WAIT, async {
+            while let Some(line) = self.next_line().await {
+                if line.starts_with(prefix) {
+                    return Some(line);
+                }
+            }
+            None
+        })
+        .await;
+        found
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| panic!("'{prefix}…' not seen\n{}", self.transcript()))
+    }
+
+    /// Every JSON line until the process ends (a `raw` session's whole story).
+    async fn until_exit(&mut self) -> Vec<Value> {
+        let mut values = Vec::new();
+        let finished = tokio::time::timeout(WAIT, async {
+            while let Some(line) = self.next_line().await {
+                values.push(serde_json::from_str(&line).unwrap_or(Value::Null));
+            }
+        })
+        .await;
+        if finished.is_err() {
+            panic!(
+                "the process did not end within {WAIT:?}\n{}",
+                self.transcript()
+            );
+        }
+        values
+    }
+
+    fn signal(&self, how: &str) {
+        signal(&self.child, how);
+    }
+
+    /// Waits (bounded) for the process to exit.
+    async fn exit(&mut self) -> ExitStatus {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!(
+                    "the process did not exit within {WAIT:?}\n{}",
+                    self.transcript()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn is(field: &'static str, value: &'static str) -> impl Fn(&Value) -> bool {
+    move |line| line[field] == value
+}
+
+fn frames<'a>(story: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    story.iter().filter(|line| line["frame"] == kind).collect()
+}
+
+/// The last line of a `raw` story: the call's final status.
+fn final_status(story: &[Value]) -> &str {
+    story
+        .iter()
+        .rev()
+        .find_map(|line| line["end"].as_str())
+        .unwrap_or("no status")
+}
+
+/// Runs every scenario below once for Python and once for Node.
+macro_rules! in_both_languages {
+    ($($scenario:ident),* $(,)?) => {
+        mod python {
+            $(
+                #[tokio::test]
+                async fn $scenario() {
+                    super::$scenario(super::Lang::Python).await;
+                }
+            )*
+        }
+        mod node {
+            $(
+                #[tokio::test]
+                async fn $scenario() {
+                    super::$scenario(super::Lang::Node).await;
+                }
+            )*
+        }
+    };
+}
+
+in_both_languages!(
+    welcome_fields_pings_and_pong_echo,
+    a_client_that_only_answers_pings_outlives_many_timeouts,
+    a_silent_client_gets_goodbye_timeout_and_deadline_exceeded,
+    a_flood_gets_goodbye_too_many_pings,
+    the_examples_goodbye_on_sigint_and_sigterm_is_seen_by_the_other_language,
+    a_restarted_server_gets_a_new_session,
+    client_credentials_require_a_token,
+    tls_with_a_ca_file,
+    the_example_names_a_bad_argument,
+);
+
+/// Tests Welcome's fields, the server's pings numbered from 1, and that
+/// pongs echo each ping's `seq`, large ones included.
+async fn welcome_fields_pings_and_pong_echo(lang: Lang) {
+    let server = Server::start(&[]);
+    let big = (1u64 << 40).to_string();
+    let args = [
+        "raw",
+        "--target",
+        &server.target(),
+        "--client-id",
+        "welcome",
+        "--ping",
+        "7",
+        "--ping",
+        &big,
+        "--answer",
+        "--goodbye-after",
+        "0.45",
+    ];
+    let mut raw = lang.conformance(&args);
+    let story = raw.until_exit().await;
+    let transcript = raw.transcript();
+    let welcome = frames(&story, "welcome");
+    assert_eq!(welcome.len(), 1, "{transcript}");
+    assert!(welcome[0]["session_id"]
+        .as_str()
+        .is_some_and(|id| !id.is_empty()));
+    assert_eq!(welcome[0]["ping_interval"], 0.1, "{transcript}");
+    assert_eq!(welcome[0]["timeout"], TIMEOUT, "{transcript}");
+    let pongs: Vec<u64> = frames(&story, "pong")
+        .iter()
+        .filter_map(|pong| pong["seq"].as_u64())
+        .collect();
+    assert_eq!(pongs, [7, 1 << 40], "{transcript}");
+    let pings: Vec<u64> = frames(&story, "ping")
+        .iter()
+        .filter_map(|ping| ping["seq"].as_u64())
+        .collect();
+    assert!(
+        pings.len() >= 3,
+        "pings every 100 ms for 450 ms: {transcript}"
+    );
+    assert!(
+        pings.iter().copied().eq(1..=pings.len() as u64),
+        "{transcript}"
+    );
+    assert!(frames(&story, "goodbye").is_empty(), "{transcript}");
+    assert_eq!(final_status(&story), "OK", "{transcript}");
+}
+
+/// Tests that the sketch, which only answers pings, lives through four
+/// timeouts, and learns why it ended when evicted.
+async fn a_client_that_only_answers_pings_outlives_many_timeouts(lang: Lang) {
+    let server = Server::start(&[]);
+    let mut sketch = lang.sketch(&server.target(), "answers-only");
+    let line = sketch.expect_text("session ").await;
+    let session_id = line.trim_start_matches("session ").to_owned();
+    tokio::time::sleep(Duration::from_secs_f64(4.0 * TIMEOUT)).await;
+    let (_, _, open) = server.list().await;
+    assert!(open.contains(&session_id), "{}", sketch.transcript());
+    server
+        .presence()
+        .await
+        .evict_session(pb::EvictSessionRequest {
+            session_id,
+            message: "interop".into(),
+        })
+        .await
+        .expect("evict");
+    sketch.expect_text("goodbye GOODBYE_REASON_EVICTED").await;
+    sketch.expect_text("ended ABORTED").await;
+    let early = sketch
+        .seen
+        .iter()
+        .filter(|line| line.starts_with("goodbye"))
+        .count();
+    assert_eq!(
+        early,
+        1,
+        "no goodbye before the eviction\n{}",
+        sketch.transcript()
+    );
+}
+
+/// Tests that a client that says Hello and nothing more is ended with
+/// Goodbye{TIMEOUT} and DEADLINE_EXCEEDED, not before its timeout.
+async fn a_silent_client_gets_goodbye_timeout_and_deadline_exceeded(lang: Lang) {
+    let server = Server::start(&[]);
+    let mut raw = lang.conformance(&["raw", "--target", &server.target(), "--client-id", "silent"]);
+    let story = raw.until_exit().await;
+    let transcript = raw.transcript();
+    let goodbye = frames(&story, "goodbye");
+    assert_eq!(goodbye.len(), 1, "{transcript}");
+    assert_eq!(
+        goodbye[0]["reason"], "GOODBYE_REASON_TIMEOUT",
+        "{transcript}"
+    );
+    assert_eq!(final_status(&story), "DEADLINE_EXCEEDED", "{transcript}");
+    let hello = story.iter().find(|line| line["sent"] == "hello");
+    let sent = hello
+        .and_then(|line| line["t"].as_f64())
+        .expect("hello sent");
+    let ended = goodbye[0]["t"].as_f64().expect("a time");
+    // "sent" is noted just before the Hello is written; times are in µs.
+    assert!(ended - sent >= TIMEOUT - 1e-6, "ended early: {transcript}");
+}
+
+/// Tests that pings without pause earn Goodbye{TOO_MANY_PINGS} and
+/// RESOURCE_EXHAUSTED.
+async fn a_flood_gets_goodbye_too_many_pings(lang: Lang) {
+    let server = Server::start(&[]);
+    let args = [
+        "raw",
+        "--target",
+        &server.target(),
+        "--client-id",
+        "flood",
+        "--flood",
+    ];
+    let mut raw = lang.conformance(&args);
+    let story = raw.until_exit().await;
+    let transcript = raw.transcript();
+    let goodbye = frames(&story, "goodbye");
+    assert_eq!(goodbye.len(), 1, "{transcript}");
+    assert_eq!(
+        goodbye[0]["reason"], "GOODBYE_REASON_TOO_MANY_PINGS",
+        "{transcript}"
+    );
+    assert_eq!(final_status(&story), "RESOURCE_EXHAUSTED", "{transcript}");
+}
+
+/// Tests that the example says goodbye and exits 0 on SIGINT and on SIGTERM,
+/// and that a watcher written in the other language sees CLIENT_GOODBYE.
+async fn the_examples_goodbye_on_sigint_and_sigterm_is_seen_by_the_other_language(lang: Lang) {
+    let server = Server::start(&[]);
+    let mut watcher = lang
+        .other()
+        .conformance(&["watch", "--target", &server.target()]);
+    watcher.expect("synced", is("event", "synced")).await;
+    for how in ["-INT", "-TERM"] {
+        let client_id = format!("goodbye{how}");
+        let mut example = lang.example(&[
+            "--target",
+            &server.target(),
+            "--client-id",
+            &client_id,
+            "--label",
+            "suite=interop",
+        ]);
+        let connected = example.expect("connected", is("event", "connected")).await;
+        let session_id = connected["session_id"].clone();
+        watcher
+            .expect("opened", |line| {
+                line["event"] == "opened" && line["session_id"] == session_id
+            })
+            .await;
+        example.signal(how);
+        example.expect("closed", is("event", "closed")).await;
+        let status = example.exit().await;
+        assert!(status.success(), "exit {status}\n{}", example.transcript());
+        let closed = watcher
+            .expect("closed", |line| {
+                line["event"] == "closed" && line["session_id"] == session_id
+            })
+            .await;
+        assert_eq!(
+            closed["reason"],
+            "CLOSE_REASON_CLIENT_GOODBYE",
+            "{}",
+            watcher.transcript()
+        );
+        assert_eq!(closed["client_id"], client_id.as_str());
+    }
+}
+
+/// Tests that the example survives a drained server (waiting out the
+/// reconnect hint) and a killed one, with a new session each time.
+async fn a_restarted_server_gets_a_new_session(lang: Lang) {
+    let addr = free_port();
+    let server = Server::start_at(addr);
+    let target = addr.to_string();
+    let mut example = lang.example(&["--target", &target, "--client-id", "restart"]);
+    let first = example.expect("connected", is("event", "connected")).await;
+
+    assert!(server.stop("-TERM").success(), "the drain exits 0");
+    let lost = example.expect("lost", is("event", "lost")).await;
+    assert_eq!(
+        lost["goodbye"],
+        "GOODBYE_REASON_SERVER_SHUTDOWN",
+        "{}",
+        example.transcript()
+    );
+    assert_eq!(
+        lost["reconnect_after"],
+        RECONNECT_AFTER,
+        "{}",
+        example.transcript()
+    );
+    let wait = example
+        .expect("reconnecting", is("event", "reconnecting"))
+        .await;
+    let delay = wait["delay"].as_f64().expect("a delay");
+    assert!(
+        delay >= RECONNECT_AFTER,
+        "the hint is honoured: {}",
+        example.transcript()
+    );
+    let server = Server::start_at(addr);
+    let second = example.expect("connected", is("event", "connected")).await;
+    assert_ne!(first["session_id"], second["session_id"]);
+
+    drop(server); // SIGKILL: no goodbye, the connection just ends.
+    example.expect("lost", is("event", "lost")).await;
+    let _server = Server::start_at(addr);
+    let third = example.expect("connected", is("event", "connected")).await;
+    assert_ne!(second["session_id"], third["session_id"]);
+    example.signal("-TERM");
+    assert!(example.exit().await.success(), "{}", example.transcript());
+}
+
+/// Tests that with client credentials on, a session needs a token, and the
+/// token names the client ids it may use.
+async fn client_credentials_require_a_token(lang: Lang) {
+    let pems = Pems::new(&format!("credentials-{lang:?}"));
+    let credentials = pems.write("credentials", "tok-interop interop-*\n");
+    let token = pems.write("token", "tok-interop\n");
+    let server = Server::start(&["--client-credentials", credentials.to_str().expect("utf-8")]);
+    let target = server.target();
+    let token = token.to_str().expect("utf-8");
+
+    let mut anonymous = lang.example(&["--target", &target, "--client-id", "interop-a"]);
+    let lost = anonymous.expect("lost", is("event", "lost")).await;
+    assert_eq!(
+        lost["code"],
+        "UNAUTHENTICATED",
+        "{}",
+        anonymous.transcript()
+    );
+
+    let mut squatter = lang.example(&[
+        "--target",
+        &target,
+        "--client-id",
+        "admin",
+        "--token-file",
+        token,
+    ]);
+    let lost = squatter.expect("lost", is("event", "lost")).await;
+    assert_eq!(
+        lost["code"],
+        "PERMISSION_DENIED",
+        "{}",
+        squatter.transcript()
+    );
+
+    let mut allowed = lang.example(&[
+        "--target",
+        &target,
+        "--client-id",
+        "interop-a",
+        "--token-file",
+        token,
+    ]);
+    allowed.expect("connected", is("event", "connected")).await;
+    allowed.signal("-TERM");
+    assert!(allowed.exit().await.success(), "{}", allowed.transcript());
+}
+
+/// Tests that the example connects over TLS trusting a CA file, and that
+/// plaintext to a TLS server does not connect.
+async fn tls_with_a_ca_file(lang: Lang) {
+    let pems = Pems::new(&format!("interop-{lang:?}"));
+    let ca = TestCa::new("interop CA");
+    let (cert, key) = ca.server_leaf();
+    let ca_file = pems.write("ca.pem", &ca.pem);
+    let cert = pems.write("server.pem", &cert);
+    let key = pems.write("server.key", &key);
+    let server = Server::start(&[
+        "--tls-cert",
+        cert.to_str().expect("utf-8"),
+        "--tls-key",
+        key.to_str().expect("utf-8"),
+    ]);
+    let target = server.target();
+
+    let mut trusting = lang.example(&[
+        "--target",
+        &target,
+        "--client-id",
+        "tls",
+        "--ca-file",
+        ca_file.to_str().expect("utf-8"),
+    ]);
+    trusting
+        .expect("a round trip over TLS", is("event", "rtt"))
+        .await;
+    trusting.signal("-TERM");
+    assert!(trusting.exit().await.success(), "{}", trusting.transcript());
+
+    let mut plaintext = lang.example(&["--target", &target, "--client-id", "plain"]);
+    let lost = plaintext.expect("lost", is("event", "lost")).await;
+    assert_eq!(lost["code"], "UNAVAILABLE", "{}", plaintext.transcript());
+}
+
+/// Tests that a bad `--label` exits 2 with a line naming it and the fix.
+async fn the_example_names_a_bad_argument(lang: Lang) {
+    let mut example = lang.example(&["--label", "zone"]);
+    let status = example.exit().await;
+    assert_eq!(status.code(), Some(2), "{}", example.transcript());
+    let stderr = example.stderr.lock().expect("not poisoned").clone();
+    assert!(
+        stderr.contains("'zone'") && stderr.contains("KEY=VALUE"),
+        "{stderr}"
+    );
+}
+
+/// Tests that a Python watcher and a Node watcher, both cut off mid-churn
+/// by a proxy, resume by revision (a replay, no reset: the epoch survived
+/// JavaScript numbers) and end with the same view as ListSessions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_and_node_watchers_resume_and_agree_with_list_sessions() {
+    // Slow timing: no session turns suspect while the test runs, so the
+    // view stops changing when the churn does.
+    let (child, addr) = spawn_server_process(&["--ping-interval", "10s", "--timeout", "30s"]);
+    let server = Server { child, addr };
+    let proxy = CutProxy::start(server.addr).await;
+    let target = proxy.addr.to_string();
+    let mut watchers = [Lang::Python, Lang::Node]
+        .map(|lang| lang.conformance(&["watch", "--target", &target, "--views"]));
+    for watcher in &mut watchers {
+        watcher.expect("synced", is("event", "synced")).await;
+    }
+    let mut kept = churn(server.addr, "before").await;
+    assert_eq!(proxy.cut(), 2, "each watcher had its connection");
+    kept.extend(churn(server.addr, "after").await);
+
+    let (epoch, revision, open) = server.list().await;
+    assert_eq!(open.len(), kept.len());
+    for watcher in &mut watchers {
+        watcher
+            .expect("interrupted", is("event", "interrupted"))
+            .await;
+        let view = watcher
+            .expect("the view at ListSessions' revision", |line| {
+                line["event"] == "view" && line["revision"].as_u64() >= Some(revision)
+            })
+            .await;
+        let transcript = watcher.transcript();
+        assert_eq!(view["revision"], revision, "{transcript}");
+        assert_eq!(view["epoch"], epoch, "{transcript}");
+        assert_eq!(view["sessions"], serde_json::json!(open), "{transcript}");
+        let resets = watcher
+            .seen
+            .iter()
+            .filter(|line| line.contains(r#""reset""#));
+        assert_eq!(resets.count(), 0, "a resume replays: {transcript}");
+    }
+    drop(kept);
+}
+
+/// Opens 30 sessions and ends 20 of them, by goodbye and by half-close;
+/// returns the 10 left open.
+async fn churn(addr: SocketAddr, round: &str) -> Vec<RawSession> {
+    let mut open = Vec::new();
+    for n in 0..30 {
+        let (session, _) = RawSession::hello(addr, &format!("churn-{round}-{n}")).await;
+        open.push(session);
+    }
+    for (n, mut session) in open.drain(..20).enumerate() {
+        if n % 2 == 0 {
+            session
+                .send(In::Goodbye(pb::Goodbye {
+                    reason: pb::GoodbyeReason::ClientShutdown.into(),
+                    ..Default::default()
+                }))
+                .await;
+        }
+        session.half_close();
+        session.ended().await;
+    }
+    open
+}
+
+/// Tests that the Node package's JSDoc types pass `tsc --checkJs`.
+#[test]
+fn the_node_package_type_checks() {
+    let output = node()
+        .command(["node_modules/typescript/bin/tsc", "-p", "."])
+        .output()
+        .expect("run tsc");
+    assert!(
+        output.status.success(),
+        "tsc -p interop/node:\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
