@@ -876,7 +876,7 @@ mod tests {
         assert_eq!(revisions, [2, 3, 4, 5]);
     }
 
-    /// Tests that the first close reason wins and later ones are ignored.
+    /// Tests that epochs are never 0 and below 2^53, exact as a double.
     #[test]
     fn epochs_are_never_zero_and_fit_a_double() {
         // Most of 2^64 lies above 2^53: an unbounded draw fails this at once.
@@ -886,6 +886,7 @@ mod tests {
         }
     }
 
+    /// Tests that the first close reason wins and later ones are ignored.
     #[test]
     fn first_close_reason_wins() {
         let registry = registry(100, 100);

@@ -32,8 +32,15 @@ fn the_protocol_page_tables_name_every_enum_value() {
     let set = FileDescriptorSet::decode(FILE_DESCRIPTOR_SET).expect("the descriptor set");
     let rows = table_rows(&read("proto/README.md"));
     let mut values = Vec::new();
-    for file in set.file.iter().filter(|file| file.package() == "heartbeat.v1") {
-        let nested = file.message_type.iter().flat_map(|message| &message.enum_type);
+    for file in set
+        .file
+        .iter()
+        .filter(|file| file.package() == "heartbeat.v1")
+    {
+        let nested = file
+            .message_type
+            .iter()
+            .flat_map(|message| &message.enum_type);
         for enumeration in file.enum_type.iter().chain(nested) {
             values.extend(
                 enumeration
@@ -44,7 +51,10 @@ fn the_protocol_page_tables_name_every_enum_value() {
         }
     }
     assert!(values.len() >= 20, "the enums were found: {values:?}");
-    let missing: Vec<_> = values.iter().filter(|value| !rows.contains(value)).collect();
+    let missing: Vec<_> = values
+        .iter()
+        .filter(|value| !rows.contains(value))
+        .collect();
     assert!(
         missing.is_empty(),
         "proto/README.md needs a table row \"| `NAME` | NUMBER | …\" for each of {missing:?}"

@@ -122,7 +122,13 @@ function describe(name, event) {
 }
 
 const { target, options, json } = parse();
-const session = new Session(target, options);
+/** @type {Session} */
+let session;
+try {
+  session = new Session(target, options);
+} catch (error) {
+  usage(`--target ${target}: ${/** @type {Error} */ (error).message}; write it as HOST:PORT`);
+}
 for (const name of ['connected', 'rtt', 'lost', 'reconnecting', 'closed']) {
   session.on(name, (event) => console.log(json ? asJson(name, event) : describe(name, event)));
 }

@@ -168,6 +168,8 @@ class Session extends EventEmitter {
     this.handshakeTimeoutMs = options.handshakeTimeoutMs ?? 10_000;
     this.closeTimeoutMs = options.closeTimeoutMs ?? 2_000;
     this.services = options.services ?? loadServices();
+    // A malformed target throws here, to the caller, not later in the task.
+    new this.services.HeartbeatService(target, this.credentials).close();
     /** The open session's id, or null between sessions. @type {string | null} */
     this.sessionId = null;
     /** The smoothed round-trip time in ms, once measured. @type {number | null} */
@@ -208,11 +210,15 @@ class Session extends EventEmitter {
         this.emit('closed', { replaced: true });
         return;
       }
+      // A 'lost' listener may have closed the session.
+      if (this.closing) break;
       if (liveSince !== null && performance.now() - liveSince >= this.backoff.resetAfterMs) attempt = 0;
       attempt += 1;
       const delayMs = this.retryDelayMs(lost, attempt);
       this.emit('reconnecting', { attempt, delayMs });
       await new Promise((resolve) => {
+        // So may a 'reconnecting' listener.
+        if (this.closing) return resolve(undefined);
         const timer = setTimeout(resolve, delayMs);
         this.wake = () => {
           clearTimeout(timer);
@@ -272,23 +278,34 @@ class Session extends EventEmitter {
         client.close();
         resolve({ lost, liveSince });
       };
+      // Counts arm() calls: a frame that arrives re-arms the deadline.
+      let armed = 0;
       /** @param {number} ms @param {() => void} then */
       const arm = (ms, then) => {
+        armed += 1;
         clearTimeout(deadline);
         deadline = setTimeout(then, ms);
       };
-      const silence = () =>
-        finish(
-          goodbye !== null
-            ? ended(null, '')
-            : {
-                kind: 'timeout',
-                code: null,
-                message: liveSince === null ? `no Welcome within ${this.handshakeTimeoutMs} ms` : `no frame from the server for ${timeoutMs} ms`,
-                goodbye: null,
-                reconnectAfterMs: null,
-              },
-        );
+      const silence = () => {
+        // Timers run before I/O callbacks: after a blocked event loop, frames
+        // that have arrived are still unread. Look once more after them.
+        const at = armed;
+        setImmediate(() => {
+          if (armed !== at) return;
+          if (leaving) return finish(null);
+          finish(
+            goodbye !== null
+              ? ended(null, '')
+              : {
+                  kind: 'timeout',
+                  code: null,
+                  message: liveSince === null ? `no Welcome within ${this.handshakeTimeoutMs} ms` : `no frame from the server for ${timeoutMs} ms`,
+                  goodbye: null,
+                  reconnectAfterMs: null,
+                },
+          );
+        });
+      };
       /** @param {number | null} code @param {string} details @returns {Lost} */
       const ended = (code, details) => {
         const name = code === null ? null : statusName(code);
@@ -308,13 +325,16 @@ class Session extends EventEmitter {
 
       call.on('data', (/** @type {any} */ response) => {
         const now = performance.now();
-        if (goodbye === null) arm(liveSince === null ? this.handshakeTimeoutMs : timeoutMs, silence);
+        if (goodbye === null && !leaving) arm(liveSince === null ? this.handshakeTimeoutMs : timeoutMs, silence);
         switch (response.frame) {
           case 'welcome':
             if (liveSince === null) {
               const welcome = response.welcome;
               if (welcome.pingInterval) intervalMs = Math.min(Math.max(durationMs(welcome.pingInterval), MIN_INTERVAL_MS), MAX_INTERVAL_MS);
-              timeoutMs = Math.max(welcome.timeout ? durationMs(welcome.timeout) : 3 * intervalMs, intervalMs);
+              const offered = welcome.timeout ? durationMs(welcome.timeout) : 0;
+              // A timeout not longer than the interval would give up on the
+              // server just as its next ping is due: take three intervals.
+              timeoutMs = Math.min(offered > intervalMs ? offered : 3 * intervalMs, 3 * MAX_INTERVAL_MS);
               liveSince = now;
               arm(timeoutMs, silence);
               if (this.sendPings) {
@@ -348,7 +368,7 @@ class Session extends EventEmitter {
             // The status follows at once; wait a little for it, and ping no more.
             goodbye = response.goodbye;
             clearInterval(pinger);
-            arm(Math.min(timeoutMs, this.closeTimeoutMs), silence);
+            if (!leaving) arm(Math.min(timeoutMs, this.closeTimeoutMs), silence);
             break;
         }
       });
@@ -358,10 +378,12 @@ class Session extends EventEmitter {
       call.on('status', (/** @type {grpc.StatusObject} */ status) => finish(leaving ? null : ended(status.code, status.details)));
 
       this.leave = () => {
-        if (liveSince === null) return finish(null);
+        // Also before Welcome: Hello may have reached the server, and frames
+        // keep their order, so the server reads the goodbye after it.
         call.write({ goodbye: { reason: 'GOODBYE_REASON_CLIENT_SHUTDOWN' } });
         call.end();
         leaving = true;
+        clearInterval(pinger);
         arm(this.closeTimeoutMs, () => finish(null));
       };
       call.write({ hello: this.hello });
@@ -411,6 +433,7 @@ class PresenceWatcher {
     this.metadata = bearer(options.adminToken);
     this.backoff = options.backoff ?? new Backoff();
     this.services = options.services ?? loadServices();
+    new this.services.PresenceService(target, this.credentials).close();
     /** The open sessions by id. @type {Map<string, SessionView>} */
     this.sessions = new Map();
     /** The server's epoch, once synced (0 before). */
@@ -432,6 +455,9 @@ class PresenceWatcher {
       const client = new this.services.PresenceService(this.target, this.credentials);
       const request = { ...this.filter, resumeEpoch: this.epoch, resumeAfter: this.revision };
       const call = /** @type {grpc.ClientReadableStream<any>} */ (/** @type {any} */ (client).WatchSessions(request, this.metadata));
+      // The iteration below reports errors; this keeps one after it (from
+      // the cancel in `finally`) from ending the process.
+      call.on('error', () => {});
       /** @type {{ code: number, details: string }} */
       let end = { code: grpc.status.OK, details: 'the server ended the watch' };
       try {
@@ -481,7 +507,10 @@ class PresenceWatcher {
         this.epoch = response.synced.epoch;
         return { type: 'synced', epoch: this.epoch, revision };
       case 'reset':
+        // Until the snapshot that follows is synced, this watcher has no
+        // view to resume from: a break before `synced` asks afresh.
         this.sessions.clear();
+        this.epoch = 0;
         return { type: 'reset', revision };
       default:
         // An event newer than this client: its revision counts, nothing else.

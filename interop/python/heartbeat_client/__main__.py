@@ -30,7 +30,7 @@ def label(text: str):
     return key, value
 
 
-def parse(argv):
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m heartbeat_client",
         description="Hold a heartbeat.v1 session until SIGINT or SIGTERM, then say goodbye and exit 0.",
@@ -48,27 +48,27 @@ def parse(argv):
     )
     parser.add_argument("--no-pings", action="store_true", help="only answer the server's pings; measure no round trips")
     parser.add_argument("--json", action="store_true", help="print one JSON object a line instead of text")
-    return parser.parse_args(argv)
+    return parser
 
 
-def credentials(parser_args):
-    if parser_args.ca_file is None:
+def credentials(args, fail):
+    if args.ca_file is None:
         return None
     try:
-        return grpc.ssl_channel_credentials(root_certificates=parser_args.ca_file.read_bytes())
+        return grpc.ssl_channel_credentials(root_certificates=args.ca_file.read_bytes())
     except OSError as error:
-        sys.exit(f"--ca-file {parser_args.ca_file}: {error.strerror}; give a readable PEM file of CA certificates")
+        fail(f"--ca-file {args.ca_file}: {error.strerror}; give a readable PEM file of CA certificates")
 
 
-def token(parser_args):
-    if parser_args.token_file is None:
+def token(args, fail):
+    if args.token_file is None:
         return os.environ.get("HEARTBEAT_TOKEN") or None
     try:
-        text = parser_args.token_file.read_text().strip()
+        text = args.token_file.read_text().strip()
     except OSError as error:
-        sys.exit(f"--token-file {parser_args.token_file}: {error.strerror}; give a readable file holding the token")
+        fail(f"--token-file {args.token_file}: {error.strerror}; give a readable file holding the token")
     if not text:
-        sys.exit(f"--token-file {parser_args.token_file} is empty; put the bearer token in it")
+        fail(f"--token-file {args.token_file} is empty; put the bearer token in it")
     return text
 
 
@@ -92,13 +92,13 @@ def as_json(event) -> str:
     return json.dumps({"event": type(event).__name__.lower(), **fields})
 
 
-async def main(args) -> int:
+async def main(args, fail) -> int:
     session = Session(
         args.target,
         args.client_id,
         dict(args.label),
-        credentials=credentials(args),
-        token=token(args),
+        credentials=credentials(args, fail),
+        token=token(args, fail),
         send_pings=not args.no_pings,
     )
     loop = asyncio.get_running_loop()
@@ -112,4 +112,5 @@ async def main(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main(parse(sys.argv[1:]))))
+    command_line = parser()
+    sys.exit(asyncio.run(main(command_line.parse_args(), command_line.error)))

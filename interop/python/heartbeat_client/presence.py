@@ -133,7 +133,10 @@ class PresenceWatcher:
             self.epoch = response.synced.epoch
             return Synced(self.epoch, revision)
         if kind == "reset":
+            # Until the snapshot that follows is synced, this watcher has no
+            # view to resume from: a break before `synced` asks afresh.
             self.sessions.clear()
+            self.epoch = 0
             return Reset(revision)
         # An event newer than this client: its revision counts, nothing else.
         return None

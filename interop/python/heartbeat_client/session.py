@@ -124,6 +124,15 @@ class Session:
         self._events.put_nowait(event)
 
     async def _run(self) -> None:
+        replaced = False
+        try:
+            replaced = await self._sessions()
+        finally:
+            # Whatever ended the task, readers of events() see the end.
+            self._emit(Closed(replaced=replaced))
+
+    async def _sessions(self) -> bool:
+        """One session after another until closed; true if replaced."""
         loop = asyncio.get_running_loop()
         attempt = 0
         while not self._closing.is_set():
@@ -135,8 +144,9 @@ class Session:
             if lost.goodbye == "GOODBYE_REASON_REPLACED":
                 # A newer session with this client id took over: coming back
                 # would only replace it in turn.
-                self._emit(Closed(replaced=True))
-                return
+                return True
+            if self._closing.is_set():
+                break
             if live_since is not None and loop.time() - live_since >= self._backoff.reset_after:
                 attempt = 0
             attempt += 1
@@ -146,7 +156,7 @@ class Session:
                 await asyncio.wait_for(self._closing.wait(), delay)
             except asyncio.TimeoutError:
                 pass
-        self._emit(Closed())
+        return False
 
     def _retry_delay(self, lost: Lost, attempt: int) -> float:
         if lost.reconnect_after is not None:
@@ -227,6 +237,7 @@ class _Conversation:
         self._live_since: Optional[float] = None
 
     async def run(self) -> Tuple[Optional[Lost], Optional[float]]:
+        rechecked = False
         while True:
             wake = min(self._deadline, self._next_ping)
             try:
@@ -234,10 +245,20 @@ class _Conversation:
             except asyncio.TimeoutError:
                 now = self._loop.time()
                 if now >= self._deadline:
+                    if not self._inbound.empty():
+                        continue
+                    if not rechecked:
+                        # This loop may have been held up: let the reader
+                        # deliver what has arrived, then look once more
+                        # before taking the server for silent.
+                        rechecked = True
+                        await asyncio.sleep(0)
+                        continue
                     return self._silence(), self._live_since
                 if now >= self._next_ping:
                     self._ping(now)
                 continue
+            rechecked = False
             if item[0] == "close":
                 await self._say_goodbye()
                 return None, self._live_since
@@ -267,8 +288,10 @@ class _Conversation:
     def _adopt(self, welcome, now: float) -> None:
         if welcome.HasField("ping_interval"):
             self._interval = min(max(seconds(welcome.ping_interval), _MIN_INTERVAL), _MAX_INTERVAL)
-        self._timeout = seconds(welcome.timeout) if welcome.HasField("timeout") else 3 * self._interval
-        self._timeout = max(self._timeout, self._interval)
+        timeout = seconds(welcome.timeout) if welcome.HasField("timeout") else 0.0
+        # A timeout not longer than the interval would give up on the server
+        # just as its next ping is due: take three intervals instead.
+        self._timeout = min(timeout if timeout > self._interval else 3 * self._interval, 3 * _MAX_INTERVAL)
         self._live_since = now
         self._deadline = now + self._timeout
         if self._session._send_pings:
@@ -318,8 +341,8 @@ class _Conversation:
         )
 
     async def _say_goodbye(self) -> None:
-        if self._live_since is None:
-            return
+        # Also before Welcome: Hello may have reached the server, and frames
+        # keep their order, so the server reads the goodbye after it.
         while not self._outbound.empty():
             self._outbound.get_nowait()
         goodbye = _hb.Goodbye(reason=_hb.GOODBYE_REASON_CLIENT_SHUTDOWN)

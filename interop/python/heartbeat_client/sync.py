@@ -13,6 +13,7 @@ this module only moves calls and events between threads.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 from typing import Any, Callable, Iterator
 
@@ -22,12 +23,16 @@ class _LoopThread:
     """An event loop running in a daemon thread."""
 
     def __init__(self) -> None:
+        self._stopping = False
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="heartbeat-client", daemon=True)
         self._thread.start()
 
     def run(self, coroutine) -> Any:
         """Runs ``coroutine`` on the loop and waits for its result."""
+        if self._stopping:
+            coroutine.close()
+            raise RuntimeError("this client is closed")
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
 
     def stream(self, make_iterator: Callable[[], Any]) -> Iterator[Any]:
@@ -39,17 +44,31 @@ class _LoopThread:
             while True:
                 try:
                     item = self.run(iterator.__anext__())
-                except StopAsyncIteration:
+                except (StopAsyncIteration, concurrent.futures.CancelledError):
+                    # Ended, or cancelled by stop() from another thread.
                     return
                 yield item
         finally:
-            if not self.loop.is_closed():
+            if not self._stopping:
                 self.run(iterator.aclose())
 
     def stop(self) -> None:
+        """Cancels what still runs on the loop (a thread waiting for an event
+        sees the stream end), closes async generators and their channels, and
+        ends the thread."""
+        self._stopping = True
+        asyncio.run_coroutine_threadsafe(_cancel_everything(), self.loop).result()
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join()
         self.loop.close()
+
+
+async def _cancel_everything() -> None:
+    tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await asyncio.get_running_loop().shutdown_asyncgens()
 
 
 class Session:
