@@ -260,6 +260,55 @@ async fn shutdown_goodbye_delays_the_reconnect() {
     );
 }
 
+/// Tests that a client given two endpoints moves to the second when its
+/// session on the first is lost, and back to the first after the next loss.
+#[tokio::test]
+async fn a_lost_session_moves_to_the_next_endpoint() {
+    let config = ServerConfig {
+        reconnect_after: Duration::from_millis(50),
+        ..fast_config()
+    };
+    let first = TestServer::start(config.clone()).await;
+    let second = TestServer::start(config.clone()).await;
+    let addr = first.addr;
+    let client = Client::builder(first.url())
+        .endpoint(second.url())
+        .client_id("roaming")
+        .backoff(quick_backoff())
+        .handshake_timeout(Duration::from_millis(500))
+        .connect()
+        .expect("valid client settings");
+    let mut events = client.events();
+    let on_first = connected(&mut events).await;
+    assert!(first
+        .handle
+        .registry()
+        .snapshot()
+        .sessions
+        .iter()
+        .any(|s| s.identity.session_id == on_first));
+    first.shutdown().await.expect("clean shutdown");
+    let on_second = connected(&mut events).await;
+    assert!(second
+        .handle
+        .registry()
+        .snapshot()
+        .sessions
+        .iter()
+        .any(|s| s.identity.session_id == on_second));
+
+    let first = TestServer::start_at(addr, config).await;
+    assert!(second.handle.evict(&on_second, "move along"));
+    let back = connected(&mut events).await;
+    assert!(first
+        .handle
+        .registry()
+        .snapshot()
+        .sessions
+        .iter()
+        .any(|s| s.identity.session_id == back));
+}
+
 /// Tests that a replaced session surfaces as REPLACED and the client stops,
 /// and an evicted one surfaces as EVICTED with its message.
 #[tokio::test]

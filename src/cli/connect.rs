@@ -11,9 +11,10 @@ use super::{current_thread_runtime, parse_label, read_token, Output, ShutdownSig
 /// Flags of `heartbeat connect`.
 #[derive(Debug, Args)]
 pub(crate) struct ConnectArgs {
-    /// The server: http://127.0.0.1:50051, or a bare host:port.
-    #[arg(value_name = "URL")]
-    url: String,
+    /// The server: http://127.0.0.1:50051, or a bare host:port. Give more
+    /// than one (the nodes of a cluster) and each loss moves on to the next.
+    #[arg(value_name = "URL", required = true, num_args = 1..)]
+    urls: Vec<String>,
 
     /// The name this client goes by in presence; empty means anonymous.
     #[arg(long, env = "HEARTBEAT_CLIENT_ID", default_value = "")]
@@ -43,7 +44,14 @@ pub(crate) fn run(args: ConnectArgs) -> anyhow::Result<()> {
         // Listening before the session opens: a signal right after it must
         // say goodbye, not kill the process.
         let mut signals = ShutdownSignals::listen()?;
-        let mut builder = Client::builder(args.url.clone()).client_id(args.client_id);
+        let (first, others) = args
+            .urls
+            .split_first()
+            .ok_or_else(|| anyhow::anyhow!("give the server's URL, like http://127.0.0.1:50051"))?;
+        let mut builder = Client::builder(first.clone()).client_id(args.client_id);
+        for url in others {
+            builder = builder.endpoint(url.clone());
+        }
         if let Some(tls) = args.tls.settings() {
             builder = builder.tls(tls);
         }

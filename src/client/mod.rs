@@ -185,7 +185,8 @@ type EndpointHook = Arc<dyn Fn(Endpoint) -> Result<Endpoint, TransportError> + S
 /// Builds a [`Client`]. See the [module docs](self) for an example.
 #[must_use = "a builder does nothing until `connect` is called"]
 pub struct ClientBuilder {
-    target: String,
+    /// The servers to try, in order; the first is the builder's target.
+    targets: Vec<String>,
     client_id: String,
     labels: HashMap<String, String>,
     metadata: MetadataMap,
@@ -220,7 +221,7 @@ pub struct Client {
 impl ClientBuilder {
     fn new(target: String) -> Self {
         Self {
-            target,
+            targets: vec![target],
             client_id: String::new(),
             labels: HashMap::new(),
             metadata: MetadataMap::new(),
@@ -232,6 +233,15 @@ impl ClientBuilder {
             bearer_token: None,
             tls: None,
         }
+    }
+
+    /// Another server to use when a session is lost (a node of a cluster, or a
+    /// standby). After each loss the client moves to the next target in the
+    /// order given, wrapping around, with the usual backoff between attempts;
+    /// while a session lives it stays where it is.
+    pub fn endpoint(mut self, target: impl Into<String>) -> Self {
+        self.targets.push(target.into());
+        self
     }
 
     /// The client's name for presence. Default: empty (anonymous, never replaces).
@@ -315,23 +325,18 @@ impl ClientBuilder {
             value.set_sensitive(true);
             self.metadata.insert("authorization", value);
         }
-        let endpoint = secure_endpoint(&self.target, self.tls.as_ref())?;
-        let endpoint = match &self.configure {
-            Some(configure) => configure(endpoint).map_err(|error| ClientError::InvalidUrl {
-                url: self.target.clone(),
-                reason: error.to_string(),
-            })?,
-            None => endpoint,
-        };
-        let endpoint = endpoint
-            .connect_timeout(self.handshake_timeout)
-            .tcp_nodelay(true);
+        let endpoints = self
+            .targets
+            .iter()
+            .map(|target| self.endpoint_for(target))
+            .collect::<Result<Vec<_>, _>>()?;
         let (state_tx, state) = watch::channel(ClientState::Connecting);
         let (events, first_events) = broadcast::channel(EVENT_BUFFER);
         let (close, close_rx) = watch::channel(false);
         let (finished_tx, finished) = oneshot::channel();
         let task = session::SessionTask {
-            endpoint,
+            endpoints,
+            current: Default::default(),
             hello: crate::protocol::pb::Hello {
                 client_id: self.client_id,
                 labels: self.labels,
@@ -372,6 +377,23 @@ impl ClientBuilder {
             finished: Some(finished),
             close_timeout: self.close_timeout,
         })
+    }
+}
+
+impl ClientBuilder {
+    /// The endpoint for one target, with this builder's TLS, hook and timeouts.
+    fn endpoint_for(&self, target: &str) -> Result<Endpoint, ClientError> {
+        let endpoint = secure_endpoint(target, self.tls.as_ref())?;
+        let endpoint = match &self.configure {
+            Some(configure) => configure(endpoint).map_err(|error| ClientError::InvalidUrl {
+                url: target.to_owned(),
+                reason: error.to_string(),
+            })?,
+            None => endpoint,
+        };
+        Ok(endpoint
+            .connect_timeout(self.handshake_timeout)
+            .tcp_nodelay(true))
     }
 }
 

@@ -1,6 +1,9 @@
 //! The client's task: one session after another until it is closed.
 
-use std::time::Duration;
+use std::{
+    sync::atomic::{AtomicUsize, Ordering},
+    time::Duration,
+};
 
 use rand::{rngs::StdRng, SeedableRng};
 use tokio::{
@@ -34,7 +37,10 @@ const MAX_RECONNECT_HINT: Duration = Duration::from_secs(600);
 
 /// Everything the task needs; built by [`super::ClientBuilder::connect`].
 pub(super) struct SessionTask {
-    pub(super) endpoint: Endpoint,
+    /// The servers to try, in order; never empty.
+    pub(super) endpoints: Vec<Endpoint>,
+    /// Which of them the next attempt uses.
+    pub(super) current: AtomicUsize,
     pub(super) hello: pb::Hello,
     pub(super) metadata: MetadataMap,
     pub(super) backoff: Backoff,
@@ -82,6 +88,9 @@ impl SessionTask {
             self.emit(ClientEvent::Lost {
                 reason: reason.clone(),
             });
+            // The next attempt goes to the next server; with one, the same.
+            let next = (self.current.load(Ordering::Relaxed) + 1) % self.endpoints.len();
+            self.current.store(next, Ordering::Relaxed);
             if live_for >= self.backoff.reset_after() {
                 attempt = 0;
             }
@@ -249,8 +258,7 @@ impl SessionTask {
 
     /// Connects, sends Hello and waits for Welcome.
     async fn open(&self) -> Result<Open, LossReason> {
-        let channel = self
-            .endpoint
+        let channel = self.endpoints[self.current.load(Ordering::Relaxed)]
             .connect()
             .await
             .map_err(|error| LossReason::Transport {
