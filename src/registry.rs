@@ -70,6 +70,9 @@ pub struct SessionIdentity {
     pub peer: Option<SocketAddr>,
     /// When the session said Hello.
     pub opened_at: SystemTime,
+    /// The server that holds it: its node id in cluster mode, empty on a
+    /// single server.
+    pub node: String,
 }
 
 /// A session as seen at one moment.
@@ -827,6 +830,7 @@ mod tests {
             labels: HashMap::new(),
             peer: None,
             opened_at: SystemTime::now(),
+            node: String::new(),
         }
     }
 

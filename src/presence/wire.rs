@@ -35,6 +35,7 @@ impl From<&SessionInfo> for pb::Session {
             frames_in: session.frames_in,
             frames_out: session.frames_out,
             state: pb::SessionState::from(session.state).into(),
+            node: identity.node.clone(),
         }
     }
 }
@@ -105,6 +106,7 @@ impl TryFrom<pb::Session> for SessionInfo {
                 session_id: session.session_id,
                 client_id: session.client_id,
                 labels: session.labels,
+                node: session.node,
             }
             .into(),
         })
@@ -146,6 +148,7 @@ mod tests {
                 labels: HashMap::from([("zone".into(), "eu-1".into())]),
                 peer: Some("127.0.0.1:4000".parse().expect("address")),
                 opened_at,
+                node: "node-1".into(),
             }),
             last_seen: opened_at + Duration::from_secs(5),
             rtt: Some(Duration::from_micros(1500)),

@@ -31,6 +31,9 @@ pub enum CloseReason {
     Replaced,
     /// The server shut down.
     ServerShutdown,
+    /// Cluster mode: the server that held the session died or was cut off
+    /// from the cluster, and its sessions went with it.
+    NodeLost,
     /// A reason this version does not know, read from a newer peer (or an
     /// unspecified one). A server never records it; a client treats a goodbye
     /// with it like [`ServerShutdown`](Self::ServerShutdown), as the contract says.
@@ -39,7 +42,7 @@ pub enum CloseReason {
 
 impl CloseReason {
     /// Every reason a server records, in the contract's order.
-    pub const ALL: [CloseReason; 9] = [
+    pub const ALL: [CloseReason; 10] = [
         Self::ClientGoodbye,
         Self::ClientHalfClose,
         Self::Disconnected,
@@ -49,6 +52,7 @@ impl CloseReason {
         Self::Evicted,
         Self::Replaced,
         Self::ServerShutdown,
+        Self::NodeLost,
     ];
 
     /// The reason's name as logs and metric labels spell it (`timeout`, …).
@@ -63,6 +67,7 @@ impl CloseReason {
             Self::Evicted => "evicted",
             Self::Replaced => "replaced",
             Self::ServerShutdown => "server_shutdown",
+            Self::NodeLost => "node_lost",
             Self::Unknown => "unknown",
         }
     }
@@ -79,9 +84,12 @@ impl CloseReason {
             Self::Evicted => Goodbye::Evicted,
             Self::Replaced => Goodbye::Replaced,
             Self::ServerShutdown => Goodbye::ServerShutdown,
-            Self::ClientGoodbye | Self::ClientHalfClose | Self::Disconnected | Self::Unknown => {
-                return None
-            }
+            // A lost node's sessions are declared by the others; it sends nothing.
+            Self::ClientGoodbye
+            | Self::ClientHalfClose
+            | Self::Disconnected
+            | Self::NodeLost
+            | Self::Unknown => return None,
         })
     }
 
@@ -126,6 +134,7 @@ impl From<CloseReason> for pb::CloseReason {
             CloseReason::Evicted => Self::Evicted,
             CloseReason::Replaced => Self::Replaced,
             CloseReason::ServerShutdown => Self::ServerShutdown,
+            CloseReason::NodeLost => Self::NodeLost,
             CloseReason::Unknown => Self::Unspecified,
         }
     }
@@ -143,6 +152,7 @@ impl From<pb::CloseReason> for CloseReason {
             pb::CloseReason::Evicted => Self::Evicted,
             pb::CloseReason::Replaced => Self::Replaced,
             pb::CloseReason::ServerShutdown => Self::ServerShutdown,
+            pb::CloseReason::NodeLost => Self::NodeLost,
             pb::CloseReason::Unspecified => Self::Unknown,
         }
     }
@@ -152,7 +162,7 @@ impl From<pb::CloseReason> for CloseReason {
 mod tests {
     use super::*;
 
-    /// Tests that close reasons keep the contract's numbers (1 to 9 in order)
+    /// Tests that close reasons keep the contract's numbers (1 to 10 in order)
     /// and names, and survive the round trip through the wire.
     #[test]
     fn close_reasons_keep_their_numbers_and_names() {
@@ -160,7 +170,7 @@ mod tests {
             .iter()
             .map(|reason| pb::CloseReason::from(*reason) as i32)
             .collect();
-        assert_eq!(numbers, (1..=9).collect::<Vec<_>>());
+        assert_eq!(numbers, (1..=10).collect::<Vec<_>>());
         for reason in CloseReason::ALL {
             let wire = pb::CloseReason::from(reason);
             assert_eq!(

@@ -472,6 +472,7 @@ pub fn fill_registry(handle: &HeartbeatHandle, count: usize, label_bytes: usize)
             labels: labels.clone(),
             peer: None,
             opened_at: std::time::SystemTime::now(),
+            node: String::new(),
         };
         let link = std::sync::Arc::new(RegistryOnlySession {
             registry: registry.clone(),
