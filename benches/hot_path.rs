@@ -244,6 +244,7 @@ fn registry(c: &mut Criterion) {
                 labels: HashMap::new(),
                 peer: None,
                 opened_at: SystemTime::now(),
+                node: String::new(),
             };
             let _ = registry.open(identity, link.clone());
             registry.close(&session_id, CloseReason::ClientHalfClose, "")
