@@ -84,6 +84,9 @@ pub struct ServerConfig {
     pub admin_token: Option<AdminToken>,
     /// Where the standalone server answers `GET /metrics`. Default: nowhere.
     pub metrics_listen: Option<SocketAddr>,
+    /// Cluster mode: one presence across several servers, kept in etcd.
+    /// Default: `None`, a single server.
+    pub cluster: Option<crate::cluster::ClusterConfig>,
 }
 
 /// A secret that PresenceService callers present as `authorization: Bearer …`.
@@ -179,6 +182,7 @@ impl ServerConfig {
         client_ids_from_certificate: false,
         admin_token: None,
         metrics_listen: None,
+        cluster: None,
     };
 }
 
@@ -219,6 +223,9 @@ impl ServerConfig {
     /// Checks every setting and every combination; the error names the value
     /// and the fix.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(cluster) = &self.cluster {
+            cluster.validate()?;
+        }
         for (name, value, example) in [
             ("ping_interval", Some(self.ping_interval), "10s"),
             ("timeout", Some(self.timeout), "30s"),

@@ -10,6 +10,9 @@ use humantime::format_duration;
 /// A setting, or a combination of settings, that cannot work.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
+    /// A cluster setting is invalid; the message names it and the fix.
+    #[error("{0}")]
+    Cluster(String),
     /// A duration that must be positive is zero.
     #[error("{name} must be greater than zero (for example {example})")]
     ZeroDuration {
@@ -195,6 +198,9 @@ pub enum ServeError {
     /// The reflection service could not be built from the descriptors.
     #[error("cannot build gRPC reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// Cluster mode could not join, or the node fenced itself.
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 fn bind_hint(error: &io::Error) -> &'static str {

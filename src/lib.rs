@@ -38,6 +38,7 @@
 
 mod backoff;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod credentials;
 pub mod error;

@@ -258,15 +258,14 @@ impl Subscription {
         };
         if cursor.read.is_empty() && cursor.after < cursor.until {
             let inner = self.registry.shared.inner.lock();
-            let oldest = inner
-                .history
-                .front()
-                .map_or(u64::MAX, |change| change.revision);
-            if cursor.after + 1 < oldest {
+            if cursor.after < inner.dropped_through {
                 return Err(self.lagged_error());
             }
-            // Revisions in the history are consecutive.
-            let skip = usize::try_from(cursor.after + 1 - oldest).unwrap_or(usize::MAX);
+            // Revisions increase (and may skip numbers in a mirror).
+            let after = cursor.after;
+            let skip = inner
+                .history
+                .partition_point(|change| change.revision <= after);
             let until = cursor.until;
             cursor.read.extend(
                 inner
@@ -348,6 +347,10 @@ struct Shared {
     history_limit: usize,
     /// Queue bound of each subscriber.
     queue: usize,
+    /// A mirror of a cluster's sessions: changes come with their revisions
+    /// from [`SessionRegistry::apply`], and the node that holds each session
+    /// logs it and decides replacements.
+    mirrored: bool,
     /// Everything mutable, behind a std mutex: nothing awaits under it.
     inner: Mutex<Inner>,
 }
@@ -357,6 +360,9 @@ struct Inner {
     /// Set by [`SessionRegistry::shut_down`]: no session opens any more.
     shut_down: bool,
     revision: u64,
+    /// The newest revision whose change is no longer in `history` (or that
+    /// the registry began at): a resume after it can be replayed.
+    dropped_through: u64,
     /// In `session_id` order, so that listing pages through them cheaply.
     sessions: BTreeMap<String, Entry>,
     /// The open session of each non-empty client id.
@@ -405,15 +411,128 @@ impl SessionRegistry {
     /// queues of `queue` changes, recording into `metrics`.
     pub fn new(history: usize, queue: usize, metrics: Arc<Metrics>) -> Self {
         let epoch = new_epoch(&mut rand::rng());
+        Self::build(epoch, 0, false, history, queue, metrics)
+    }
+
+    /// A registry that mirrors a cluster's sessions: it starts at `revision`
+    /// of `epoch`, and changes reach it only through [`Self::apply`], with
+    /// revisions that increase but may skip numbers.
+    pub fn mirror(
+        epoch: u64,
+        revision: u64,
+        history: usize,
+        queue: usize,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self::build(epoch, revision, true, history, queue, metrics)
+    }
+
+    fn build(
+        epoch: u64,
+        revision: u64,
+        mirrored: bool,
+        history: usize,
+        queue: usize,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             shared: Arc::new(Shared {
                 epoch,
                 metrics,
                 history_limit: history,
                 queue: queue.max(1),
-                inner: Mutex::new(Inner::default()),
+                mirrored,
+                inner: Mutex::new(Inner {
+                    revision,
+                    dropped_through: revision,
+                    ..Inner::default()
+                }),
             }),
         }
+    }
+
+    /// Adds an open session to a [mirror](Self::mirror) without a change:
+    /// the sessions a mirror starts from, before anyone subscribes.
+    pub fn seed(&self, info: SessionInfo, link: Arc<dyn SessionLink>) {
+        let entry = Entry {
+            identity: info.identity.clone(),
+            state: info.state,
+            link,
+        };
+        self.shared
+            .inner
+            .lock()
+            .sessions
+            .insert(info.identity.session_id.clone(), entry);
+    }
+
+    /// The open session `session_id`, as it is now.
+    pub fn session(&self, session_id: &str) -> Option<SessionInfo> {
+        let entry = self.shared.inner.lock().sessions.get(session_id)?.share();
+        Some(info_of(&entry))
+    }
+
+    /// Another server's session `newer` took `client_id`: ends the session
+    /// here that holds it, if any and if it is not `newer`, as
+    /// [`CloseReason::Replaced`]. Returns whether one was asked to end.
+    pub fn replaced_elsewhere(&self, client_id: &str, newer: &str) -> bool {
+        let link = {
+            let inner = self.shared.inner.lock();
+            inner
+                .by_client
+                .get(client_id)
+                .filter(|holder| holder.as_str() != newer)
+                .and_then(|holder| inner.sessions.get(holder))
+                .map(|entry| entry.link.clone())
+        };
+        match link {
+            Some(link) => {
+                link.conclude(
+                    CloseReason::Replaced,
+                    &format!("replaced by session {newer}"),
+                );
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Applies one change of the cluster to a [mirror](Self::mirror) at
+    /// `revision` (greater than the last): an opened session is added with
+    /// `link` (how an eviction reaches the node that holds it), a suspicion or
+    /// recovery updates it, a close removes it. Changes to sessions this
+    /// mirror does not hold, and revisions not above the last, are ignored.
+    pub fn apply(&self, revision: u64, event: SessionEvent, link: Arc<dyn SessionLink>) {
+        let mut inner = self.shared.inner.lock();
+        if revision <= inner.revision {
+            return;
+        }
+        let session_id = event.session().identity.session_id.clone();
+        match &event {
+            SessionEvent::Opened(info) => {
+                let entry = Entry {
+                    identity: info.identity.clone(),
+                    state: info.state,
+                    link,
+                };
+                inner.sessions.insert(session_id, entry);
+            }
+            SessionEvent::Suspected(info) | SessionEvent::Recovered(info) => {
+                match inner.sessions.get_mut(&session_id) {
+                    Some(entry) => {
+                        entry.state = info.state;
+                        entry.link = link;
+                    }
+                    None => return,
+                }
+            }
+            SessionEvent::Closed { .. } => {
+                if inner.sessions.remove(&session_id).is_none() {
+                    return;
+                }
+            }
+        }
+        self.publish_at(&mut inner, revision, event);
     }
 
     /// The server's epoch: never 0, below 2^53, new on every start.
@@ -590,11 +709,17 @@ impl SessionRegistry {
         let links: Vec<Arc<dyn SessionLink>> = {
             let mut inner = self.shared.inner.lock();
             inner.shut_down = true;
-            inner
-                .sessions
-                .values()
-                .map(|entry| entry.link.clone())
-                .collect()
+            if self.shared.mirrored {
+                // A mirror's sessions belong to their nodes: only its
+                // watches end here.
+                Vec::new()
+            } else {
+                inner
+                    .sessions
+                    .values()
+                    .map(|entry| entry.link.clone())
+                    .collect()
+            }
         };
         for link in &links {
             link.conclude(CloseReason::ServerShutdown, message);
@@ -606,11 +731,13 @@ impl SessionRegistry {
     }
 
     fn publish(&self, inner: &mut Inner, event: SessionEvent) {
-        inner.revision += 1;
-        let change = Arc::new(Change {
-            revision: inner.revision,
-            event,
-        });
+        let revision = inner.revision + 1;
+        self.publish_at(inner, revision, event);
+    }
+
+    fn publish_at(&self, inner: &mut Inner, revision: u64, event: SessionEvent) {
+        inner.revision = revision;
+        let change = Arc::new(Change { revision, event });
         inner.subscribers.retain(
             |subscriber| match subscriber.changes.try_send(change.clone()) {
                 Ok(()) => true,
@@ -627,12 +754,16 @@ impl SessionRegistry {
                 Err(mpsc::error::TrySendError::Closed(_)) => false,
             },
         );
-        if self.shared.history_limit > 0 {
-            if inner.history.len() == self.shared.history_limit {
-                inner.history.pop_front();
-            }
-            inner.history.push_back(change);
+        if self.shared.history_limit == 0 {
+            inner.dropped_through = revision;
+            return;
         }
+        if inner.history.len() == self.shared.history_limit {
+            if let Some(dropped) = inner.history.pop_front() {
+                inner.dropped_through = dropped.revision;
+            }
+        }
+        inner.history.push_back(change);
     }
 
     /// The open sessions now, with the revision they reflect.
@@ -691,11 +822,22 @@ impl SessionRegistry {
         self.resume(0, 0)
     }
 
+    /// Like [`Self::subscribe`], with a queue of `queue` changes instead of
+    /// the registry's watcher bound (for a consumer that must not lag, such
+    /// as a cluster node writing its sessions out).
+    pub fn subscribe_with_queue(&self, queue: usize) -> Subscription {
+        self.start_subscription(0, 0, queue.max(1))
+    }
+
     /// Resumes after `revision` of `epoch`: the missed changes if this server's
     /// history still holds all of them, otherwise a reset and a snapshot.
     /// `epoch` 0 asks for a fresh snapshot without a reset.
     pub fn resume(&self, epoch: u64, revision: u64) -> Subscription {
-        let (sender, receiver) = mpsc::channel(self.shared.queue);
+        self.start_subscription(epoch, revision, self.shared.queue)
+    }
+
+    fn start_subscription(&self, epoch: u64, revision: u64, queue: usize) -> Subscription {
+        let (sender, receiver) = mpsc::channel(queue);
         let lag = Arc::new(LagSignal::default());
         let start = {
             let mut inner = self.shared.inner.lock();
@@ -742,14 +884,7 @@ impl SessionRegistry {
     /// Whether this server's history still holds every change after `after`
     /// of `epoch`, so a resume can replay them.
     fn can_replay_locked(&self, inner: &Inner, epoch: u64, after: u64) -> bool {
-        if epoch != self.shared.epoch || after > inner.revision {
-            return false;
-        }
-        after == inner.revision
-            || inner
-                .history
-                .front()
-                .is_some_and(|oldest| after + 1 >= oldest.revision)
+        epoch == self.shared.epoch && (inner.dropped_through..=inner.revision).contains(&after)
     }
 }
 

@@ -229,3 +229,51 @@ fn bench_flags_name_the_flag_and_the_fix() {
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
     }
 }
+
+/// Tests that each cluster flag is checked before anything connects, just
+/// over each bound, with a line naming the value and the fix.
+#[test]
+fn cluster_flags_name_the_value_and_the_fix() {
+    let etcd = ["--cluster", "http://127.0.0.1:1"];
+    let long_id = "n".repeat(64);
+    let cases: [(Vec<&str>, &str); 6] = [
+        (
+            vec!["--cluster", "127.0.0.1:2379", "--node-id", "n1"],
+            "is not an http:// URL",
+        ),
+        (
+            [&etcd[..], &["--node-id", "n 1"]].concat(),
+            "node id \"n 1\" must be 1 to 63 letters",
+        ),
+        (
+            [&etcd[..], &["--node-id", &long_id]].concat(),
+            "must be 1 to 63 letters",
+        ),
+        (
+            [&etcd[..], &["--node-id", "n1", "--cluster-prefix", "/hb/"]].concat(),
+            "must start with '/' and not end with one",
+        ),
+        (
+            [&etcd[..], &["--node-id", "n1", "--lease-ttl", "1s"]].concat(),
+            "lease TTL 1s must be whole seconds from 2s to 1h",
+        ),
+        (
+            [&etcd[..], &["--node-id", "n1", "--lease-ttl", "2500ms"]].concat(),
+            "must be whole seconds",
+        ),
+    ];
+    for (args, expected) in cases {
+        let line = serve_error(&args, &[]);
+        assert!(line.contains(expected), "{args:?}: {line}");
+    }
+    // Each of the two flags needs the other.
+    for args in [
+        vec!["serve", "--node-id", "n1"],
+        ["serve"].into_iter().chain(etcd).collect(),
+    ] {
+        let output = heartbeat(&args, &[]);
+        assert!(!output.status.success(), "{args:?} should fail");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("required"), "{args:?}: {stderr}");
+    }
+}

@@ -9,6 +9,7 @@ use anyhow::Context;
 use clap::Args;
 use tonic::transport::server::TcpIncoming;
 use tonic_heartbeat::{
+    cluster::ClusterConfig,
     config::AdminToken,
     credentials::ClientCredentials,
     error::ServeError,
@@ -261,6 +262,38 @@ pub(crate) struct ServeArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics (for example 127.0.0.1:9090).
     #[arg(long, env = "HEARTBEAT_METRICS_LISTEN", value_name = "ADDR")]
     metrics_listen: Option<SocketAddr>,
+
+    /// Cluster mode: etcd's client URL (repeat, or separate with commas, for
+    /// several). Every node then answers presence for the whole cluster.
+    /// Needs --node-id.
+    #[arg(
+        long,
+        env = "HEARTBEAT_CLUSTER",
+        value_name = "URL",
+        value_delimiter = ',',
+        requires = "node_id"
+    )]
+    cluster: Vec<String>,
+
+    /// This node's id in the cluster (letters, digits, '-', '_', '.'): unique
+    /// among live nodes, shown as each session's `node`.
+    #[arg(
+        long,
+        env = "HEARTBEAT_NODE_ID",
+        value_name = "ID",
+        requires = "cluster"
+    )]
+    node_id: Option<String>,
+
+    /// The cluster's key prefix in etcd; nodes with the same prefix share presence.
+    #[arg(long, env = "HEARTBEAT_CLUSTER_PREFIX", default_value = ClusterConfig::DEFAULT_PREFIX, value_name = "PREFIX")]
+    cluster_prefix: String,
+
+    /// The node's etcd lease, in whole seconds: a node that dies has its
+    /// sessions reported NODE_LOST this long after (plus up to a second); one
+    /// cut off from etcd ends its sessions after two thirds of it.
+    #[arg(long, env = "HEARTBEAT_LEASE_TTL", default_value_t = human(ClusterConfig::DEFAULT_LEASE_TTL), value_parser = parse_duration, value_name = "DURATION")]
+    lease_ttl: HumanDuration,
 }
 
 impl ServeArgs {
@@ -315,6 +348,12 @@ impl ServeArgs {
             client_ids_from_certificate: self.client_ids_from_cert,
             admin_token,
             metrics_listen: self.metrics_listen,
+            cluster: self.node_id.as_ref().map(|node_id| ClusterConfig {
+                endpoints: self.cluster.clone(),
+                node_id: node_id.clone(),
+                prefix: self.cluster_prefix.clone(),
+                lease_ttl: self.lease_ttl.into(),
+            }),
         })
     }
 }

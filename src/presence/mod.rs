@@ -51,7 +51,7 @@
 mod client;
 mod view;
 mod watcher;
-mod wire;
+pub(crate) mod wire;
 
 use std::collections::HashMap;
 

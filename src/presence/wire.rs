@@ -115,7 +115,7 @@ impl TryFrom<pb::Session> for SessionInfo {
 
 /// The session change an event reports; `None` for the markers (`synced`,
 /// `reset`), which are not changes.
-pub(super) fn session_event(event: Event) -> Result<Option<SessionEvent>, PresenceError> {
+pub(crate) fn session_event(event: Event) -> Result<Option<SessionEvent>, PresenceError> {
     let session = |session: Option<pb::Session>| {
         session
             .ok_or(PresenceError::Malformed("an event without its session"))

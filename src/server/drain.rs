@@ -18,6 +18,10 @@ pub(crate) const SHUTDOWN_MESSAGE: &str = "the server is shutting down";
 pub(crate) fn begin(shared: &ServerShared) {
     let admitted = shared.gate.begin_drain();
     shared.registry.shut_down(SHUTDOWN_MESSAGE);
+    if let Some(view) = &shared.view {
+        // Watches of the cluster end too; they resume on another node.
+        view.shut_down(SHUTDOWN_MESSAGE);
+    }
     let ending = farewell::ending_for(
         CloseReason::ServerShutdown,
         SHUTDOWN_MESSAGE,

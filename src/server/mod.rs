@@ -56,6 +56,7 @@ use self::{
     shared::ServerShared,
 };
 use crate::{
+    cluster::{Cluster, ClusterError},
     config::ServerConfig,
     error::{ConfigError, ServeError},
     liveness::{Liveness, LivenessBody, LivenessLayer, ResponseFuture, TimerWheel},
@@ -81,8 +82,25 @@ pub struct HeartbeatHandle {
 // === impl HeartbeatServer ===
 
 impl HeartbeatServer {
-    /// Builds the service and its handle; fails if `config` is invalid.
+    /// Builds the service and its handle; fails if `config` is invalid. This
+    /// serves one server alone: cluster mode (`config.cluster`) is run by
+    /// [`serve`], which joins the cluster before it serves.
     pub fn new(config: ServerConfig) -> Result<(HeartbeatHandle, HeartbeatServer), ConfigError> {
+        if config.cluster.is_some() {
+            return Err(ConfigError::Cluster(
+                "HeartbeatServer::new serves one server alone; run cluster mode with server::serve, which joins etcd first".into(),
+            ));
+        }
+        Self::build(config, None, String::new())
+    }
+
+    /// The service and its handle, with presence answering from `view` (the
+    /// cluster's sessions) when given, and sessions held under `node`.
+    fn build(
+        config: ServerConfig,
+        view: Option<SessionRegistry>,
+        node: String,
+    ) -> Result<(HeartbeatHandle, HeartbeatServer), ConfigError> {
         config.validate()?;
         let wheel = TimerWheel::new();
         let metrics = Arc::new(Metrics::new(
@@ -99,6 +117,8 @@ impl HeartbeatServer {
             gate: Arc::new(AdmissionGate::new(config.max_sessions)),
             wheel: wheel.clone(),
             watchers: AtomicUsize::new(0),
+            view,
+            node,
             config,
         });
         let config = &shared.config;
@@ -231,7 +251,22 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
     on_ready: impl FnOnce(HeartbeatHandle),
 ) -> Result<(), ServeError> {
-    let (handle, heartbeat) = HeartbeatServer::new(config)?;
+    let mut cluster = match &config.cluster {
+        Some(settings) => {
+            config.validate()?;
+            Some(Cluster::join(settings, &config).await?)
+        }
+        None => None,
+    };
+    let (handle, heartbeat) = match &cluster {
+        Some(cluster) => {
+            HeartbeatServer::build(config, Some(cluster.view()), cluster.node_id().to_owned())?
+        }
+        None => HeartbeatServer::new(config)?,
+    };
+    if let Some(cluster) = &mut cluster {
+        cluster.start(handle.registry().clone());
+    }
     let config = handle.config().clone();
     let metrics_listener = match config.metrics_listen {
         Some(addr) => Some(
@@ -298,10 +333,19 @@ pub async fn serve(
             let _ = server_stopped.wait_for(|stop| *stop).await;
         });
     tokio::pin!(server);
-    tokio::select! {
-        result = &mut server => return result.map_err(ServeError::from),
-        () = shutdown => {}
-    }
+    let fenced = {
+        let fenced = async {
+            match &cluster {
+                Some(cluster) => cluster.fenced().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            result = &mut server => return result.map_err(ServeError::from),
+            () = shutdown => None,
+            reason = fenced => Some(reason),
+        }
+    };
     info!(
         sessions = handle.registry().len(),
         grace_ms = u64::try_from(config.shutdown_grace.as_millis()).unwrap_or(u64::MAX),
@@ -325,6 +369,12 @@ pub async fn serve(
             streams = handle.admitted(),
             "shutdown grace elapsed; closing the remaining connections"
         ),
+    }
+    if let Some(cluster) = cluster {
+        cluster.leave(config.shutdown_grace).await;
+    }
+    if let Some(reason) = fenced {
+        return Err(ClusterError::Fenced(reason).into());
     }
     info!("shut down");
     Ok(())

@@ -117,7 +117,7 @@ impl pb::presence_service_server::PresenceService for PresenceEndpoint {
         };
         let page = self
             .shared
-            .registry
+            .presence()
             .page(after, limit, |identity| filter.matches(identity));
         // Stop early rather than break the receiver's 4 MiB limit.
         let mut sessions = Vec::with_capacity(page.snapshot.sessions.len());
@@ -164,7 +164,7 @@ impl pb::presence_service_server::PresenceService for PresenceEndpoint {
         })?;
         let subscription = self
             .shared
-            .registry
+            .presence()
             .resume(request.resume_epoch, request.resume_after);
         let (events, stream) = mpsc::channel(FORWARD_QUEUE);
         let (cut, cut_off) = oneshot::channel();
@@ -191,7 +191,7 @@ impl pb::presence_service_server::PresenceService for PresenceEndpoint {
         let request = request.into_inner();
         if self
             .shared
-            .registry
+            .presence()
             .evict(&request.session_id, &request.message)
         {
             Ok(Response::new(pb::EvictSessionResponse {}))

@@ -317,8 +317,7 @@ impl Session {
                 labels: hello.labels,
                 peer: self.peer,
                 opened_at: SystemTime::now(),
-                // A single server: no node id (cluster mode names its node).
-                node: String::new(),
+                node: server.node.clone(),
             },
             shared.clone(),
         );

@@ -1,0 +1,386 @@
+//! Cluster mode: several servers, one presence, kept in etcd.
+//!
+//! Behind a load balancer a client's session may land on any server, yet
+//! observers want one answer to "who is alive". Cluster mode keeps that answer
+//! in etcd, a proven consensus store, instead of a consensus of our own.
+//!
+//! Each node keeps its own sessions exactly as a single server does (the local
+//! [`SessionRegistry`] decides their ends), and:
+//!
+//! - **writes each transition** of its sessions to etcd: one transaction per
+//!   open, suspicion, recovery and close, never one per heartbeat
+//!   (`replicate`). Session keys live on the node's lease.
+//! - **mirrors** every node's sessions into a second registry, the *view*, by
+//!   reading the session keys at one etcd revision and watching from the next
+//!   (`mirror`). Presence (`ListSessions`, `WatchSessions`) answers from the
+//!   view, so every node answers for the whole cluster, with the same epoch
+//!   and the same revisions.
+//! - **keeps its lease alive**, and fences itself when it cannot: before the
+//!   lease can expire it drains its sessions with
+//!   `Goodbye{SERVER_SHUTDOWN}`, so no client is ever reported live on two
+//!   nodes (`lease`).
+//!
+//! A node that dies stops renewing its lease; etcd deletes its keys, and every
+//! other node reports those sessions closed as `NODE_LOST`. Revisions are
+//! etcd's revision × 2^20 plus the change's index within it
+//! (`keys::revision`), so the many closes of one lost lease still get one
+//! revision each. See `keys` for the layout.
+
+mod etcd;
+mod keys;
+mod lease;
+mod mirror;
+mod replicate;
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::{
+    sync::{mpsc, watch},
+    task::JoinHandle,
+};
+use tracing::{info, warn};
+
+use crate::{
+    config::ServerConfig,
+    error::ConfigError,
+    metrics::Metrics,
+    registry::{SessionRegistry, EPOCH_LIMIT},
+};
+
+use self::{etcd::Etcd, keys::Keys};
+
+/// Settings of cluster mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// etcd's client URLs (`http://host:2379`).
+    pub endpoints: Vec<String>,
+    /// This node's id: unique among live nodes, shown as `Session.node`.
+    pub node_id: String,
+    /// The key prefix of this cluster in etcd, without a trailing `/`.
+    pub prefix: String,
+    /// The node's lease: how long after a node dies its sessions are
+    /// reported `NODE_LOST`. Whole seconds.
+    pub lease_ttl: Duration,
+}
+
+impl ClusterConfig {
+    /// The default key prefix.
+    pub const DEFAULT_PREFIX: &'static str = "/heartbeat";
+    /// The default lease time-to-live.
+    pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
+    /// The longest node id.
+    pub const MAX_NODE_ID: usize = 63;
+
+    /// Checks every setting; the error names the value and the fix.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.endpoints.is_empty() {
+            return Err(ConfigError::Cluster(
+                "no etcd endpoint: give one like http://127.0.0.1:2379".into(),
+            ));
+        }
+        for url in &self.endpoints {
+            if !url.starts_with("http://") {
+                return Err(ConfigError::Cluster(format!(
+                    "etcd endpoint {url:?} is not an http:// URL: write it like http://127.0.0.1:2379"
+                )));
+            }
+        }
+        let node = &self.node_id;
+        let valid_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+        if node.is_empty() || node.len() > Self::MAX_NODE_ID || !node.chars().all(valid_char) {
+            return Err(ConfigError::Cluster(format!(
+                "node id {node:?} must be 1 to {} letters, digits, '-', '_' or '.' (for example node-1)",
+                Self::MAX_NODE_ID
+            )));
+        }
+        if !self.prefix.starts_with('/') || self.prefix.ends_with('/') || self.prefix.len() < 2 {
+            return Err(ConfigError::Cluster(format!(
+                "cluster prefix {:?} must start with '/' and not end with one (for example {})",
+                self.prefix,
+                Self::DEFAULT_PREFIX
+            )));
+        }
+        let ttl = self.lease_ttl;
+        if ttl.subsec_nanos() != 0 || !(2..=3600).contains(&ttl.as_secs()) {
+            return Err(ConfigError::Cluster(format!(
+                "lease TTL {} must be whole seconds from 2s to 1h (etcd counts leases in seconds; for example 10s)",
+                humantime::format_duration(ttl)
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Why a node could not join, or had to leave, its cluster.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// An etcd endpoint is not a usable URL.
+    #[error("etcd endpoint {url}: {reason}; write it like http://127.0.0.1:2379")]
+    Endpoint {
+        /// The URL as given.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// etcd did not answer a call, or refused it.
+    #[error("etcd {what}: {status}; is etcd running at the --cluster endpoints?")]
+    Etcd {
+        /// The call.
+        what: &'static str,
+        /// etcd's answer.
+        status: tonic::Status,
+    },
+    /// Another live node holds this node id.
+    #[error("node id {node} is held by a live node, and its lease did not expire within {waited:?}; give each node its own --node-id")]
+    NodeIdTaken {
+        /// The node id.
+        node: String,
+        /// How long this node waited for the other's lease.
+        waited: Duration,
+    },
+    /// The node lost etcd (or its lease) and drained its sessions.
+    #[error("fenced: {0}; the node's sessions were ended with SERVER_SHUTDOWN so that none is reported live on two nodes")]
+    Fenced(String),
+}
+
+impl ClusterError {
+    fn etcd(what: &'static str) -> impl FnOnce(tonic::Status) -> Self {
+        move |status| Self::Etcd { what, status }
+    }
+}
+
+/// What a node shares with its cluster tasks.
+#[derive(Debug)]
+struct Node {
+    etcd: Etcd,
+    keys: Keys,
+    id: String,
+    lease: i64,
+    ttl: Duration,
+    /// Short leases that closed sessions' records and evictions live on.
+    tombstones: lease::Tombstones,
+}
+
+/// A node that has joined its cluster: the view of every node's sessions,
+/// and the tasks that keep it and this node's own sessions in step with etcd.
+#[derive(Debug)]
+pub(crate) struct Cluster {
+    node: Arc<Node>,
+    view: SessionRegistry,
+    /// The etcd revision the view was read at.
+    start_revision: i64,
+    /// Evictions asked through the view, on their way to etcd.
+    evictions: Option<mpsc::UnboundedReceiver<(String, String)>>,
+    evict_sender: mpsc::UnboundedSender<(String, String)>,
+    fenced: watch::Sender<Option<String>>,
+    tasks: Vec<JoinHandle<()>>,
+    /// Set when the local registry's changes have all been written.
+    flushed: Option<watch::Receiver<bool>>,
+}
+
+impl Cluster {
+    /// Joins the cluster: connects to etcd, agrees on the epoch, takes a
+    /// lease, registers the node (waiting out a previous holder of its id),
+    /// and reads every session into the view.
+    pub(crate) async fn join(
+        config: &ClusterConfig,
+        server: &ServerConfig,
+    ) -> Result<Self, ClusterError> {
+        let etcd = Etcd::connect(&config.endpoints)?;
+        let keys = Keys::new(&config.prefix);
+        let epoch = agree_on_epoch(&etcd, &keys).await?;
+        let ttl = i64::try_from(config.lease_ttl.as_secs()).unwrap_or(i64::MAX);
+        let lease = etcd
+            .grant(ttl)
+            .await
+            .map_err(ClusterError::etcd("lease grant"))?;
+        register(&etcd, &keys, &config.node_id, lease, config.lease_ttl).await?;
+        let (evict_sender, evictions) = mpsc::unbounded_channel();
+        let node = Arc::new(Node {
+            tombstones: lease::Tombstones::new(config.lease_ttl),
+            etcd,
+            keys,
+            id: config.node_id.clone(),
+            lease,
+            ttl: config.lease_ttl,
+        });
+        let (view, start_revision) =
+            mirror::read_view(&node, epoch, server, evict_sender.clone()).await?;
+        info!(
+            node = %node.id,
+            epoch,
+            sessions = view.len(),
+            "joined the cluster"
+        );
+        let (fenced, _) = watch::channel(None);
+        Ok(Self {
+            node,
+            view,
+            start_revision,
+            evictions: Some(evictions),
+            evict_sender,
+            fenced,
+            tasks: Vec::new(),
+            flushed: None,
+        })
+    }
+
+    /// The registry presence answers from: every node's sessions.
+    pub(crate) fn view(&self) -> SessionRegistry {
+        self.view.clone()
+    }
+
+    /// This node's id.
+    pub(crate) fn node_id(&self) -> &str {
+        &self.node.id
+    }
+
+    /// Starts keeping `local` (this node's sessions) and the view in step
+    /// with etcd, and the lease alive.
+    pub(crate) fn start(&mut self, local: SessionRegistry) {
+        let node = &self.node;
+        self.tasks.push(tokio::spawn(lease::keep_alive(
+            node.clone(),
+            self.fenced.clone(),
+        )));
+        self.tasks.push(tokio::spawn(mirror::follow(
+            node.clone(),
+            self.view.clone(),
+            local.clone(),
+            self.start_revision,
+            self.evict_sender.clone(),
+            self.fenced.clone(),
+        )));
+        if let Some(evictions) = self.evictions.take() {
+            self.tasks
+                .push(tokio::spawn(replicate::evictions(node.clone(), evictions)));
+        }
+        let (flushed_tx, flushed) = watch::channel(false);
+        self.flushed = Some(flushed);
+        self.tasks.push(tokio::spawn(replicate::sessions(
+            node.clone(),
+            local,
+            self.fenced.clone(),
+            flushed_tx,
+        )));
+    }
+
+    /// Completes when the node has fenced itself; the reason.
+    pub(crate) async fn fenced(&self) -> String {
+        let mut fenced = self.fenced.subscribe();
+        // The sender lives in self: it is not dropped while this is polled.
+        let reason = match fenced.wait_for(Option::is_some).await {
+            Ok(reason) => reason.clone(),
+            Err(_) => None,
+        };
+        reason.unwrap_or_default()
+    }
+
+    /// Leaves after a drain: waits (at most `grace`) until the local closes
+    /// are written, then revokes the lease, which deletes this node's keys.
+    pub(crate) async fn leave(mut self, grace: Duration) {
+        if let Some(mut flushed) = self.flushed.take() {
+            if tokio::time::timeout(grace, flushed.wait_for(|done| *done))
+                .await
+                .is_err()
+            {
+                warn!("leaving the cluster with session changes not yet written to etcd");
+            }
+        }
+        for task in self.tasks.drain(..) {
+            task.abort();
+        }
+        if self.fenced.borrow().is_none() {
+            if let Err(status) = self.node.etcd.revoke(self.node.lease).await {
+                warn!(%status, "could not revoke the node's lease; its keys expire with it");
+            }
+        }
+        self.view.shut_down("");
+        info!(node = %self.node.id, "left the cluster");
+    }
+}
+
+/// The epoch: from etcd's cluster id and a random number that the first node
+/// writes under the prefix, so every node derives the same one.
+async fn agree_on_epoch(etcd: &Etcd, keys: &Keys) -> Result<u64, ClusterError> {
+    use etcd::pb::compare::{CompareResult, TargetUnion};
+    let proposal = rand::random::<u64>() % EPOCH_LIMIT;
+    let txn = etcd::pb::TxnRequest {
+        compare: vec![etcd::compare(
+            keys.epoch(),
+            CompareResult::Equal,
+            TargetUnion::Version(0),
+        )],
+        success: vec![etcd::put(
+            keys.epoch(),
+            proposal.to_string().into_bytes(),
+            0,
+        )],
+        failure: Vec::new(),
+    };
+    etcd.txn(txn).await.map_err(ClusterError::etcd("epoch"))?;
+    let response = etcd
+        .range_prefix(&keys.epoch(), 0)
+        .await
+        .map_err(ClusterError::etcd("epoch"))?;
+    let cluster_id = response
+        .header
+        .as_ref()
+        .map_or(0, |header| header.cluster_id);
+    let written = response
+        .kvs
+        .iter()
+        .find(|kv| kv.key == keys.epoch())
+        .and_then(|kv| std::str::from_utf8(&kv.value).ok()?.parse::<u64>().ok())
+        .unwrap_or(proposal);
+    Ok(keys::epoch(cluster_id, written))
+}
+
+/// Registers the node's id under its lease; a previous holder (this node
+/// before a restart) is waited out, for at most one lease TTL and a second.
+async fn register(
+    etcd: &Etcd,
+    keys: &Keys,
+    node: &str,
+    lease: i64,
+    ttl: Duration,
+) -> Result<(), ClusterError> {
+    use etcd::pb::compare::{CompareResult, TargetUnion};
+    let start = tokio::time::Instant::now();
+    let limit = ttl + Duration::from_secs(1);
+    loop {
+        let txn = etcd::pb::TxnRequest {
+            compare: vec![etcd::compare(
+                keys.node(node),
+                CompareResult::Equal,
+                TargetUnion::CreateRevision(0),
+            )],
+            success: vec![etcd::put(keys.node(node), node.as_bytes().to_vec(), lease)],
+            failure: Vec::new(),
+        };
+        let response = etcd
+            .txn(txn)
+            .await
+            .map_err(ClusterError::etcd("register"))?;
+        if response.succeeded {
+            return Ok(());
+        }
+        if start.elapsed() >= limit {
+            return Err(ClusterError::NodeIdTaken {
+                node: node.to_owned(),
+                waited: limit,
+            });
+        }
+        warn!(
+            node,
+            "node id held by a previous lease; waiting for it to expire"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// A metrics registry for the view: its sessions are counted by the nodes
+/// that hold them, not again here.
+fn uncounted() -> Arc<Metrics> {
+    Arc::new(Metrics::new(&[], &[]))
+}

@@ -1,0 +1,170 @@
+//! This node's sessions, written to etcd: one transaction per open,
+//! suspicion, recovery and close, and none per heartbeat.
+//!
+//! The writer follows the local registry's changes in order. An open that
+//! names a client id takes the id's key in the same transaction, on the
+//! condition that the key's `mod_revision` is still the one just read: the
+//! session it replaces, on whatever node, is the one its node then sees
+//! replaced. A close overwrites the session's key with the close (on a short
+//! tombstone lease) and frees the client id if it still points here.
+
+use std::{sync::Arc, time::Duration};
+
+use prost::Message;
+use tokio::sync::{mpsc, watch};
+use tracing::warn;
+
+use super::{
+    etcd::{
+        self,
+        pb::{
+            compare::{CompareResult, TargetUnion},
+            TxnRequest,
+        },
+    },
+    Node,
+};
+use crate::{
+    protocol::pb,
+    registry::{Change, SessionEvent, SessionRegistry},
+};
+
+/// Local changes that may wait for etcd before the node fences itself: far
+/// more than a burst of opens, bounded so a stuck etcd cannot grow it.
+const QUEUE: usize = 1 << 16;
+
+/// How long a failed write waits before it is tried again.
+const RETRY: Duration = Duration::from_millis(200);
+
+/// Attempts at taking a client id that other nodes keep taking meanwhile.
+const CLIENT_ID_ATTEMPTS: usize = 8;
+
+/// Writes every change of `local` to etcd, in order, until the registry ends
+/// (after a drain) or the node is fenced; sets `flushed` when all are written.
+pub(super) async fn sessions(
+    node: Arc<Node>,
+    local: SessionRegistry,
+    fenced: watch::Sender<Option<String>>,
+    flushed: watch::Sender<bool>,
+) {
+    let mut changes = local.subscribe_with_queue(QUEUE);
+    drop(local);
+    loop {
+        let change = match changes.next().await {
+            Ok(Some(change)) => change,
+            Ok(None) => break,
+            Err(lagged) => {
+                fenced.send_replace(Some(format!(
+                    "this node's session changes outran etcd ({lagged})"
+                )));
+                return;
+            }
+        };
+        while let Err(status) = write(&node, &change).await {
+            if fenced.borrow().is_some() {
+                return;
+            }
+            warn!(%status, revision = change.revision, "writing a session change to etcd failed; retrying");
+            tokio::time::sleep(RETRY).await;
+        }
+    }
+    flushed.send_replace(true);
+}
+
+/// One change as one transaction.
+async fn write(node: &Node, change: &Change) -> Result<(), tonic::Status> {
+    let session = change.event.session();
+    let session_key = node.keys.session(&session.identity.session_id);
+    let record = pb::WatchSessionsResponse::from(&Change {
+        revision: 0,
+        event: change.event.clone(),
+    })
+    .encode_to_vec();
+    let client_id = &session.identity.client_id;
+    match &change.event {
+        SessionEvent::Opened(_) if !client_id.is_empty() => {
+            let client_key = node.keys.client(client_id);
+            let session_id = session.identity.session_id.as_bytes().to_vec();
+            for _ in 0..CLIENT_ID_ATTEMPTS {
+                let (held, _) = node.etcd.get(&client_key).await?;
+                let seen = held.map_or(0, |kv| kv.mod_revision);
+                let txn = TxnRequest {
+                    compare: vec![etcd::compare(
+                        client_key.clone(),
+                        CompareResult::Equal,
+                        TargetUnion::ModRevision(seen),
+                    )],
+                    success: vec![
+                        etcd::put(client_key.clone(), session_id.clone(), node.lease),
+                        etcd::put(session_key.clone(), record.clone(), node.lease),
+                    ],
+                    failure: Vec::new(),
+                };
+                if node.etcd.txn(txn).await?.succeeded {
+                    return Ok(());
+                }
+            }
+            Err(tonic::Status::aborted(format!(
+                "client id {client_id:?} kept changing hands"
+            )))
+        }
+        SessionEvent::Opened(_) | SessionEvent::Suspected(_) | SessionEvent::Recovered(_) => {
+            let txn = TxnRequest {
+                compare: Vec::new(),
+                success: vec![etcd::put(session_key, record, node.lease)],
+                failure: Vec::new(),
+            };
+            node.etcd.txn(txn).await.map(drop)
+        }
+        SessionEvent::Closed { .. } => {
+            let tombstone = node.tombstones.lease(&node.etcd).await?;
+            let put = etcd::put(session_key, record, tombstone);
+            let txn = if client_id.is_empty() {
+                TxnRequest {
+                    compare: Vec::new(),
+                    success: vec![put],
+                    failure: Vec::new(),
+                }
+            } else {
+                let client_key = node.keys.client(client_id);
+                TxnRequest {
+                    compare: vec![etcd::compare(
+                        client_key.clone(),
+                        CompareResult::Equal,
+                        TargetUnion::Value(session.identity.session_id.as_bytes().to_vec()),
+                    )],
+                    success: vec![put.clone(), etcd::delete(client_key)],
+                    failure: vec![put],
+                }
+            };
+            node.etcd.txn(txn).await.map(drop)
+        }
+    }
+}
+
+/// Writes each eviction asked through this node's view, for the node that
+/// holds the session to carry out.
+pub(super) async fn evictions(
+    node: Arc<Node>,
+    mut requests: mpsc::UnboundedReceiver<(String, String)>,
+) {
+    while let Some((session_id, message)) = requests.recv().await {
+        let written = async {
+            let lease = node.tombstones.lease(&node.etcd).await?;
+            let txn = TxnRequest {
+                compare: Vec::new(),
+                success: vec![etcd::put(
+                    node.keys.evict(&session_id),
+                    message.into_bytes(),
+                    lease,
+                )],
+                failure: Vec::new(),
+            };
+            node.etcd.txn(txn).await
+        }
+        .await;
+        if let Err(status) = written {
+            warn!(%status, %session_id, "could not pass an eviction on to etcd");
+        }
+    }
+}

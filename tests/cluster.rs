@@ -1,0 +1,434 @@
+//! Cluster mode against a real etcd (Debian's etcd-server) and real
+//! `heartbeat serve` processes: one presence across nodes, replace and evict
+//! across nodes, a killed node's sessions reported NODE_LOST within the lease
+//! TTL, watches that resume by revision on any node, mirrors that re-watch
+//! after an etcd restart, and nodes that fence themselves when etcd is gone.
+
+mod support;
+
+use std::{
+    collections::BTreeSet,
+    net::SocketAddr,
+    process::Child,
+    time::Duration,
+};
+
+use support::{etcd::TestEtcd, *};
+use tokio::time::Instant;
+use tonic::{transport::Channel, Code, Streaming};
+use tonic_heartbeat::protocol::pb::{
+    self, presence_service_client::PresenceServiceClient, watch_sessions_response::Event,
+};
+
+/// A `heartbeat serve --cluster` process, killed when dropped.
+struct Node {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Node {
+    /// Node `id` of the cluster in `etcd`, with a lease of `ttl` seconds.
+    fn start(etcd: &TestEtcd, id: &str, ttl: u64) -> Self {
+        let ttl = format!("{ttl}s");
+        let (child, addr) = spawn_server_process(&[
+            "--cluster",
+            &etcd.url,
+            "--node-id",
+            id,
+            "--lease-ttl",
+            &ttl,
+            // Slow enough that raw test sessions, which answer no pings, stay
+            // open for the whole test.
+            "--ping-interval",
+            "10s",
+            "--timeout",
+            "30s",
+        ]);
+        Self { child, addr }
+    }
+
+    async fn presence(&self) -> PresenceServiceClient<Channel> {
+        PresenceServiceClient::connect(format!("http://{}", self.addr))
+            .await
+            .expect("connect to presence")
+    }
+
+    /// Every open session, with the epoch and revision of the view.
+    async fn list(&self) -> (u64, u64, Vec<pb::Session>) {
+        let page = self
+            .presence()
+            .await
+            .list_sessions(pb::ListSessionsRequest::default())
+            .await
+            .expect("ListSessions")
+            .into_inner();
+        (page.epoch, page.revision, page.sessions)
+    }
+
+    async fn ids(&self) -> BTreeSet<String> {
+        self.list()
+            .await
+            .2
+            .into_iter()
+            .map(|session| session.session_id)
+            .collect()
+    }
+
+    /// A watch resuming after `after` of `epoch` (0: fresh).
+    async fn watch(&self, epoch: u64, after: u64) -> Streaming<pb::WatchSessionsResponse> {
+        self.presence()
+            .await
+            .watch_sessions(pb::WatchSessionsRequest {
+                resume_epoch: epoch,
+                resume_after: after,
+                ..Default::default()
+            })
+            .await
+            .expect("WatchSessions")
+            .into_inner()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `check` until it holds, within `WAIT`.
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + WAIT;
+    while !check().await {
+        assert!(Instant::now() < deadline, "{what}: not within {WAIT:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A watcher's view, built from its events.
+#[derive(Default)]
+struct View {
+    epoch: u64,
+    revision: u64,
+    open: BTreeSet<String>,
+    resets: usize,
+    /// Every change: (revision, kind, session id, close reason).
+    changes: Vec<(u64, &'static str, String, i32)>,
+}
+
+impl View {
+    /// Applies the next event of `watch`; false once the watch ended.
+    async fn next(&mut self, watch: &mut Streaming<pb::WatchSessionsResponse>) -> bool {
+        let Some(response) = within(WAIT, watch.message()).await.expect("a watch event") else {
+            return false;
+        };
+        assert!(
+            response.revision >= self.revision,
+            "revisions never go back"
+        );
+        self.revision = response.revision;
+        let (kind, id, reason) = match response.event.expect("an event") {
+            Event::Opened(session) => {
+                self.open.insert(session.session_id.clone());
+                ("opened", session.session_id, 0)
+            }
+            Event::Closed(closed) => {
+                let id = closed.session.expect("a session").session_id;
+                self.open.remove(&id);
+                ("closed", id, closed.reason)
+            }
+            Event::Suspected(_) | Event::Recovered(_) => return true,
+            Event::Synced(synced) => {
+                self.epoch = synced.epoch;
+                return true;
+            }
+            Event::Reset(_) => {
+                self.resets += 1;
+                self.open.clear();
+                return true;
+            }
+        };
+        self.changes.push((response.revision, kind, id, reason));
+        true
+    }
+
+    /// Reads until `done` holds of the view.
+    async fn until(
+        &mut self,
+        watch: &mut Streaming<pb::WatchSessionsResponse>,
+        what: &str,
+        done: impl Fn(&View) -> bool,
+    ) {
+        while !done(self) {
+            assert!(self.next(watch).await, "{what}: the watch ended first");
+        }
+    }
+}
+
+/// Tests that a session on node 1 is listed and watched on nodes 2 and 3
+/// with `node` set; that the same client id on node 2 replaces it (REPLACED
+/// there, one session cluster-wide); and that an eviction sent through node 3
+/// ends a session on node 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_presence_with_replace_and_evict_across_nodes() {
+    let etcd = TestEtcd::start("presence");
+    let nodes = [1, 2, 3].map(|n| Node::start(&etcd, &format!("n{n}"), 10));
+    let mut watch = nodes[2].watch(0, 0).await;
+    let mut view = View::default();
+    view.until(&mut watch, "synced", |view| view.epoch != 0)
+        .await;
+
+    let (mut first, welcome) = RawSession::hello(nodes[0].addr, "worker-a").await;
+    let id = welcome.session_id.clone();
+    view.until(&mut watch, "opened on node 3", |view| {
+        view.open.contains(&id)
+    })
+    .await;
+    eventually("listed on node 2", || async {
+        nodes[1].ids().await.contains(&id)
+    })
+    .await;
+    let (_, _, listed) = nodes[1].list().await;
+    let session = listed
+        .iter()
+        .find(|s| s.session_id == id)
+        .expect("listed on node 2");
+    assert_eq!(session.node, "n1");
+    assert_eq!(session.client_id, "worker-a");
+
+    let (_second, newer) = RawSession::hello(nodes[1].addr, "worker-a").await;
+    first
+        .expect_end(pb::GoodbyeReason::Replaced, Code::Aborted)
+        .await;
+    let newer_id = newer.session_id.clone();
+    view.until(&mut watch, "the replacement", |view| {
+        !view.open.contains(&id) && view.open.contains(&newer_id)
+    })
+    .await;
+    let closed = view
+        .changes
+        .iter()
+        .find(|change| change.2 == id && change.1 == "closed");
+    assert_eq!(
+        closed.map(|change| change.3),
+        Some(pb::CloseReason::Replaced as i32)
+    );
+    for node in &nodes {
+        eventually("one session for the id on every node", || async {
+            node.ids().await == BTreeSet::from([newer_id.clone()])
+        })
+        .await;
+    }
+
+    let (mut evicted, welcome) = RawSession::hello(nodes[0].addr, "worker-b").await;
+    let evicted_id = welcome.session_id.clone();
+    eventually("listed on node 3", || async {
+        nodes[2].ids().await.contains(&evicted_id)
+    })
+    .await;
+    nodes[2]
+        .presence()
+        .await
+        .evict_session(pb::EvictSessionRequest {
+            session_id: evicted_id.clone(),
+            message: "through node 3".into(),
+        })
+        .await
+        .expect("evict through node 3");
+    let ended = evicted
+        .expect_end(pb::GoodbyeReason::Evicted, Code::Aborted)
+        .await;
+    assert_eq!(ended.goodbye.expect("a goodbye").message, "through node 3");
+    view.until(&mut watch, "the eviction", |view| {
+        !view.open.contains(&evicted_id)
+    })
+    .await;
+}
+
+/// Tests that the sessions of a SIGKILLed node are reported NODE_LOST on the
+/// other nodes within the lease TTL and a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_nodes_sessions_are_node_lost_within_the_lease_ttl() {
+    const TTL: u64 = 2;
+    let etcd = TestEtcd::start("node-lost");
+    let doomed = Node::start(&etcd, "n1", TTL);
+    let survivor = Node::start(&etcd, "n2", TTL);
+    let mut watch = survivor.watch(0, 0).await;
+    let mut view = View::default();
+    view.until(&mut watch, "synced", |view| view.epoch != 0)
+        .await;
+    let (_session, welcome) = RawSession::hello(doomed.addr, "doomed").await;
+    let id = welcome.session_id.clone();
+    view.until(&mut watch, "opened", |view| view.open.contains(&id))
+        .await;
+
+    signal(&doomed.child, "-KILL");
+    let killed = Instant::now();
+    view.until(&mut watch, "closed", |view| !view.open.contains(&id))
+        .await;
+    let after = killed.elapsed();
+    let closed = view.changes.last().expect("a change");
+    assert_eq!(closed.3, pb::CloseReason::NodeLost as i32, "{closed:?}");
+    assert!(
+        after <= Duration::from_secs(TTL + 1),
+        "NODE_LOST after {after:?}"
+    );
+    drop(doomed);
+}
+
+/// Tests that a watch dropped on node 2 resumes by revision on node 2 and on
+/// node 3 alike: the same changes, nothing missed or repeated, no reset, and
+/// a view equal to ListSessions on every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_resumes_by_revision_on_any_node() {
+    let etcd = TestEtcd::start("resume");
+    let nodes = [1, 2, 3].map(|n| Node::start(&etcd, &format!("n{n}"), 10));
+    let mut watch = nodes[1].watch(0, 0).await;
+    let mut before = View::default();
+    before
+        .until(&mut watch, "synced", |view| view.epoch != 0)
+        .await;
+    let mut kept = Kept::new();
+    churn(&nodes, "before", &mut kept).await;
+    let expected = ids(&kept);
+    before
+        .until(&mut watch, "the first churn", |view| view.open == expected)
+        .await;
+    drop(watch);
+    let (epoch, after) = (before.epoch, before.revision);
+
+    churn(&nodes, "after", &mut kept).await;
+    let (_, revision, _) = nodes[0].list().await;
+    let mut replays = Vec::new();
+    for node in &nodes[1..] {
+        let mut watch = node.watch(epoch, after).await;
+        let mut view = View {
+            open: before.open.clone(),
+            revision: after,
+            ..View::default()
+        };
+        view.until(&mut watch, "the replay", |view| {
+            view.revision >= revision && view.epoch != 0
+        })
+        .await;
+        assert_eq!(view.resets, 0, "a resume within the history replays");
+        assert!(view.changes.iter().all(|change| change.0 > after));
+        let listed = node.ids().await;
+        assert_eq!(view.open, listed, "the resumed view is the list");
+        replays.push(view.changes);
+    }
+    assert_eq!(
+        replays[0], replays[1],
+        "node 2 and node 3 replay the same changes"
+    );
+    assert!(!replays[0].is_empty());
+    drop(kept);
+}
+
+/// Tests that after etcd restarts on the same data directory, the nodes'
+/// mirrors watch again from where they were: watches on both nodes see every
+/// change of a churn across the restart, without a reset, and end equal to
+/// ListSessions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirrors_rewatch_after_an_etcd_restart() {
+    let mut etcd = TestEtcd::start("restart");
+    // A lease long enough to outlive the restart.
+    let nodes = [1, 2].map(|n| Node::start(&etcd, &format!("n{n}"), 15));
+    let mut watches = Vec::new();
+    for node in &nodes {
+        let mut watch = node.watch(0, 0).await;
+        let mut view = View::default();
+        view.until(&mut watch, "synced", |view| view.epoch != 0)
+            .await;
+        watches.push((watch, view));
+    }
+    let mut kept = Kept::new();
+    churn(&nodes, "before", &mut kept).await;
+    etcd.restart();
+    churn(&nodes, "after", &mut kept).await;
+    let expected = ids(&kept);
+    for (watch, view) in &mut watches {
+        view.until(watch, "every change", |view| view.open == expected)
+            .await;
+        assert_eq!(view.resets, 0);
+    }
+    assert_eq!(nodes[1].ids().await, expected);
+    let opened = |view: &View| view.changes.iter().filter(|c| c.1 == "opened").count();
+    assert_eq!(opened(&watches[0].1), 60, "every open seen once");
+    assert_eq!(opened(&watches[1].1), 60, "every open seen once");
+}
+
+/// Tests that a node cut off from etcd ends its sessions with
+/// Goodbye{SERVER_SHUTDOWN} before its lease could expire, and exits saying
+/// it fenced itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_etcd_fences_its_sessions_before_its_lease_expires() {
+    const TTL: u64 = 3;
+    let etcd = TestEtcd::start("fence");
+    let mut node = Node::start(&etcd, "n1", TTL);
+    let (mut session, _) = RawSession::hello(node.addr, "fenced").await;
+    etcd.freeze();
+    let frozen = Instant::now();
+    let ended = session
+        .expect_end(pb::GoodbyeReason::ServerShutdown, Code::Unavailable)
+        .await;
+    let after = frozen.elapsed();
+    assert!(
+        after < Duration::from_secs(TTL),
+        "fenced {after:?} after etcd froze: the lease could have expired first"
+    );
+    drop(ended);
+    let status = within(WAIT, async {
+        loop {
+            if let Some(status) = node.child.try_wait().expect("try_wait") {
+                break status;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(!status.success(), "a fenced node exits with an error");
+}
+
+/// Sessions a test keeps open, with their ids.
+type Kept = Vec<(RawSession, String)>;
+
+/// Opens 30 sessions spread over `nodes` and ends 20 of them (by goodbye
+/// and by half-close), adding the 10 left open to `kept`; returns once every
+/// node lists exactly the kept sessions.
+async fn churn(nodes: &[Node], round: &str, kept: &mut Kept) {
+    let mut open = Vec::new();
+    for n in 0..30 {
+        let node = &nodes[n % nodes.len()];
+        let (session, welcome) = RawSession::hello(node.addr, &format!("churn-{round}-{n}")).await;
+        open.push((session, welcome.session_id));
+    }
+    for (n, (mut session, _)) in open.drain(..20).enumerate() {
+        if n % 2 == 0 {
+            session
+                .send(pb::heartbeat_request::Frame::Goodbye(pb::Goodbye {
+                    reason: pb::GoodbyeReason::ClientShutdown.into(),
+                    ..Default::default()
+                }))
+                .await;
+        }
+        session.half_close();
+        session.ended().await;
+    }
+    kept.extend(open);
+    let expected = ids(kept);
+    for node in nodes {
+        eventually("every node lists the kept sessions", || async {
+            node.ids().await == expected
+        })
+        .await;
+    }
+}
+
+fn ids(kept: &Kept) -> BTreeSet<String> {
+    kept.iter().map(|(_, id)| id.clone()).collect()
+}

@@ -1,0 +1,132 @@
+//! A real etcd for the cluster tests, from Debian's `etcd-server` package,
+//! installed on first use when it is missing, one process per test on free
+//! ports with its own data directory.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{mpsc, OnceLock},
+    time::Duration,
+};
+
+use super::{free_port, signal};
+
+/// A running etcd; killed and its data removed when dropped.
+pub struct TestEtcd {
+    child: Option<Child>,
+    /// The client URL.
+    pub url: String,
+    client: SocketAddr,
+    peer: SocketAddr,
+    data: PathBuf,
+}
+
+impl TestEtcd {
+    /// Starts an etcd with a fresh data directory named after `test`.
+    pub fn start(test: &str) -> Self {
+        install();
+        let data = std::env::temp_dir().join(format!("hb-etcd-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&data);
+        let client = free_port();
+        let peer = free_port();
+        let mut etcd = Self {
+            child: None,
+            url: format!("http://{client}"),
+            client,
+            peer,
+            data,
+        };
+        etcd.run();
+        etcd
+    }
+
+    /// Starts the process on the same ports and data, and waits until it serves.
+    fn run(&mut self) {
+        let (client, peer) = (self.client, self.peer);
+        let mut child = Command::new("etcd")
+            .arg("--data-dir")
+            .arg(&self.data)
+            .args(["--name", "test"])
+            .args(["--listen-client-urls", &format!("http://{client}")])
+            .args(["--advertise-client-urls", &format!("http://{client}")])
+            .args(["--listen-peer-urls", &format!("http://{peer}")])
+            .args(["--initial-advertise-peer-urls", &format!("http://{peer}")])
+            .args(["--initial-cluster", &format!("test=http://{peer}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start etcd");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (ready, serving) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("ready to serve client requests") {
+                    let _ = ready.send(());
+                }
+            }
+        });
+        serving
+            .recv_timeout(Duration::from_secs(20))
+            .expect("etcd serves within 20 s");
+        self.child = Some(child);
+    }
+
+    /// Stops etcd (SIGTERM) and waits for it to exit.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(&child, "-TERM");
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts etcd again on the same data directory.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.run();
+    }
+
+    /// Freezes etcd (SIGSTOP): it stays reachable but answers nothing.
+    pub fn freeze(&self) {
+        if let Some(child) = &self.child {
+            signal(child, "-STOP");
+        }
+    }
+}
+
+impl Drop for TestEtcd {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.data);
+    }
+}
+
+/// Installs Debian's etcd-server once, if `etcd` is not on the PATH.
+fn install() {
+    static INSTALLED: OnceLock<()> = OnceLock::new();
+    INSTALLED.get_or_init(|| {
+        let found = || {
+            Command::new("etcd")
+                .arg("--version")
+                .output()
+                .is_ok_and(|output| output.status.success())
+        };
+        if found() {
+            return;
+        }
+        let installed = Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends", "etcd-server"])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .is_ok_and(|status| status.success());
+        assert!(
+            installed && found(),
+            "the cluster tests need etcd: install Debian's etcd-server (apt-get install etcd-server), \
+             or put an etcd 3.4 or newer on the PATH"
+        );
+    });
+}
