@@ -18,6 +18,8 @@
 //!   [`server::serve`] for the standalone server.
 //! - [`client`]: a reconnecting client that keeps a session alive on its own
 //!   thread and reports state, round-trip times and why sessions were lost.
+//! - [`cluster`]: cluster mode, one presence across servers kept in etcd
+//!   (run by [`server::serve`] when `ServerConfig::cluster` is set).
 //! - [`presence`]: a client of a server's presence: list, evict, and a
 //!   [`Watcher`](presence::Watcher) that resumes by itself, folded into a
 //!   [`PresenceView`](presence::PresenceView); the registry's types on the wire.

@@ -1074,6 +1074,55 @@ mod tests {
         }
     }
 
+    /// Tests that a mirror takes revisions that skip numbers: it starts at
+    /// its given revision, ignores changes not above the last, replays across
+    /// the gaps, and resets a resume from before what its history holds.
+    #[test]
+    fn mirrors_replay_revisions_that_skip_numbers() {
+        let mirror = SessionRegistry::mirror(7, 100, 2, 10, Arc::new(Metrics::new(&[], &[])));
+        let link = recording(&mirror, "a");
+        let info = |id: &str| SessionInfo {
+            identity: Arc::new(identity(id, "")),
+            last_seen: SystemTime::now(),
+            rtt: None,
+            state: SessionState::Live,
+            frames_in: 0,
+            frames_out: 0,
+        };
+        let closed = |id: &str| SessionEvent::Closed {
+            session: info(id),
+            reason: CloseReason::NodeLost,
+            message: String::new(),
+        };
+        mirror.apply(200, SessionEvent::Opened(info("a")), link.clone());
+        mirror.apply(150, SessionEvent::Opened(info("b")), link.clone());
+        mirror.apply(201, SessionEvent::Opened(info("c")), link.clone());
+        mirror.apply(300, closed("a"), link.clone());
+        mirror.apply(301, closed("nobody"), link);
+        assert_eq!(mirror.snapshot().revision, 300);
+        assert_eq!(mirror.len(), 1, "b was ignored, a closed");
+
+        let mut resumed = mirror.resume(7, 200);
+        assert!(matches!(
+            resumed.start,
+            SubscriptionStart::Replay { revision: 300 }
+        ));
+        let mut missed = Vec::new();
+        while let Some(change) = resumed.next_missed().expect("in the history") {
+            missed.push(change.revision);
+        }
+        assert_eq!(missed, [201, 300]);
+        // 200 fell out of a history of two: a resume from before it resets.
+        assert!(matches!(
+            mirror.resume(7, 150).start,
+            SubscriptionStart::Snapshot { reset: true, .. }
+        ));
+        assert!(matches!(
+            mirror.resume(7, 300).start,
+            SubscriptionStart::Replay { revision: 300 }
+        ));
+    }
+
     /// Tests that a long replay is read in chunks, every change once and in
     /// order, and that one the history moves past meanwhile is cut off as
     /// lagging rather than skipping changes.

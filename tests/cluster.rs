@@ -6,12 +6,7 @@
 
 mod support;
 
-use std::{
-    collections::BTreeSet,
-    net::SocketAddr,
-    process::Child,
-    time::Duration,
-};
+use std::{collections::BTreeSet, net::SocketAddr, process::Child, time::Duration};
 
 use support::{etcd::TestEtcd, *};
 use tokio::time::Instant;
@@ -280,6 +275,57 @@ async fn a_killed_nodes_sessions_are_node_lost_within_the_lease_ttl() {
     drop(doomed);
 }
 
+/// Tests that a node drained with SIGTERM reports its sessions as
+/// SERVER_SHUTDOWN to the other nodes (not NODE_LOST), and exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_nodes_sessions_close_as_server_shutdown_everywhere() {
+    let etcd = TestEtcd::start("drain");
+    let mut leaving = Node::start(&etcd, "n1", 10);
+    let staying = Node::start(&etcd, "n2", 10);
+    let mut watch = staying.watch(0, 0).await;
+    let mut view = View::default();
+    view.until(&mut watch, "synced", |view| view.epoch != 0)
+        .await;
+    let mut sessions = Vec::new();
+    for n in 0..5 {
+        sessions.push(
+            RawSession::hello(leaving.addr, &format!("drained-{n}"))
+                .await
+                .0,
+        );
+    }
+    view.until(&mut watch, "opened", |view| view.open.len() == 5)
+        .await;
+    signal(&leaving.child, "-TERM");
+    for session in &mut sessions {
+        session
+            .expect_end(pb::GoodbyeReason::ServerShutdown, Code::Unavailable)
+            .await;
+    }
+    view.until(&mut watch, "closed", |view| view.open.is_empty())
+        .await;
+    let reasons: BTreeSet<i32> = view
+        .changes
+        .iter()
+        .filter(|change| change.1 == "closed")
+        .map(|change| change.3)
+        .collect();
+    assert_eq!(
+        reasons,
+        BTreeSet::from([pb::CloseReason::ServerShutdown as i32])
+    );
+    let status = within(WAIT, async {
+        loop {
+            if let Some(status) = leaving.child.try_wait().expect("try_wait") {
+                break status;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(status.success(), "a drained node exits 0");
+}
+
 /// Tests that a watch dropped on node 2 resumes by revision on node 2 and on
 /// node 3 alike: the same changes, nothing missed or repeated, no reset, and
 /// a view equal to ListSessions on every node.
@@ -330,14 +376,14 @@ async fn a_watch_resumes_by_revision_on_any_node() {
 }
 
 /// Tests that after etcd restarts on the same data directory, the nodes'
-/// mirrors watch again from where they were: watches on both nodes see every
-/// change of a churn across the restart, without a reset, and end equal to
-/// ListSessions.
+/// mirrors watch again from where they were: a watch on each of three nodes
+/// sees every change of a churn across the nodes and the restart, without a
+/// reset, and ends equal to ListSessions on every node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mirrors_rewatch_after_an_etcd_restart() {
     let mut etcd = TestEtcd::start("restart");
     // A lease long enough to outlive the restart.
-    let nodes = [1, 2].map(|n| Node::start(&etcd, &format!("n{n}"), 15));
+    let nodes = [1, 2, 3].map(|n| Node::start(&etcd, &format!("n{n}"), 15));
     let mut watches = Vec::new();
     for node in &nodes {
         let mut watch = node.watch(0, 0).await;
@@ -356,10 +402,13 @@ async fn mirrors_rewatch_after_an_etcd_restart() {
             .await;
         assert_eq!(view.resets, 0);
     }
-    assert_eq!(nodes[1].ids().await, expected);
-    let opened = |view: &View| view.changes.iter().filter(|c| c.1 == "opened").count();
-    assert_eq!(opened(&watches[0].1), 60, "every open seen once");
-    assert_eq!(opened(&watches[1].1), 60, "every open seen once");
+    for node in &nodes {
+        assert_eq!(node.ids().await, expected);
+    }
+    for (_, view) in &watches {
+        let opened = view.changes.iter().filter(|c| c.1 == "opened").count();
+        assert_eq!(opened, 60, "every open seen once");
+    }
 }
 
 /// Tests that a node cut off from etcd ends its sessions with

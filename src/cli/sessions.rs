@@ -231,6 +231,7 @@ fn session_json(session: &SessionInfo) -> serde_json::Value {
         "rtt_ms": session.rtt.map(|rtt| rtt.as_secs_f64() * 1000.0),
         "frames_in": session.frames_in,
         "frames_out": session.frames_out,
+        "node": identity.node,
     })
 }
 
@@ -275,8 +276,9 @@ fn print_table(sessions: &[SessionInfo]) {
         "AGE",
         "LAST SEEN",
         "RTT",
+        "NODE",
     ];
-    let rows: Vec<[String; 8]> = sessions
+    let rows: Vec<[String; 9]> = sessions
         .iter()
         .map(|session| {
             let identity = &session.identity;
@@ -294,6 +296,7 @@ fn print_table(sessions: &[SessionInfo]) {
                     || "-".into(),
                     |rtt| format!("{:.3}ms", rtt.as_secs_f64() * 1000.0),
                 ),
+                or_dash(&identity.node).to_owned(),
             ]
         })
         .collect();
