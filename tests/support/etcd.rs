@@ -118,11 +118,16 @@ fn install() {
         if found() {
             return;
         }
-        let installed = Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends", "etcd-server"])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status()
-            .is_ok_and(|status| status.success());
+        let apt = |args: &[&str]| {
+            Command::new("apt-get")
+                .args(args)
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .status()
+                .is_ok_and(|status| status.success())
+        };
+        let install = ["install", "-y", "-q", "--no-install-recommends", "etcd-server"];
+        // Stale package lists are refreshed once, then the install retried.
+        let installed = apt(&install) || (apt(&["update", "-q"]) && apt(&install));
         assert!(
             installed && found(),
             "the cluster tests need etcd: install Debian's etcd-server (apt-get install etcd-server), \
