@@ -454,22 +454,30 @@ impl SessionRegistry {
     /// Adds an open session to a [mirror](Self::mirror) without a change:
     /// the sessions a mirror starts from, before anyone subscribes.
     pub fn seed(&self, info: SessionInfo, link: Arc<dyn SessionLink>) {
+        let identity = info.identity.clone();
         let entry = Entry {
-            identity: info.identity.clone(),
+            identity: identity.clone(),
             state: info.state,
             link,
         };
-        self.shared
-            .inner
-            .lock()
-            .sessions
-            .insert(info.identity.session_id.clone(), entry);
+        let mut inner = self.shared.inner.lock();
+        if !identity.client_id.is_empty() {
+            inner
+                .by_client
+                .insert(identity.client_id.clone(), identity.session_id.clone());
+        }
+        inner.sessions.insert(identity.session_id.clone(), entry);
     }
 
     /// The open session `session_id`, as it is now.
     pub fn session(&self, session_id: &str) -> Option<SessionInfo> {
         let entry = self.shared.inner.lock().sessions.get(session_id)?.share();
         Some(info_of(&entry))
+    }
+
+    /// The open session that holds `client_id`, if any.
+    pub fn holder(&self, client_id: &str) -> Option<String> {
+        self.shared.inner.lock().by_client.get(client_id).cloned()
     }
 
     /// Another server's session `newer` took `client_id`: ends the session
@@ -509,7 +517,15 @@ impl SessionRegistry {
         }
         let session_id = event.session().identity.session_id.clone();
         match &event {
+            // A record written twice (a retried write) is news only once.
+            SessionEvent::Opened(_) if inner.sessions.contains_key(&session_id) => return,
             SessionEvent::Opened(info) => {
+                let client_id = &info.identity.client_id;
+                if !client_id.is_empty() {
+                    inner
+                        .by_client
+                        .insert(client_id.clone(), session_id.clone());
+                }
                 let entry = Entry {
                     identity: info.identity.clone(),
                     state: info.state,
@@ -518,17 +534,23 @@ impl SessionRegistry {
                 inner.sessions.insert(session_id, entry);
             }
             SessionEvent::Suspected(info) | SessionEvent::Recovered(info) => {
-                match inner.sessions.get_mut(&session_id) {
-                    Some(entry) => {
-                        entry.state = info.state;
-                        entry.link = link;
-                    }
-                    None => return,
+                let Some(entry) = inner.sessions.get_mut(&session_id) else {
+                    return;
+                };
+                let changed = entry.state != info.state;
+                entry.state = info.state;
+                entry.link = link;
+                if !changed {
+                    return;
                 }
             }
-            SessionEvent::Closed { .. } => {
+            SessionEvent::Closed { session, .. } => {
                 if inner.sessions.remove(&session_id).is_none() {
                     return;
+                }
+                let client_id = &session.identity.client_id;
+                if inner.by_client.get(client_id) == Some(&session_id) {
+                    inner.by_client.remove(client_id);
                 }
             }
         }

@@ -33,6 +33,9 @@ use super::ClusterError;
 /// How long one unary call to etcd may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The largest response read from etcd: a few hundred thousand sessions.
+const MAX_RESPONSE: usize = 512 * 1024 * 1024;
+
 /// Clients of the KV, Watch and Lease services on one channel.
 #[derive(Clone, Debug)]
 pub(crate) struct Etcd {
@@ -54,9 +57,10 @@ impl Etcd {
                             .connect_timeout(CALL_TIMEOUT)
                             .timeout(CALL_TIMEOUT)
                             .tcp_nodelay(true)
-                            .http2_keep_alive_interval(Duration::from_secs(5))
+                            // etcd refuses pings closer than 5 s, and
+                            // pings without a call open.
+                            .http2_keep_alive_interval(Duration::from_secs(10))
                             .keep_alive_timeout(Duration::from_secs(5))
-                            .keep_alive_while_idle(true)
                     })
                     .map_err(|error| ClusterError::Endpoint {
                         url: url.clone(),
@@ -66,8 +70,10 @@ impl Etcd {
             .collect::<Result<Vec<_>, _>>()?;
         let channel = Channel::balance_list(endpoints.into_iter());
         Ok(Self {
-            kv: KvClient::new(channel.clone()),
-            watch: WatchClient::new(channel.clone()),
+            // A range of every session, or one lost node's expiry in a single
+            // watch response, is far over tonic's 4 MiB default.
+            kv: KvClient::new(channel.clone()).max_decoding_message_size(MAX_RESPONSE),
+            watch: WatchClient::new(channel.clone()).max_decoding_message_size(MAX_RESPONSE),
             lease: LeaseClient::new(channel),
         })
     }
@@ -103,8 +109,9 @@ impl Etcd {
         Ok(self.kv.clone().txn(txn).await?.into_inner())
     }
 
-    /// A new lease of `ttl` seconds; its id.
-    pub(crate) async fn grant(&self, ttl: i64) -> Result<i64, Status> {
+    /// A new lease of `ttl` seconds: its id, and the TTL etcd granted (it
+    /// may raise a short one to its minimum).
+    pub(crate) async fn grant(&self, ttl: i64) -> Result<(i64, i64), Status> {
         let response = self
             .lease
             .clone()
@@ -112,7 +119,7 @@ impl Etcd {
             .await?
             .into_inner();
         if response.error.is_empty() {
-            Ok(response.id)
+            Ok((response.id, response.ttl))
         } else {
             Err(Status::unavailable(response.error))
         }
@@ -151,8 +158,8 @@ impl Etcd {
         Ok((sender, responses))
     }
 
-    /// Watches every key under `prefix` from `start_revision`, with the previous
-    /// values of deleted keys and progress notifications.
+    /// Watches every key under `prefix` from `start_revision`, with progress
+    /// notifications.
     pub(crate) async fn watch_prefix(
         &self,
         prefix: &[u8],
@@ -165,7 +172,7 @@ impl Etcd {
                 range_end: prefix_end(prefix),
                 start_revision,
                 progress_notify: true,
-                prev_kv: true,
+                prev_kv: false,
             })),
         };
         // The channel has room for this one; the sender is kept so that the

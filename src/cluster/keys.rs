@@ -24,8 +24,10 @@ pub(crate) const CHANGES_PER_REVISION: u64 = 1 << 20;
 /// The contract's revision of the `index`th session change of etcd revision
 /// `etcd_revision`.
 pub(crate) fn revision(etcd_revision: i64, index: u64) -> u64 {
-    u64::try_from(etcd_revision).unwrap_or(0) * CHANGES_PER_REVISION
-        + index.min(CHANGES_PER_REVISION - 1)
+    u64::try_from(etcd_revision)
+        .unwrap_or(0)
+        .saturating_mul(CHANGES_PER_REVISION)
+        .saturating_add(index.min(CHANGES_PER_REVISION - 1))
 }
 
 /// The cluster's epoch from etcd's cluster id and the epoch key's value:

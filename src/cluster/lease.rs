@@ -21,16 +21,26 @@ use super::{
     Node,
 };
 
-/// Renews the node's lease every third of its TTL until the node fences itself.
-pub(super) async fn keep_alive(node: Arc<Node>, fenced: watch::Sender<Option<String>>) {
+/// Renews the node's lease every third of its TTL until the node fences
+/// itself. `granted` is when the grant was asked for: the lease runs from no
+/// earlier than that.
+pub(super) async fn keep_alive(
+    node: Arc<Node>,
+    fenced: watch::Sender<Option<String>>,
+    granted: Instant,
+) {
     let interval = node.ttl / 3;
     let fence_after = node.ttl - interval;
-    let mut renewed = Instant::now();
+    let silent = || format!("no lease renewal from etcd for {}", human(fence_after));
+    // etcd counts a renewal from when it handled the request, which is after
+    // this node sent it: counting from the send keeps the whole margin.
+    let mut renewed = granted;
     let reason = 'renewing: loop {
         let deadline = renewed + fence_after;
+        let mut sent = Instant::now();
         let (sender, mut responses) =
             match timeout_at(deadline, node.etcd.keep_alive(node.lease)).await {
-                Err(_) => break format!("no lease renewal from etcd for {}", human(fence_after)),
+                Err(_) => break silent(),
                 Ok(Ok(stream)) => stream,
                 Ok(Err(status)) => {
                     warn!(%status, "lease keep-alive stream failed; retrying");
@@ -40,19 +50,17 @@ pub(super) async fn keep_alive(node: Arc<Node>, fenced: watch::Sender<Option<Str
                 }
             };
         loop {
-            let deadline = renewed + fence_after;
-            match timeout_at(deadline, responses.message()).await {
-                Err(_) => {
-                    break 'renewing format!(
-                        "no lease renewal from etcd for {}",
-                        human(fence_after)
-                    )
-                }
-                Ok(Ok(Some(response))) if response.ttl > 0 => renewed = Instant::now(),
+            match timeout_at(renewed + fence_after, responses.message()).await {
+                Err(_) => break 'renewing silent(),
+                Ok(Ok(Some(response))) if response.ttl > 0 => renewed = sent,
                 Ok(Ok(Some(_))) => break 'renewing "the node's lease expired in etcd".to_owned(),
-                Ok(Ok(None)) | Ok(Err(_)) => continue 'renewing,
+                Ok(Ok(None)) | Ok(Err(_)) => {
+                    sleep(interval / 4).await;
+                    continue 'renewing;
+                }
             }
             sleep(interval).await;
+            sent = Instant::now();
             let renew = LeaseKeepAliveRequest { id: node.lease };
             if sender.send(renew).await.is_err() {
                 continue 'renewing;
@@ -95,7 +103,7 @@ impl Tombstones {
             }
         }
         let ttl = i64::try_from(self.ttl.as_secs()).unwrap_or(i64::MAX);
-        let id = etcd.grant(ttl).await?;
+        let (id, _) = etcd.grant(ttl).await?;
         *current = Some((id, Instant::now()));
         Ok(id)
     }

@@ -11,7 +11,7 @@
 //! session elsewhere (the local holder is replaced) and an eviction asked
 //! through any node (the local session is evicted).
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use prost::Message;
 use tokio::{
@@ -68,8 +68,9 @@ pub(super) async fn read_view(
     Ok((view, revision))
 }
 
-/// Every session record (open or closed) by session id, and the revision.
-async fn read_records(node: &Node) -> Result<(HashMap<String, SessionEvent>, i64), tonic::Status> {
+/// Every session record (open or closed) by session id, in order, and the
+/// revision: every node applies a difference in the same order.
+async fn read_records(node: &Node) -> Result<(BTreeMap<String, SessionEvent>, i64), tonic::Status> {
     let response = node.etcd.range_prefix(&node.keys.sessions(), 0).await?;
     let revision = response.header.map_or(0, |header| header.revision);
     let records = response
@@ -133,7 +134,13 @@ pub(super) async fn follow(
                     break;
                 }
                 Ok(Some(response)) => {
-                    let progress = response.header.map_or(0, |header| header.revision);
+                    // A progress notification (no events, after creation)
+                    // promises every event up to its header's revision was
+                    // sent; the creation's header promises nothing yet.
+                    let progress = match response.created {
+                        true => 0,
+                        false => response.header.map_or(0, |header| header.revision),
+                    };
                     let newest = response
                         .events
                         .iter()
@@ -203,8 +210,8 @@ impl Follower {
                 }
             }
             Key::Client(client_id) if put => {
-                if let Ok(holder) = std::str::from_utf8(&kv.value) {
-                    self.local.replaced_elsewhere(client_id, holder);
+                if let Ok(newer) = std::str::from_utf8(&kv.value) {
+                    self.client_taken(client_id, newer, kv.mod_revision);
                 }
             }
             Key::Evict(session_id) if put => {
@@ -212,6 +219,35 @@ impl Follower {
                     .evict(session_id, &String::from_utf8_lossy(&kv.value));
             }
             Key::Client(_) | Key::Evict(_) | Key::Other => {}
+        }
+    }
+
+    /// Session `newer` took `client_id` at `etcd_revision`. In every view the
+    /// id's previous holder is replaced there and then, at the same revision
+    /// on every node; here, the local holder ends if its own claim came
+    /// first (a claim not yet written will come later, and win).
+    fn client_taken(&mut self, client_id: &str, newer: &str, etcd_revision: i64) {
+        let older = self.view.holder(client_id).filter(|older| older != newer);
+        if let Some(session) = older.and_then(|older| self.view.session(&older)) {
+            let revision = self.next_revision(etcd_revision);
+            let change = SessionEvent::Closed {
+                session,
+                reason: CloseReason::Replaced,
+                message: format!("replaced by session {newer}"),
+            };
+            let link = RemoteSession::link(change.session(), &self.evictions);
+            self.view.apply(revision, change, link);
+        }
+        let Some(holder) = self
+            .local
+            .holder(client_id)
+            .filter(|holder| holder != newer)
+        else {
+            return;
+        };
+        let claimed = self.node.claims.lock().get(&holder).copied();
+        if claimed.is_some_and(|claimed| claimed < etcd_revision) {
+            self.local.replaced_elsewhere(client_id, newer);
         }
     }
 

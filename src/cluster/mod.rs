@@ -159,6 +159,10 @@ struct Node {
     ttl: Duration,
     /// Short leases that closed sessions' records and evictions live on.
     tombstones: lease::Tombstones,
+    /// The etcd revision at which each of this node's sessions took its
+    /// client id: a later claim by another session replaces it, an earlier
+    /// one (or one seen before this node's claim is written) does not.
+    claims: parking_lot::Mutex<std::collections::HashMap<String, i64>>,
 }
 
 /// A node that has joined its cluster: the view of every node's sessions,
@@ -190,29 +194,47 @@ impl Cluster {
         let keys = Keys::new(&config.prefix);
         let epoch = agree_on_epoch(&etcd, &keys).await?;
         let ttl = i64::try_from(config.lease_ttl.as_secs()).unwrap_or(i64::MAX);
-        let lease = etcd
+        let granted = tokio::time::Instant::now();
+        let (lease, ttl) = etcd
             .grant(ttl)
             .await
             .map_err(ClusterError::etcd("lease grant"))?;
-        register(&etcd, &keys, &config.node_id, lease, config.lease_ttl).await?;
-        let (evict_sender, evictions) = mpsc::unbounded_channel();
         let node = Arc::new(Node {
             tombstones: lease::Tombstones::new(config.lease_ttl),
             etcd,
             keys,
             id: config.node_id.clone(),
             lease,
-            ttl: config.lease_ttl,
+            // etcd may raise a short TTL to its minimum.
+            ttl: Duration::from_secs(u64::try_from(ttl).unwrap_or(0)).max(config.lease_ttl),
+            claims: Default::default(),
         });
-        let (view, start_revision) =
-            mirror::read_view(&node, epoch, server, evict_sender.clone()).await?;
+        // Renewing from the grant on: registering may wait out a previous
+        // holder of the id for a whole TTL.
+        let (fenced, _) = watch::channel(None);
+        let keeper = tokio::spawn(lease::keep_alive(node.clone(), fenced.clone(), granted));
+        let joined = async {
+            register(&node.etcd, &node.keys, &node.id, lease, config.lease_ttl).await?;
+            let (evict_sender, evictions) = mpsc::unbounded_channel();
+            let (view, start_revision) =
+                mirror::read_view(&node, epoch, server, evict_sender.clone()).await?;
+            Ok::<_, ClusterError>((view, start_revision, evict_sender, evictions))
+        }
+        .await;
+        let (view, start_revision, evict_sender, evictions) = match joined {
+            Ok(joined) => joined,
+            Err(error) => {
+                keeper.abort();
+                let _ = node.etcd.revoke(lease).await;
+                return Err(error);
+            }
+        };
         info!(
             node = %node.id,
             epoch,
             sessions = view.len(),
             "joined the cluster"
         );
-        let (fenced, _) = watch::channel(None);
         Ok(Self {
             node,
             view,
@@ -220,7 +242,7 @@ impl Cluster {
             evictions: Some(evictions),
             evict_sender,
             fenced,
-            tasks: Vec::new(),
+            tasks: vec![keeper],
             flushed: None,
         })
     }
@@ -239,10 +261,8 @@ impl Cluster {
     /// with etcd, and the lease alive.
     pub(crate) fn start(&mut self, local: SessionRegistry) {
         let node = &self.node;
-        self.tasks.push(tokio::spawn(lease::keep_alive(
-            node.clone(),
-            self.fenced.clone(),
-        )));
+        // Subscribed before the server serves: no session opens unwritten.
+        let changes = local.subscribe_with_queue(replicate::QUEUE);
         self.tasks.push(tokio::spawn(mirror::follow(
             node.clone(),
             self.view.clone(),
@@ -259,6 +279,7 @@ impl Cluster {
         self.flushed = Some(flushed);
         self.tasks.push(tokio::spawn(replicate::sessions(
             node.clone(),
+            changes,
             local,
             self.fenced.clone(),
             flushed_tx,

@@ -26,29 +26,32 @@ use super::{
 };
 use crate::{
     protocol::pb,
-    registry::{Change, SessionEvent, SessionRegistry},
+    registry::{Change, SessionEvent, SessionRegistry, Subscription},
 };
 
 /// Local changes that may wait for etcd before the node fences itself: far
 /// more than a burst of opens, bounded so a stuck etcd cannot grow it.
-const QUEUE: usize = 1 << 16;
+pub(super) const QUEUE: usize = 1 << 16;
 
 /// How long a failed write waits before it is tried again.
 const RETRY: Duration = Duration::from_millis(200);
 
+/// Attempts at passing an eviction on before it is given up (and logged).
+const EVICTION_ATTEMPTS: u32 = 25;
+
 /// Attempts at taking a client id that other nodes keep taking meanwhile.
 const CLIENT_ID_ATTEMPTS: usize = 8;
 
-/// Writes every change of `local` to etcd, in order, until the registry ends
-/// (after a drain) or the node is fenced; sets `flushed` when all are written.
+/// Writes every change of `changes` (the subscription to `local`, this
+/// node's registry) to etcd, in order, until the registry ends (after a
+/// drain) or the node is fenced; sets `flushed` when all are written.
 pub(super) async fn sessions(
     node: Arc<Node>,
+    mut changes: Subscription,
     local: SessionRegistry,
     fenced: watch::Sender<Option<String>>,
     flushed: watch::Sender<bool>,
 ) {
-    let mut changes = local.subscribe_with_queue(QUEUE);
-    drop(local);
     loop {
         let change = match changes.next().await {
             Ok(Some(change)) => change,
@@ -60,7 +63,7 @@ pub(super) async fn sessions(
                 return;
             }
         };
-        while let Err(status) = write(&node, &change).await {
+        while let Err(status) = write(&node, &local, &change).await {
             if fenced.borrow().is_some() {
                 return;
             }
@@ -72,7 +75,7 @@ pub(super) async fn sessions(
 }
 
 /// One change as one transaction.
-async fn write(node: &Node, change: &Change) -> Result<(), tonic::Status> {
+async fn write(node: &Node, local: &SessionRegistry, change: &Change) -> Result<(), tonic::Status> {
     let session = change.event.session();
     let session_key = node.keys.session(&session.identity.session_id);
     let record = pb::WatchSessionsResponse::from(&Change {
@@ -81,10 +84,19 @@ async fn write(node: &Node, change: &Change) -> Result<(), tonic::Status> {
     })
     .encode_to_vec();
     let client_id = &session.identity.client_id;
+    let session_id = &session.identity.session_id;
     match &change.event {
+        // Closed or replaced here before its open was written: it never
+        // claims anything (its close follows, and is read as nothing).
+        SessionEvent::Opened(_)
+            if !client_id.is_empty() && local.holder(client_id).as_ref() != Some(session_id) =>
+        {
+            Ok(())
+        }
+        SessionEvent::Opened(_) if local.session(session_id).is_none() => Ok(()),
         SessionEvent::Opened(_) if !client_id.is_empty() => {
             let client_key = node.keys.client(client_id);
-            let session_id = session.identity.session_id.as_bytes().to_vec();
+            let claim = session_id.as_bytes().to_vec();
             for _ in 0..CLIENT_ID_ATTEMPTS {
                 let (held, _) = node.etcd.get(&client_key).await?;
                 let seen = held.map_or(0, |kv| kv.mod_revision);
@@ -95,12 +107,15 @@ async fn write(node: &Node, change: &Change) -> Result<(), tonic::Status> {
                         TargetUnion::ModRevision(seen),
                     )],
                     success: vec![
-                        etcd::put(client_key.clone(), session_id.clone(), node.lease),
+                        etcd::put(client_key.clone(), claim.clone(), node.lease),
                         etcd::put(session_key.clone(), record.clone(), node.lease),
                     ],
                     failure: Vec::new(),
                 };
-                if node.etcd.txn(txn).await?.succeeded {
+                let written = node.etcd.txn(txn).await?;
+                if written.succeeded {
+                    let revision = written.header.map_or(0, |header| header.revision);
+                    node.claims.lock().insert(session_id.clone(), revision);
                     return Ok(());
                 }
             }
@@ -117,6 +132,7 @@ async fn write(node: &Node, change: &Change) -> Result<(), tonic::Status> {
             node.etcd.txn(txn).await.map(drop)
         }
         SessionEvent::Closed { .. } => {
+            node.claims.lock().remove(session_id);
             let tombstone = node.tombstones.lease(&node.etcd).await?;
             let put = etcd::put(session_key, record, tombstone);
             let txn = if client_id.is_empty() {
@@ -131,7 +147,7 @@ async fn write(node: &Node, change: &Change) -> Result<(), tonic::Status> {
                     compare: vec![etcd::compare(
                         client_key.clone(),
                         CompareResult::Equal,
-                        TargetUnion::Value(session.identity.session_id.as_bytes().to_vec()),
+                        TargetUnion::Value(session_id.as_bytes().to_vec()),
                     )],
                     success: vec![put.clone(), etcd::delete(client_key)],
                     failure: vec![put],
@@ -149,22 +165,27 @@ pub(super) async fn evictions(
     mut requests: mpsc::UnboundedReceiver<(String, String)>,
 ) {
     while let Some((session_id, message)) = requests.recv().await {
-        let written = async {
+        let write = || async {
             let lease = node.tombstones.lease(&node.etcd).await?;
             let txn = TxnRequest {
                 compare: Vec::new(),
                 success: vec![etcd::put(
                     node.keys.evict(&session_id),
-                    message.into_bytes(),
+                    message.clone().into_bytes(),
                     lease,
                 )],
                 failure: Vec::new(),
             };
             node.etcd.txn(txn).await
-        }
-        .await;
-        if let Err(status) = written {
-            warn!(%status, %session_id, "could not pass an eviction on to etcd");
+        };
+        let mut attempts = 0;
+        while let Err(status) = write().await {
+            attempts += 1;
+            if attempts == EVICTION_ATTEMPTS {
+                warn!(%status, %session_id, "could not pass an eviction on to etcd; giving up");
+                break;
+            }
+            tokio::time::sleep(RETRY).await;
         }
     }
 }

@@ -189,11 +189,10 @@ impl pb::presence_service_server::PresenceService for PresenceEndpoint {
     ) -> Result<Response<pb::EvictSessionResponse>, Status> {
         self.authorize(&request)?;
         let request = request.into_inner();
-        if self
-            .shared
-            .presence()
-            .evict(&request.session_id, &request.message)
-        {
+        // A session held here is ended here; one of another node's is
+        // passed on through the cluster.
+        let (id, message) = (&request.session_id, &request.message);
+        if self.shared.registry.evict(id, message) || self.shared.presence().evict(id, message) {
             Ok(Response::new(pb::EvictSessionResponse {}))
         } else {
             Err(Status::not_found(format!(

@@ -81,9 +81,9 @@ impl TestEtcd {
         }
     }
 
-    /// Starts etcd again on the same data directory.
-    pub fn restart(&mut self) {
-        self.stop();
+    /// Starts a stopped etcd again on the same data directory.
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "etcd is still running");
         self.run();
     }
 
