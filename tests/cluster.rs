@@ -244,6 +244,33 @@ async fn one_presence_with_replace_and_evict_across_nodes() {
     .await;
 }
 
+/// Tests that a node joining while a replaced session's node is frozen (so
+/// its close is never written) lists only the newer session, as the nodes
+/// that saw the replacement do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joining_node_sees_a_replacement_whose_close_was_never_written() {
+    let etcd = TestEtcd::start("join-after-replace");
+    let frozen = Node::start(&etcd, "n1", 10);
+    let follower = Node::start(&etcd, "n2", 10);
+    let (_older, welcome) = RawSession::hello(frozen.addr, "worker-z").await;
+    let older = welcome.session_id;
+    eventually("listed on node 2", || async {
+        follower.ids().await.contains(&older)
+    })
+    .await;
+    signal(&frozen.child, "-STOP");
+    let (_newer, welcome) = RawSession::hello(follower.addr, "worker-z").await;
+    let newer = welcome.session_id;
+    let expected = BTreeSet::from([newer.clone()]);
+    eventually("node 2 lists only the newer", || async {
+        follower.ids().await == expected
+    })
+    .await;
+    let joined = Node::start(&etcd, "n3", 10);
+    assert_eq!(joined.ids().await, expected, "the joining node's view");
+    signal(&frozen.child, "-CONT");
+}
+
 /// Tests that the sessions of a SIGKILLed node are reported NODE_LOST on the
 /// other nodes within the lease TTL and a second.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -86,6 +86,10 @@ impl Keys {
         format!("{}/sessions/{session_id}", self.prefix).into_bytes()
     }
 
+    pub(crate) fn clients(&self) -> Vec<u8> {
+        format!("{}/clients/", self.prefix).into_bytes()
+    }
+
     pub(crate) fn client(&self, client_id: &str) -> Vec<u8> {
         format!("{}/clients/{client_id}", self.prefix).into_bytes()
     }

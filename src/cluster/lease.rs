@@ -12,7 +12,7 @@ use std::{sync::Arc, time::Duration};
 
 use tokio::{
     sync::{watch, Mutex},
-    time::{sleep, timeout_at, Instant},
+    time::{timeout_at, Instant},
 };
 use tracing::{error, warn};
 
@@ -55,11 +55,14 @@ pub(super) async fn keep_alive(
                 Ok(Ok(Some(response))) if response.ttl > 0 => renewed = sent,
                 Ok(Ok(Some(_))) => break 'renewing "the node's lease expired in etcd".to_owned(),
                 Ok(Ok(None)) | Ok(Err(_)) => {
-                    sleep(interval / 4).await;
+                    let retry = (Instant::now() + interval / 4).min(renewed + fence_after);
+                    tokio::time::sleep_until(retry).await;
                     continue 'renewing;
                 }
             }
-            sleep(interval).await;
+            // Every third of the TTL from the last send, however long its
+            // answer took: a slow answer must not push the fence late.
+            tokio::time::sleep_until(sent + interval).await;
             sent = Instant::now();
             let renew = LeaseKeepAliveRequest { id: node.lease };
             if sender.send(renew).await.is_err() {

@@ -70,9 +70,25 @@ pub(super) async fn read_view(
 
 /// Every session record (open or closed) by session id, in order, and the
 /// revision: every node applies a difference in the same order.
+///
+/// An open record whose client id's key names another session was replaced
+/// (its node has not written its close yet): it reads as closed, as the
+/// views that followed the replacement have it.
 async fn read_records(node: &Node) -> Result<(BTreeMap<String, SessionEvent>, i64), tonic::Status> {
     let response = node.etcd.range_prefix(&node.keys.sessions(), 0).await?;
     let revision = response.header.map_or(0, |header| header.revision);
+    let holders = node
+        .etcd
+        .range_prefix(&node.keys.clients(), revision)
+        .await?;
+    let holders: BTreeMap<&str, &[u8]> = holders
+        .kvs
+        .iter()
+        .filter_map(|kv| match node.keys.parse(&kv.key) {
+            Key::Client(client_id) => Some((client_id, kv.value.as_slice())),
+            _ => None,
+        })
+        .collect();
     let records = response
         .kvs
         .iter()
@@ -80,7 +96,21 @@ async fn read_records(node: &Node) -> Result<(BTreeMap<String, SessionEvent>, i6
             let Key::Session(id) = node.keys.parse(&kv.key) else {
                 return None;
             };
-            Some((id.to_owned(), decode(kv)?))
+            let record = decode(kv)?;
+            let session = record.session();
+            let client_id = session.identity.client_id.as_str();
+            let replaced = !client_id.is_empty()
+                && !matches!(record, SessionEvent::Closed { .. })
+                && holders.get(client_id).copied() != Some(id.as_bytes());
+            let record = match replaced {
+                true => SessionEvent::Closed {
+                    session: session.clone(),
+                    reason: CloseReason::Replaced,
+                    message: "replaced by another session".into(),
+                },
+                false => record,
+            };
+            Some((id.to_owned(), record))
         })
         .collect();
     Ok((records, revision))
@@ -238,15 +268,20 @@ impl Follower {
             let link = RemoteSession::link(change.session(), &self.evictions);
             self.view.apply(revision, change, link);
         }
-        let Some(holder) = self
-            .local
-            .holder(client_id)
-            .filter(|holder| holder != newer)
-        else {
-            return;
+        // Claims are recorded here, in watch order, so this node's own
+        // claim is always known before a later one is judged against it.
+        let replace = {
+            let mut claims = self.node.claims.lock();
+            if self.local.session(newer).is_some() {
+                let claimed = claims.entry(newer.to_owned()).or_insert(etcd_revision);
+                *claimed = (*claimed).max(etcd_revision);
+            }
+            self.local
+                .holder(client_id)
+                .filter(|holder| holder != newer)
+                .is_some_and(|holder| claims.get(&holder).is_some_and(|at| *at < etcd_revision))
         };
-        let claimed = self.node.claims.lock().get(&holder).copied();
-        if claimed.is_some_and(|claimed| claimed < etcd_revision) {
+        if replace {
             self.local.replaced_elsewhere(client_id, newer);
         }
     }

@@ -321,6 +321,16 @@ impl Cluster {
     }
 }
 
+impl Drop for Cluster {
+    /// A node dropped without leaving (serve failed after joining) stops
+    /// renewing its lease, which then expires.
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
 /// The epoch: from etcd's cluster id and a random number that the first node
 /// writes under the prefix, so every node derives the same one.
 async fn agree_on_epoch(etcd: &Etcd, keys: &Keys) -> Result<u64, ClusterError> {

@@ -8,7 +8,7 @@
 //! replaced. A close overwrites the session's key with the close (on a short
 //! tombstone lease) and frees the client id if it still points here.
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use prost::Message;
 use tokio::sync::{mpsc, watch};
@@ -52,6 +52,8 @@ pub(super) async fn sessions(
     fenced: watch::Sender<Option<String>>,
     flushed: watch::Sender<bool>,
 ) {
+    // Sessions whose open is in etcd: only they have a state or a close to write.
+    let mut written = HashSet::new();
     loop {
         let change = match changes.next().await {
             Ok(Some(change)) => change,
@@ -63,7 +65,7 @@ pub(super) async fn sessions(
                 return;
             }
         };
-        while let Err(status) = write(&node, &local, &change).await {
+        while let Err(status) = write(&node, &local, &mut written, &change).await {
             if fenced.borrow().is_some() {
                 return;
             }
@@ -74,8 +76,13 @@ pub(super) async fn sessions(
     flushed.send_replace(true);
 }
 
-/// One change as one transaction.
-async fn write(node: &Node, local: &SessionRegistry, change: &Change) -> Result<(), tonic::Status> {
+/// One change as one transaction (or none, for a session never written).
+async fn write(
+    node: &Node,
+    local: &SessionRegistry,
+    written: &mut HashSet<String>,
+    change: &Change,
+) -> Result<(), tonic::Status> {
     let session = change.event.session();
     let session_key = node.keys.session(&session.identity.session_id);
     let record = pb::WatchSessionsResponse::from(&Change {
@@ -101,38 +108,64 @@ async fn write(node: &Node, local: &SessionRegistry, change: &Change) -> Result<
                 let (held, _) = node.etcd.get(&client_key).await?;
                 let seen = held.map_or(0, |kv| kv.mod_revision);
                 let txn = TxnRequest {
-                    compare: vec![etcd::compare(
-                        client_key.clone(),
-                        CompareResult::Equal,
-                        TargetUnion::ModRevision(seen),
-                    )],
+                    compare: vec![
+                        etcd::compare(
+                            client_key.clone(),
+                            CompareResult::Equal,
+                            TargetUnion::ModRevision(seen),
+                        ),
+                        // Not written yet: a retry after a lost answer must
+                        // not take the id back from a later session.
+                        etcd::compare(
+                            session_key.clone(),
+                            CompareResult::Equal,
+                            TargetUnion::CreateRevision(0),
+                        ),
+                    ],
                     success: vec![
                         etcd::put(client_key.clone(), claim.clone(), node.lease),
                         etcd::put(session_key.clone(), record.clone(), node.lease),
                     ],
                     failure: Vec::new(),
                 };
-                let written = node.etcd.txn(txn).await?;
-                if written.succeeded {
-                    let revision = written.header.map_or(0, |header| header.revision);
-                    node.claims.lock().insert(session_id.clone(), revision);
-                    return Ok(());
-                }
+                let answer = node.etcd.txn(txn).await?;
+                let revision = if answer.succeeded {
+                    answer.header.map_or(0, |header| header.revision)
+                } else {
+                    match node.etcd.get(&session_key).await? {
+                        // Written by an attempt whose answer was lost.
+                        (Some(kv), _) => kv.create_revision,
+                        (None, _) => continue,
+                    }
+                };
+                let mut claims = node.claims.lock();
+                let claimed = claims.entry(session_id.clone()).or_insert(revision);
+                *claimed = (*claimed).max(revision);
+                written.insert(session_id.clone());
+                return Ok(());
             }
             Err(tonic::Status::aborted(format!(
                 "client id {client_id:?} kept changing hands"
             )))
         }
         SessionEvent::Opened(_) | SessionEvent::Suspected(_) | SessionEvent::Recovered(_) => {
+            if !matches!(change.event, SessionEvent::Opened(_)) && !written.contains(session_id) {
+                return Ok(());
+            }
             let txn = TxnRequest {
                 compare: Vec::new(),
                 success: vec![etcd::put(session_key, record, node.lease)],
                 failure: Vec::new(),
             };
-            node.etcd.txn(txn).await.map(drop)
+            node.etcd.txn(txn).await?;
+            written.insert(session_id.clone());
+            Ok(())
         }
         SessionEvent::Closed { .. } => {
             node.claims.lock().remove(session_id);
+            if !written.contains(session_id) {
+                return Ok(());
+            }
             let tombstone = node.tombstones.lease(&node.etcd).await?;
             let put = etcd::put(session_key, record, tombstone);
             let txn = if client_id.is_empty() {
@@ -153,7 +186,9 @@ async fn write(node: &Node, local: &SessionRegistry, change: &Change) -> Result<
                     failure: vec![put],
                 }
             };
-            node.etcd.txn(txn).await.map(drop)
+            node.etcd.txn(txn).await?;
+            written.remove(session_id);
+            Ok(())
         }
     }
 }
