@@ -50,13 +50,7 @@ impl Node {
 
     /// Every open session, with the epoch and revision of the view.
     async fn list(&self) -> (u64, u64, Vec<pb::Session>) {
-        let page = self
-            .presence()
-            .await
-            .list_sessions(pb::ListSessionsRequest::default())
-            .await
-            .expect("ListSessions")
-            .into_inner();
+        let page = list_sessions(self.addr).await;
         (page.epoch, page.revision, page.sessions)
     }
 
@@ -386,15 +380,7 @@ async fn a_drained_nodes_sessions_close_as_server_shutdown_everywhere() {
         reasons,
         BTreeSet::from([pb::CloseReason::ServerShutdown as i32])
     );
-    let status = within(WAIT, async {
-        loop {
-            if let Some(status) = leaving.child.try_wait().expect("try_wait") {
-                break status;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    let status = exit_of(&mut leaving.child).await;
     assert!(status.success(), "a drained node exits 0");
 }
 
@@ -511,15 +497,7 @@ async fn a_node_without_etcd_fences_its_sessions_before_its_lease_expires() {
         "fenced {after:?} after etcd froze: too close to the lease's expiry"
     );
     drop(ended);
-    let status = within(WAIT, async {
-        loop {
-            if let Some(status) = node.child.try_wait().expect("try_wait") {
-                break status;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    let status = exit_of(&mut node.child).await;
     assert!(!status.success(), "a fenced node exits with an error");
 }
 

@@ -82,13 +82,7 @@ impl Server {
 
     /// The open sessions (one page is plenty here), with epoch and revision.
     async fn list(&self) -> (u64, u64, Vec<String>) {
-        let page = self
-            .presence()
-            .await
-            .list_sessions(pb::ListSessionsRequest::default())
-            .await
-            .expect("ListSessions")
-            .into_inner();
+        let page = list_sessions(self.addr).await;
         assert!(page.next_page_token.is_empty(), "one page");
         let mut ids: Vec<String> = page.sessions.into_iter().map(|s| s.session_id).collect();
         ids.sort();

@@ -482,3 +482,27 @@ pub fn fill_registry(handle: &HeartbeatHandle, count: usize, label_bytes: usize)
         registry.open(identity, link).expect("registry open");
     }
 }
+
+/// Waits (within `WAIT`) for a child process to exit, and returns its status.
+pub async fn exit_of(child: &mut Child) -> std::process::ExitStatus {
+    within(WAIT, async {
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                break status;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+}
+
+/// One `ListSessions` page (the first) from the server at `addr`.
+pub async fn list_sessions(addr: SocketAddr) -> pb::ListSessionsResponse {
+    pb::presence_service_client::PresenceServiceClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect to presence")
+        .list_sessions(pb::ListSessionsRequest::default())
+        .await
+        .expect("ListSessions")
+        .into_inner()
+}
