@@ -277,3 +277,34 @@ fn cluster_flags_name_the_value_and_the_fix() {
         assert!(stderr.contains("required"), "{args:?}: {stderr}");
     }
 }
+
+/// Tests that a node that cannot reach etcd exits at once with a line naming
+/// the call, the status and what to check, and never says it is serving.
+#[test]
+fn an_unreachable_etcd_is_named_at_start() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port();
+    let url = format!("http://127.0.0.1:{port}");
+    let output = heartbeat(
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--cluster",
+            &url,
+            "--node-id",
+            "n1",
+        ],
+        &[],
+    );
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("error: etcd epoch: Unavailable")
+            && stderr.contains("is etcd running at the --cluster endpoints?"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("serving"), "{stderr}");
+}

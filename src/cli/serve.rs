@@ -380,7 +380,6 @@ pub(crate) fn run(args: ServeArgs, logs: &LogSink) -> anyhow::Result<()> {
             })?
             .with_nodelay(Some(true));
         let listen = incoming.local_addr().unwrap_or(args.listen);
-        info!(%listen, ping_interval = ?config.ping_interval, timeout = ?config.timeout, "serving");
         let reloadables: Vec<Reloadable> = config
             .client_credentials
             .clone()
@@ -392,7 +391,10 @@ pub(crate) fn run(args: ServeArgs, logs: &LogSink) -> anyhow::Result<()> {
             tokio::spawn(reload_on_change(reloadables));
         }
         let drops = logs.drops();
-        let report_drops = move |handle: HeartbeatHandle| {
+        let (ping_interval, timeout) = (config.ping_interval, config.timeout);
+        // Announced once the server is built (and, in cluster mode, joined).
+        let on_ready = move |handle: HeartbeatHandle| {
+            info!(%listen, ?ping_interval, ?timeout, "serving");
             tokio::spawn(async move {
                 let mut every = tokio::time::interval(LOG_DROPS_REPORTED_EVERY);
                 loop {
@@ -402,7 +404,7 @@ pub(crate) fn run(args: ServeArgs, logs: &LogSink) -> anyhow::Result<()> {
                 }
             });
         };
-        server::serve(incoming, config, shutdown_signal(signals), report_drops).await?;
+        server::serve(incoming, config, shutdown_signal(signals), on_ready).await?;
         Ok(())
     })
 }

@@ -123,7 +123,11 @@ pub enum ClusterError {
         reason: String,
     },
     /// etcd did not answer a call, or refused it.
-    #[error("etcd {what}: {status}; is etcd running at the --cluster endpoints?")]
+    #[error(
+        "etcd {what}: {:?}: {}; is etcd running at the --cluster endpoints?",
+        status.code(),
+        status.message()
+    )]
     Etcd {
         /// The call.
         what: &'static str,
