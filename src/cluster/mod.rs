@@ -188,8 +188,8 @@ pub(crate) struct Cluster {
 
 impl Cluster {
     /// Joins the cluster: connects to etcd, agrees on the epoch, takes a
-    /// lease, registers the node (waiting out a previous holder of its id),
-    /// and reads every session into the view.
+    /// lease and starts renewing it, registers the node (waiting out a
+    /// previous holder of its id), and reads every session into the view.
     pub(crate) async fn join(
         config: &ClusterConfig,
         server: &ServerConfig,
@@ -262,7 +262,7 @@ impl Cluster {
     }
 
     /// Starts keeping `local` (this node's sessions) and the view in step
-    /// with etcd, and the lease alive.
+    /// with etcd (the lease has been kept alive since the grant).
     pub(crate) fn start(&mut self, local: SessionRegistry) {
         let node = &self.node;
         // Subscribed before the server serves: no session opens unwritten.
