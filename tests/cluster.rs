@@ -6,26 +6,29 @@
 
 mod support;
 
-use std::{collections::BTreeSet, net::SocketAddr, process::Child, time::Duration};
+use std::{collections::BTreeSet, time::Duration};
 
 use support::{etcd::TestEtcd, *};
 use tokio::time::Instant;
-use tonic::{transport::Channel, Code, Streaming};
-use tonic_heartbeat::protocol::pb::{
-    self, presence_service_client::PresenceServiceClient, watch_sessions_response::Event,
-};
+use tonic::{Code, Streaming};
+use tonic_heartbeat::protocol::pb::{self, watch_sessions_response::Event};
 
 /// A `heartbeat serve --cluster` process, killed when dropped.
-struct Node {
-    child: Child,
-    addr: SocketAddr,
+struct Node(ServerProcess);
+
+impl std::ops::Deref for Node {
+    type Target = ServerProcess;
+
+    fn deref(&self) -> &ServerProcess {
+        &self.0
+    }
 }
 
 impl Node {
     /// Node `id` of the cluster in `etcd`, with a lease of `ttl` seconds.
     fn start(etcd: &TestEtcd, id: &str, ttl: u64) -> Self {
         let ttl = format!("{ttl}s");
-        let (child, addr) = spawn_server_process(&[
+        Self(ServerProcess::start(&[
             "--cluster",
             &etcd.url,
             "--node-id",
@@ -38,14 +41,7 @@ impl Node {
             "10s",
             "--timeout",
             "30s",
-        ]);
-        Self { child, addr }
-    }
-
-    async fn presence(&self) -> PresenceServiceClient<Channel> {
-        PresenceServiceClient::connect(format!("http://{}", self.addr))
-            .await
-            .expect("connect to presence")
+        ]))
     }
 
     /// Every open session, with the epoch and revision of the view.
@@ -75,13 +71,6 @@ impl Node {
             .await
             .expect("WatchSessions")
             .into_inner()
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -380,7 +369,7 @@ async fn a_drained_nodes_sessions_close_as_server_shutdown_everywhere() {
         reasons,
         BTreeSet::from([pb::CloseReason::ServerShutdown as i32])
     );
-    let status = exit_of(&mut leaving.child).await;
+    let status = exit_of(&mut leaving.0.child).await;
     assert!(status.success(), "a drained node exits 0");
 }
 
@@ -497,7 +486,7 @@ async fn a_node_without_etcd_fences_its_sessions_before_its_lease_expires() {
         "fenced {after:?} after etcd froze: too close to the lease's expiry"
     );
     drop(ended);
-    let status = exit_of(&mut node.child).await;
+    let status = exit_of(&mut node.0.child).await;
     assert!(!status.success(), "a fenced node exits with an error");
 }
 

@@ -26,9 +26,7 @@ use support::{
     *,
 };
 use tokio::sync::mpsc;
-use tonic_heartbeat::protocol::pb::{
-    self, heartbeat_request::Frame as In, presence_service_client::PresenceServiceClient,
-};
+use tonic_heartbeat::protocol::pb::{self, heartbeat_request::Frame as In};
 
 /// The interop server's timing: quick enough for tests, slow enough that a
 /// Python or Node client on a busy CI machine keeps up.
@@ -45,18 +43,22 @@ const TIMING: [&str; 8] = [
 const TIMEOUT: f64 = 0.5;
 const RECONNECT_AFTER: f64 = 0.3;
 
-/// The real binary, killed when dropped.
-struct Server {
-    child: Child,
-    addr: SocketAddr,
+/// The real binary with the interop timing, killed when dropped.
+struct Server(ServerProcess);
+
+impl std::ops::Deref for Server {
+    type Target = ServerProcess;
+
+    fn deref(&self) -> &ServerProcess {
+        &self.0
+    }
 }
 
 impl Server {
     /// A server with the interop timing and `extra` flags.
     fn start(extra: &[&str]) -> Self {
         let args: Vec<&str> = TIMING.iter().chain(extra).copied().collect();
-        let (child, addr) = spawn_server_process(&args);
-        Self { child, addr }
+        Self(ServerProcess::start(&args))
     }
 
     /// A server listening on `addr` (to restart one where clients expect it).
@@ -70,14 +72,8 @@ impl Server {
 
     /// Sends `signal` and waits for the process to exit.
     fn stop(mut self, how: &str) -> ExitStatus {
-        signal(&self.child, how);
-        self.child.wait().expect("wait for the server")
-    }
-
-    async fn presence(&self) -> PresenceServiceClient<tonic::transport::Channel> {
-        PresenceServiceClient::connect(format!("http://{}", self.addr))
-            .await
-            .expect("connect to presence")
+        signal(&self.0.child, how);
+        self.0.child.wait().expect("wait for the server")
     }
 
     /// The open sessions (one page is plenty here), with epoch and revision.
@@ -87,13 +83,6 @@ impl Server {
         let mut ids: Vec<String> = page.sessions.into_iter().map(|s| s.session_id).collect();
         ids.sort();
         (page.epoch, page.revision, ids)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -688,8 +677,12 @@ async fn the_example_names_a_bad_argument(lang: Lang) {
 async fn python_and_node_watchers_resume_and_agree_with_list_sessions() {
     // Slow timing: no session turns suspect while the test runs, so the
     // view stops changing when the churn does.
-    let (child, addr) = spawn_server_process(&["--ping-interval", "10s", "--timeout", "30s"]);
-    let server = Server { child, addr };
+    let server = Server(ServerProcess::start(&[
+        "--ping-interval",
+        "10s",
+        "--timeout",
+        "30s",
+    ]));
     let proxy = CutProxy::start(server.addr).await;
     let target = proxy.addr.to_string();
     let mut watchers = [Lang::Python, Lang::Node]

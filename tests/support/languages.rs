@@ -31,9 +31,7 @@ impl Python {
         I: IntoIterator<Item = S>,
         S: AsRef<std::ffi::OsStr>,
     {
-        let mut command = Command::new(&self.bin);
-        command.current_dir(&self.dir).args(args);
-        command
+        command_in(&self.bin, &self.dir, args)
     }
 }
 
@@ -50,10 +48,19 @@ impl Node {
         I: IntoIterator<Item = S>,
         S: AsRef<std::ffi::OsStr>,
     {
-        let mut command = Command::new("node");
-        command.current_dir(&self.dir).args(args);
-        command
+        command_in("node", &self.dir, args)
     }
+}
+
+/// `program args…`, run in `dir`.
+fn command_in<I, S>(program: impl AsRef<std::ffi::OsStr>, dir: &Path, args: I) -> Command
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let mut command = Command::new(program);
+    command.current_dir(dir).args(args);
+    command
 }
 
 fn interop(language: &str) -> PathBuf {

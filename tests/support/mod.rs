@@ -496,13 +496,50 @@ pub async fn exit_of(child: &mut Child) -> std::process::ExitStatus {
     .await
 }
 
-/// One `ListSessions` page (the first) from the server at `addr`.
-pub async fn list_sessions(addr: SocketAddr) -> pb::ListSessionsResponse {
+/// A presence client of the server at `addr`.
+pub async fn presence_client(
+    addr: SocketAddr,
+) -> pb::presence_service_client::PresenceServiceClient<tonic::transport::Channel> {
     pb::presence_service_client::PresenceServiceClient::connect(format!("http://{addr}"))
         .await
         .expect("connect to presence")
+}
+
+/// One `ListSessions` page (the first) from the server at `addr`.
+pub async fn list_sessions(addr: SocketAddr) -> pb::ListSessionsResponse {
+    presence_client(addr)
+        .await
         .list_sessions(pb::ListSessionsRequest::default())
         .await
         .expect("ListSessions")
         .into_inner()
+}
+
+/// A `heartbeat serve` process started by [`spawn_server_process`], killed
+/// when dropped.
+pub struct ServerProcess {
+    pub child: Child,
+    pub addr: SocketAddr,
+}
+
+impl ServerProcess {
+    /// Starts the real binary with `args`; see [`spawn_server_process`].
+    pub fn start(args: &[&str]) -> Self {
+        let (child, addr) = spawn_server_process(args);
+        Self { child, addr }
+    }
+
+    /// A presence client of this server.
+    pub async fn presence(
+        &self,
+    ) -> pb::presence_service_client::PresenceServiceClient<tonic::transport::Channel> {
+        presence_client(self.addr).await
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
