@@ -201,6 +201,25 @@ pub(crate) fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     vec![0]
 }
 
+/// A transaction that does `success` when every comparison holds, and
+/// nothing otherwise (its answer says which).
+pub(crate) fn txn(compare: Vec<pb::Compare>, success: Vec<RequestOp>) -> TxnRequest {
+    TxnRequest {
+        compare,
+        success,
+        failure: Vec::new(),
+    }
+}
+
+/// The comparison that holds while `key` does not exist.
+pub(crate) fn absent(key: Vec<u8>) -> pb::Compare {
+    compare(
+        key,
+        pb::compare::CompareResult::Equal,
+        pb::compare::TargetUnion::CreateRevision(0),
+    )
+}
+
 /// A put, for a transaction.
 pub(crate) fn put(key: Vec<u8>, value: Vec<u8>, lease: i64) -> RequestOp {
     RequestOp {

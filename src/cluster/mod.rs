@@ -338,21 +338,15 @@ impl Drop for Cluster {
 /// The epoch: from etcd's cluster id and a random number that the first node
 /// writes under the prefix, so every node derives the same one.
 async fn agree_on_epoch(etcd: &Etcd, keys: &Keys) -> Result<u64, ClusterError> {
-    use etcd::pb::compare::{CompareResult, TargetUnion};
     let proposal = rand::random::<u64>() % EPOCH_LIMIT;
-    let txn = etcd::pb::TxnRequest {
-        compare: vec![etcd::compare(
-            keys.epoch(),
-            CompareResult::Equal,
-            TargetUnion::Version(0),
-        )],
-        success: vec![etcd::put(
+    let txn = etcd::txn(
+        vec![etcd::absent(keys.epoch())],
+        vec![etcd::put(
             keys.epoch(),
             proposal.to_string().into_bytes(),
             0,
         )],
-        failure: Vec::new(),
-    };
+    );
     etcd.txn(txn).await.map_err(ClusterError::etcd("epoch"))?;
     let response = etcd
         .range_prefix(&keys.epoch(), 0)
@@ -380,19 +374,13 @@ async fn register(
     lease: i64,
     ttl: Duration,
 ) -> Result<(), ClusterError> {
-    use etcd::pb::compare::{CompareResult, TargetUnion};
     let start = tokio::time::Instant::now();
     let limit = ttl + Duration::from_secs(1);
     loop {
-        let txn = etcd::pb::TxnRequest {
-            compare: vec![etcd::compare(
-                keys.node(node),
-                CompareResult::Equal,
-                TargetUnion::CreateRevision(0),
-            )],
-            success: vec![etcd::put(keys.node(node), node.as_bytes().to_vec(), lease)],
-            failure: Vec::new(),
-        };
+        let txn = etcd::txn(
+            vec![etcd::absent(keys.node(node))],
+            vec![etcd::put(keys.node(node), node.as_bytes().to_vec(), lease)],
+        );
         let response = etcd
             .txn(txn)
             .await

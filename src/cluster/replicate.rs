@@ -107,8 +107,8 @@ async fn write(
             for _ in 0..CLIENT_ID_ATTEMPTS {
                 let (held, _) = node.etcd.get(&client_key).await?;
                 let seen = held.map_or(0, |kv| kv.mod_revision);
-                let txn = TxnRequest {
-                    compare: vec![
+                let txn = etcd::txn(
+                    vec![
                         etcd::compare(
                             client_key.clone(),
                             CompareResult::Equal,
@@ -116,18 +116,13 @@ async fn write(
                         ),
                         // Not written yet: a retry after a lost answer must
                         // not take the id back from a later session.
-                        etcd::compare(
-                            session_key.clone(),
-                            CompareResult::Equal,
-                            TargetUnion::CreateRevision(0),
-                        ),
+                        etcd::absent(session_key.clone()),
                     ],
-                    success: vec![
+                    vec![
                         etcd::put(client_key.clone(), claim.clone(), node.lease),
                         etcd::put(session_key.clone(), record.clone(), node.lease),
                     ],
-                    failure: Vec::new(),
-                };
+                );
                 let answer = node.etcd.txn(txn).await?;
                 let revision = if answer.succeeded {
                     answer.header.map_or(0, |header| header.revision)
@@ -152,11 +147,7 @@ async fn write(
             if !matches!(change.event, SessionEvent::Opened(_)) && !written.contains(session_id) {
                 return Ok(());
             }
-            let txn = TxnRequest {
-                compare: Vec::new(),
-                success: vec![etcd::put(session_key, record, node.lease)],
-                failure: Vec::new(),
-            };
+            let txn = etcd::txn(Vec::new(), vec![etcd::put(session_key, record, node.lease)]);
             node.etcd.txn(txn).await?;
             written.insert(session_id.clone());
             Ok(())
@@ -169,11 +160,7 @@ async fn write(
             let tombstone = node.tombstones.lease(&node.etcd).await?;
             let put = etcd::put(session_key, record, tombstone);
             let txn = if client_id.is_empty() {
-                TxnRequest {
-                    compare: Vec::new(),
-                    success: vec![put],
-                    failure: Vec::new(),
-                }
+                etcd::txn(Vec::new(), vec![put])
             } else {
                 let client_key = node.keys.client(client_id);
                 TxnRequest {
@@ -202,15 +189,14 @@ pub(super) async fn evictions(
     while let Some((session_id, message)) = requests.recv().await {
         let write = || async {
             let lease = node.tombstones.lease(&node.etcd).await?;
-            let txn = TxnRequest {
-                compare: Vec::new(),
-                success: vec![etcd::put(
+            let txn = etcd::txn(
+                Vec::new(),
+                vec![etcd::put(
                     node.keys.evict(&session_id),
                     message.clone().into_bytes(),
                     lease,
                 )],
-                failure: Vec::new(),
-            };
+            );
             node.etcd.txn(txn).await
         };
         let mut attempts = 0;
