@@ -71,12 +71,40 @@ async def _cancel_everything() -> None:
     await asyncio.get_running_loop().shutdown_asyncgens()
 
 
-class Session:
+class _OnItsOwnLoop:
+    """What both wrappers share: the loop thread, ``with`` blocks, and a
+    close that runs a farewell on the loop before stopping it."""
+
+    def __init__(self) -> None:
+        self._thread = _LoopThread()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.close()
+
+    def _farewell(self):
+        """A coroutine to run on the loop before it stops, or ``None``."""
+        return None
+
+    def close(self) -> None:
+        """Stops the thread, after the farewell."""
+        if self._thread is not None:
+            farewell = self._farewell()
+            if farewell is not None:
+                self._thread.run(farewell)
+            self._thread.stop()
+            self._thread = None
+
+
+class Session(_OnItsOwnLoop):
     """``heartbeat_client.Session`` for synchronous code; the same arguments.
-    It starts at once; ``close()`` (or leaving a ``with`` block) says goodbye."""
+    It starts at once; ``close()`` (or leaving a ``with`` block) says goodbye,
+    waits for the session to end, and stops the thread."""
 
     def __init__(self, *args, **kwargs) -> None:
-        self._thread = _LoopThread()
+        super().__init__()
 
         async def start() -> session.Session:
             started = session.Session(*args, **kwargs)
@@ -84,12 +112,6 @@ class Session:
             return started
 
         self._session = self._thread.run(start())
-
-    def __enter__(self) -> "Session":
-        return self
-
-    def __exit__(self, *_exc) -> None:
-        self.close()
 
     @property
     def session_id(self):
@@ -105,28 +127,19 @@ class Session:
         """The session's events, ending with ``Closed``."""
         return self._thread.stream(self._session.events)
 
-    def close(self) -> None:
-        """Says goodbye, waits for the session to end, and stops the thread."""
-        if self._thread is not None:
-            self._thread.run(self._session.close())
-            self._thread.stop()
-            self._thread = None
+    def _farewell(self):
+        return self._session.close()
 
 
-class PresenceWatcher:
+class PresenceWatcher(_OnItsOwnLoop):
     """``heartbeat_client.PresenceWatcher`` for synchronous code; the same
     arguments. Iterating ``events()`` runs the watch; ``sessions``, ``epoch``
-    and ``revision`` are those of the last event it yielded."""
+    and ``revision`` are those of the last event it yielded; ``close()`` stops
+    the watch and its thread."""
 
     def __init__(self, *args, **kwargs) -> None:
-        self._thread = _LoopThread()
+        super().__init__()
         self._watcher = presence.PresenceWatcher(*args, **kwargs)
-
-    def __enter__(self) -> "PresenceWatcher":
-        return self
-
-    def __exit__(self, *_exc) -> None:
-        self.close()
 
     @property
     def sessions(self):
@@ -146,9 +159,3 @@ class PresenceWatcher:
     def events(self) -> Iterator[Any]:
         """The watch's events, forever (``WatchFailed`` ends it)."""
         return self._thread.stream(self._watcher.events)
-
-    def close(self) -> None:
-        """Stops the watch and its thread."""
-        if self._thread is not None:
-            self._thread.stop()
-            self._thread = None
