@@ -40,8 +40,17 @@ _start = time.monotonic()
 _hb = pb.heartbeat
 
 
+_out_lock = threading.Lock()
+
+
 def out(**fields) -> None:
-    print(json.dumps({**fields, "t": round(time.monotonic() - _start, 6)}), flush=True)
+    # One write per line under a lock: `raw` prints from the goodbye timer's
+    # thread too, and print() writes the text and its newline separately, so
+    # two threads could glue two objects onto one line.
+    line = json.dumps({**fields, "t": round(time.monotonic() - _start, 6)}) + "\n"
+    with _out_lock:
+        sys.stdout.write(line)
+        sys.stdout.flush()
 
 
 def read_secret(path):
