@@ -87,6 +87,72 @@ pub struct ServerConfig {
     /// Cluster mode: one presence across several servers, kept in etcd.
     /// Default: `None`, a single server.
     pub cluster: Option<crate::cluster::ClusterConfig>,
+    /// The browser listener: sessions over WebSocket and, if asked, the live
+    /// presence page; served by [`serve`](crate::server::serve). Default:
+    /// `None`, gRPC only.
+    pub web: Option<WebConfig>,
+}
+
+/// The browser listener of [`serve`](crate::server::serve).
+///
+/// Browsers cannot hold a gRPC bidirectional stream, so the same sessions are
+/// served over WebSocket at `/v1/heartbeat` (the contract's "Browsers"
+/// mapping), on a listener of their own: HTTP/1.1, with the server's TLS
+/// when it has one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebConfig {
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// The `Origin`s a browser page may connect from, as browsers send them
+    /// (`https://app.example.com`, `http://localhost:8080`), or `*` for any.
+    /// Empty (the default): only pages served by this listener itself (the
+    /// `Origin` names the `Host` asked for). Requests without an `Origin`
+    /// (not from a browser) are not checked here; credentials still are.
+    pub allowed_origins: Vec<String>,
+    /// Serve the live presence page at `/`, with the watch and evict
+    /// endpoints it uses. Default: off.
+    pub ui: bool,
+}
+
+impl WebConfig {
+    /// Listening at `listen`, same-origin pages only, no presence page.
+    pub fn new(listen: SocketAddr) -> Self {
+        Self {
+            listen,
+            allowed_origins: Vec::new(),
+            ui: false,
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        for origin in &self.allowed_origins {
+            if origin == "*" {
+                continue;
+            }
+            let refused = |problem| {
+                Err(ConfigError::WebOrigin {
+                    origin: origin.clone(),
+                    problem,
+                })
+            };
+            let Some((scheme, host)) = origin.split_once("://") else {
+                return refused("has no scheme");
+            };
+            if scheme != "http" && scheme != "https" {
+                return refused("is neither http nor https");
+            }
+            if host.is_empty() {
+                return refused("has no host");
+            }
+            if host.contains('/') {
+                return refused("has a path, which origins never carry");
+            }
+            if origin.bytes().any(|byte| !byte.is_ascii_graphic()) {
+                return refused("has spaces or characters origins never carry");
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A secret that PresenceService callers present as `authorization: Bearer …`.
@@ -183,6 +249,7 @@ impl ServerConfig {
         admin_token: None,
         metrics_listen: None,
         cluster: None,
+        web: None,
     };
 }
 
@@ -225,6 +292,9 @@ impl ServerConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if let Some(cluster) = &self.cluster {
             cluster.validate()?;
+        }
+        if let Some(web) = &self.web {
+            web.validate()?;
         }
         for (name, value, example) in [
             ("ping_interval", Some(self.ping_interval), "10s"),

@@ -10,6 +10,14 @@ use humantime::format_duration;
 /// A setting, or a combination of settings, that cannot work.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
+    /// An allowed web origin is not one a browser sends.
+    #[error("web allowed origin \"{origin}\" {problem}: write it as a browser sends it, scheme://host[:port] (for example https://app.example.com), or * for any")]
+    WebOrigin {
+        /// The configured origin.
+        origin: String,
+        /// What is wrong with it.
+        problem: &'static str,
+    },
     /// A cluster setting is invalid; the message names it and the fix.
     #[error("{0}")]
     Cluster(String),

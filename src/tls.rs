@@ -46,16 +46,32 @@ pub struct TlsFiles {
 #[derive(Clone)]
 pub struct ServerTls {
     files: TlsFiles,
-    current: Arc<RwLock<Arc<rustls::ServerConfig>>>,
+    current: Arc<RwLock<Loaded>>,
+}
+
+/// The configurations in force, one per protocol a listener speaks: they
+/// differ only in the ALPN they offer.
+struct Loaded {
+    grpc: Arc<rustls::ServerConfig>,
+    web: Arc<rustls::ServerConfig>,
+}
+
+/// Which protocol a TLS listener offers in ALPN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Alpn {
+    /// `h2`: gRPC is HTTP/2 only.
+    Grpc,
+    /// `http/1.1`: browsers open WebSockets with an HTTP/1.1 upgrade.
+    Web,
 }
 
 impl ServerTls {
     /// Reads the files; the error names the file and what is wrong.
     pub fn from_files(files: TlsFiles) -> Result<Self, TlsError> {
-        let config = load(&files)?;
+        let loaded = load(&files)?;
         Ok(Self {
             files,
-            current: Arc::new(RwLock::new(Arc::new(config))),
+            current: Arc::new(RwLock::new(loaded)),
         })
     }
 
@@ -63,8 +79,7 @@ impl ServerTls {
     /// connection from now on. Open connections keep their session. Invalid
     /// files leave the configuration in force unchanged.
     pub fn reload(&self) -> Result<(), TlsError> {
-        let config = load(&self.files)?;
-        *self.current.write() = Arc::new(config);
+        *self.current.write() = load(&self.files)?;
         Ok(())
     }
 
@@ -74,8 +89,12 @@ impl ServerTls {
     }
 
     /// An acceptor with the configuration in force now.
-    pub(crate) fn acceptor(&self) -> TlsAcceptor {
-        TlsAcceptor::from(self.current.read().clone())
+    pub(crate) fn acceptor(&self, alpn: Alpn) -> TlsAcceptor {
+        let loaded = self.current.read();
+        TlsAcceptor::from(match alpn {
+            Alpn::Grpc => loaded.grpc.clone(),
+            Alpn::Web => loaded.web.clone(),
+        })
     }
 }
 
@@ -95,7 +114,7 @@ impl fmt::Debug for ServerTls {
     }
 }
 
-fn load(files: &TlsFiles) -> Result<rustls::ServerConfig, TlsError> {
+fn load(files: &TlsFiles) -> Result<Loaded, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let certs = certificates(&files.cert)?;
     let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|source| TlsError::Pem {
@@ -134,9 +153,13 @@ fn load(files: &TlsFiles) -> Result<rustls::ServerConfig, TlsError> {
             what: "the certificate and key (do they belong together?)",
             source,
         })?;
-    // gRPC is HTTP/2 only.
+    let mut web = config.clone();
     config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(config)
+    web.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Loaded {
+        grpc: Arc::new(config),
+        web: Arc::new(web),
+    })
 }
 
 fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {

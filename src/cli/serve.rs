@@ -10,7 +10,7 @@ use clap::Args;
 use tonic::transport::server::TcpIncoming;
 use tonic_heartbeat::{
     cluster::ClusterConfig,
-    config::AdminToken,
+    config::{AdminToken, WebConfig},
     credentials::ClientCredentials,
     error::ServeError,
     server::{self, HeartbeatHandle},
@@ -259,6 +259,32 @@ pub(crate) struct ServeArgs {
     #[arg(long, env = "HEARTBEAT_ADMIN_TOKEN_FILE", value_name = "PATH")]
     admin_token_file: Option<PathBuf>,
 
+    /// Serve browsers on ADDR (for example 0.0.0.0:8080): sessions over
+    /// WebSocket at /v1/heartbeat (subprotocol heartbeat.v1.proto or
+    /// heartbeat.v1.json), the client module at /heartbeat.js, and with
+    /// --web-ui the presence page at /. HTTP/1.1, with --tls-cert's TLS.
+    #[arg(long, env = "HEARTBEAT_WEB_LISTEN", value_name = "ADDR")]
+    web_listen: Option<SocketAddr>,
+
+    /// A page origin allowed to open sessions, as browsers send it
+    /// (https://app.example.com, http://localhost:3000); repeat, or separate
+    /// with commas; * allows any. Without it, only pages served by the web
+    /// listener itself may connect.
+    #[arg(
+        long,
+        env = "HEARTBEAT_WEB_ALLOWED_ORIGIN",
+        value_name = "ORIGIN",
+        value_delimiter = ',',
+        requires = "web_listen"
+    )]
+    web_allowed_origin: Vec<String>,
+
+    /// Serve the live presence page at / of --web-listen: sessions, their
+    /// state, RTT and age, and every close with its reason. It asks for the
+    /// admin token when the server has one, and can evict with it.
+    #[arg(long, env = "HEARTBEAT_WEB_UI", requires = "web_listen")]
+    web_ui: bool,
+
     /// Serve Prometheus metrics at http://ADDR/metrics (for example 127.0.0.1:9090).
     #[arg(long, env = "HEARTBEAT_METRICS_LISTEN", value_name = "ADDR")]
     metrics_listen: Option<SocketAddr>,
@@ -353,6 +379,11 @@ impl ServeArgs {
                 node_id: node_id.clone(),
                 prefix: self.cluster_prefix.clone(),
                 lease_ttl: self.lease_ttl.into(),
+            }),
+            web: self.web_listen.map(|listen| WebConfig {
+                listen,
+                allowed_origins: self.web_allowed_origin.clone(),
+                ui: self.web_ui,
             }),
         })
     }

@@ -191,6 +191,13 @@ impl LivenessHandle {
         self.core.request_ending(EndCause::Requested, ending)
     }
 
+    /// Records that the peer was heard from without a whole message: a
+    /// keepalive of the transport under the call (a WebSocket ping or pong
+    /// carried by a bridge) proves it alive. No message is counted.
+    pub fn heard(&self) {
+        self.core.touch(0);
+    }
+
     /// Wakes the task that polls the response, so the service's response stream
     /// is polled again (for instance when a timer of the service's own is due).
     pub fn wake(&self) {

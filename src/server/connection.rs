@@ -52,7 +52,7 @@ use crate::{
     config::ServerConfig,
     liveness::{TimerWheel, WheelTarget},
     metrics::Metrics,
-    tls::ServerTls,
+    tls::{Alpn, ServerTls},
 };
 
 /// Accepted connections waiting for the HTTP/2 server to take them.
@@ -390,7 +390,7 @@ pub(crate) fn accept(
     listener: TcpIncoming,
     table: Arc<PeerTable>,
     wheel: TimerWheel,
-    tls: Option<ServerTls>,
+    tls: Option<(ServerTls, Alpn)>,
 ) -> impl Stream<Item = Result<GuardedIo, Infallible>> {
     let (accepted, stream) = mpsc::channel(ACCEPTED_QUEUE);
     tokio::spawn(accept_loop(listener, table, wheel, tls, accepted));
@@ -401,7 +401,7 @@ async fn accept_loop(
     mut listener: TcpIncoming,
     table: Arc<PeerTable>,
     wheel: TimerWheel,
-    tls: Option<ServerTls>,
+    tls: Option<(ServerTls, Alpn)>,
     accepted: mpsc::Sender<GuardedIo>,
 ) {
     let handshakes = Arc::new(Mutex::new(RateLimitedLog::new()));
@@ -447,8 +447,8 @@ async fn accept_loop(
                 }
                 // Each handshake in a task of its own: a slow one holds up
                 // only itself, and the handshake timeout bounds it.
-                Some(tls) => {
-                    let handshake = tls.acceptor().accept(stream);
+                Some((tls, alpn)) => {
+                    let handshake = tls.acceptor(*alpn).accept(stream);
                     let limit = table.handshake_timeout;
                     let (accepted, handshakes, metrics) =
                         (accepted.clone(), handshakes.clone(), table.metrics.clone());

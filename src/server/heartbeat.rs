@@ -60,11 +60,15 @@ impl Service<http::Request<RequestBody>> for HeartbeatMethod {
     }
 
     fn call(&mut self, request: http::Request<RequestBody>) -> Self::Future {
-        let (body, refusal) = match self.open(request) {
-            Ok(session) => (session, None),
-            Err(status) => (SessionBody::refused(), Some(status)),
+        let bridged = request.extensions().get::<BridgedCall>().is_some();
+        let (body, refusal, handle) = match self.open(request) {
+            Ok((session, handle)) => (session, None, Some(handle)),
+            Err(status) => (SessionBody::refused(), Some(status), None),
         };
         let mut response = http::Response::new(body);
+        if let Some(handle) = handle.filter(|_| bridged) {
+            response.extensions_mut().insert(handle);
+        }
         if let Some(status) = refusal {
             // A trailers-only response: the status in the headers, and no
             // body, so the client's call fails at once.
@@ -82,7 +86,10 @@ impl Service<http::Request<RequestBody>> for HeartbeatMethod {
 
 impl HeartbeatMethod {
     /// Admits the stream and starts its session, or says why not.
-    fn open(&self, request: http::Request<RequestBody>) -> Result<SessionBody, Status> {
+    fn open(
+        &self,
+        request: http::Request<RequestBody>,
+    ) -> Result<(SessionBody, LivenessHandle), Status> {
         if request.uri().path() != HEARTBEAT_PATH {
             return Err(Status::unimplemented(format!(
                 "heartbeat.v1.HeartbeatService has no method {}: the only one is Heartbeat",
@@ -134,17 +141,35 @@ impl HeartbeatMethod {
             peer: peer.remote_addr,
             ordinal: peer.connection.next_session(),
         });
-        Ok(SessionBody::session(Session::new(
+        let session = Session::new(
             self.shared.clone(),
-            handle,
+            handle.clone(),
             permit,
             peer,
             ping_group,
             allowed,
             inbound,
-        )))
+        );
+        Ok((SessionBody::session(session), handle))
     }
 }
+
+/// Marks a call made in-process by a bridge from another transport (the
+/// WebSocket endpoint), which feeds the client's frames in and takes the
+/// server's out. Its response carries the call's [`LivenessHandle`] in its
+/// extensions, so that the bridge can report the transport's own keepalives
+/// (WebSocket pings) as liveness.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BridgedCall;
+
+/// How a bridge fails a call's request when the client sent a frame it
+/// cannot carry (the wrong kind of WebSocket message, JSON that is not a
+/// frame, a message over the size limit): the session ends it as a protocol
+/// violation with this message, where any other failed request means the
+/// client is gone.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct MalformedFrame(pub(crate) String);
 
 /// The peer address tonic's own transport records, for a service mounted in
 /// someone else's tonic server.

@@ -37,6 +37,7 @@ mod heartbeat;
 mod presence;
 mod session;
 mod shared;
+mod web;
 
 use std::{
     convert::Infallible,
@@ -64,6 +65,7 @@ use crate::{
     protocol::pb::{self, presence_service_server::PresenceServiceServer},
     protocol::CloseReason,
     registry::{SessionRegistry, Subscription},
+    tls::Alpn,
 };
 
 /// The `heartbeat.v1.HeartbeatService` behind its liveness layer, ready to
@@ -268,6 +270,17 @@ pub async fn serve(
         cluster.start(handle.registry().clone());
     }
     let config = handle.config().clone();
+    let web_listener = match &config.web {
+        Some(settings) => {
+            let (incoming, addr) = web::bind(settings).map_err(|source| ServeError::Bind {
+                addr: settings.listen,
+                source,
+            })?;
+            info!(web_listen = %addr, ui = settings.ui, "serving browsers");
+            Some(incoming)
+        }
+        None => None,
+    };
     let metrics_listener = match config.metrics_listen {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)
@@ -312,11 +325,21 @@ pub async fn serve(
         &config,
         handle.shared.metrics.clone(),
     ));
+    let web_server = tokio::spawn(match web_listener {
+        Some(listener) => futures_util::future::Either::Left(web::serve(
+            listener,
+            handle.shared.clone(),
+            heartbeat.clone(),
+            peers.clone(),
+            stopped.clone(),
+        )),
+        None => futures_util::future::Either::Right(std::future::ready(())),
+    });
     let incoming = connection::accept(
         incoming,
         peers,
         handle.shared.wheel.clone(),
-        config.tls.clone(),
+        config.tls.clone().map(|tls| (tls, Alpn::Grpc)),
     );
     let server = Server::builder()
         .max_concurrent_streams(config.max_streams_per_connection)
@@ -360,6 +383,7 @@ pub async fn serve(
     let _ = stop.send(true);
     let finished = tokio::time::timeout(config.shutdown_grace, async {
         handle.idle().await;
+        let _ = web_server.await;
         (&mut server).await
     })
     .await;

@@ -31,7 +31,10 @@ use tonic::Status;
 use tracing::debug;
 
 use super::{
-    admission::AdmissionPermit, drain, farewell, heartbeat::RequestBody, shared::ServerShared,
+    admission::AdmissionPermit,
+    drain, farewell,
+    heartbeat::{MalformedFrame, RequestBody},
+    shared::ServerShared,
 };
 use crate::credentials::IdPermit;
 use crate::{
@@ -450,13 +453,18 @@ impl Session {
                         self.deframer.push(data);
                     }
                 }
-                // The layer hands on only a failed request (a reset, a lost
-                // connection): the client is gone.
+                // The layer hands on only a failed request: a reset or a
+                // lost connection (the client is gone), or a bridge that
+                // found a frame it cannot carry (see `MalformedFrame`).
                 Poll::Ready(Some(Err(status))) => {
-                    return Some(Err((
-                        CloseReason::Disconnected,
-                        status.message().to_owned(),
-                    )));
+                    let malformed = std::error::Error::source(&status)
+                        .and_then(|source| source.downcast_ref::<MalformedFrame>());
+                    return Some(Err(match malformed {
+                        Some(MalformedFrame(problem)) => {
+                            (CloseReason::ProtocolViolation, problem.clone())
+                        }
+                        None => (CloseReason::Disconnected, status.message().to_owned()),
+                    }));
                 }
                 Poll::Ready(None) if self.deframer.is_empty() => {
                     self.conclude(CloseReason::ClientHalfClose, "");
