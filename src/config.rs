@@ -103,11 +103,11 @@ pub struct ServerConfig {
 pub struct WebConfig {
     /// Where to listen.
     pub listen: SocketAddr,
-    /// The `Origin`s a browser page may connect from, as browsers send them
+    /// The `Origin`s a browser page may connect from besides the listener's
+    /// own (whose `Origin` names the `Host` asked for), as browsers send them
     /// (`https://app.example.com`, `http://localhost:8080`), or `*` for any.
-    /// Empty (the default): only pages served by this listener itself (the
-    /// `Origin` names the `Host` asked for). Requests without an `Origin`
-    /// (not from a browser) are not checked here; credentials still are.
+    /// Default: none. Requests without an `Origin` (not from a browser) are
+    /// not checked here; credentials still are.
     pub allowed_origins: Vec<String>,
     /// Serve the live presence page at `/`, with the watch and evict
     /// endpoints it uses. Default: off.

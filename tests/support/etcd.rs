@@ -109,29 +109,6 @@ impl Drop for TestEtcd {
 fn install() {
     static INSTALLED: OnceLock<()> = OnceLock::new();
     INSTALLED.get_or_init(|| {
-        let found = || {
-            Command::new("etcd")
-                .arg("--version")
-                .output()
-                .is_ok_and(|output| output.status.success())
-        };
-        if found() {
-            return;
-        }
-        let apt = |args: &[&str]| {
-            Command::new("apt-get")
-                .args(args)
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .status()
-                .is_ok_and(|status| status.success())
-        };
-        let install = ["install", "-y", "-q", "--no-install-recommends", "etcd-server"];
-        // Stale package lists are refreshed once, then the install retried.
-        let installed = apt(&install) || (apt(&["update", "-q"]) && apt(&install));
-        assert!(
-            installed && found(),
-            "the cluster tests need etcd: install Debian's etcd-server (apt-get install etcd-server), \
-             or put an etcd 3.4 or newer on the PATH"
-        );
+        super::languages::debian_package("etcd", "--version", "etcd-server", "the cluster tests");
     });
 }

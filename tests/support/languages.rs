@@ -1,8 +1,9 @@
-//! Python and Node for the interop tests, installed on first use.
+//! Python, Node and Chromium for the tests, installed on first use.
 //!
 //! The Python package's pinned requirements go into a venv under the target
-//! directory, and the Node package's lockfile into `interop/node/node_modules`
-//! (ignored by git), so a fresh machine needs only `cargo test`. Each install
+//! directory, a Node package's lockfile into its `node_modules` (ignored by
+//! git), and Debian packages (Chromium, etcd) with apt-get, so a fresh
+//! machine needs only `cargo test`. Each install
 //! is redone only when its requirements or lockfile change, and a file lock
 //! keeps two test processes from installing at once. A machine without
 //! python3 or node fails here, with a line saying what to install.
@@ -130,20 +131,90 @@ pub fn node() -> &'static Node {
         );
         require("npm", "--version", "npm (Debian: apt-get install npm)");
         let dir = interop("node");
-        let lockfile = dir.join("package-lock.json");
-        let installed = dir.join("node_modules/.installed-from-lock");
-        let _lock = lock(&Path::new(env!("CARGO_TARGET_TMPDIR")).join("interop-node.lock"));
-        if !same_contents(&lockfile, &installed) {
-            run(Command::new("npm").current_dir(&dir).args([
-                "ci",
-                "--no-audit",
-                "--no-fund",
-                "--loglevel=error",
-            ]));
-            fs::copy(&lockfile, &installed).expect("record the installed lockfile");
-        }
+        npm_ci(&dir, "interop-node");
         Node { dir }
     })
+}
+
+/// Installs `dir`'s lockfile into its `node_modules`, unless it is there.
+fn npm_ci(dir: &Path, name: &str) {
+    let lockfile = dir.join("package-lock.json");
+    let installed = dir.join("node_modules/.installed-from-lock");
+    let _lock = lock(&Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}.lock")));
+    if !same_contents(&lockfile, &installed) {
+        run(Command::new("npm").current_dir(dir).args([
+            "ci",
+            "--no-audit",
+            "--no-fund",
+            "--loglevel=error",
+        ]));
+        fs::copy(&lockfile, &installed).expect("record the installed lockfile");
+    }
+}
+
+/// The browser tests' driver: Debian's Chromium, and playwright-core from
+/// npm in `tests/browser`.
+pub struct Browser {
+    /// `tests/browser`, the directory to run the driver from.
+    pub dir: PathBuf,
+}
+
+impl Browser {
+    /// A command running `node driver.mjs args…` in `tests/browser`.
+    pub fn driver<I, S>(&self, args: I) -> Command
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let mut command = command_in("node", &self.dir, ["driver.mjs"]);
+        command.args(args);
+        command
+    }
+}
+
+/// Chromium and playwright-core, installed once per process.
+pub fn browser() -> &'static Browser {
+    static BROWSER: OnceLock<Browser> = OnceLock::new();
+    BROWSER.get_or_init(|| {
+        node();
+        debian_package("chromium", "--version", "chromium", "the browser tests");
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
+        npm_ci(&dir, "browser");
+        Browser { dir }
+    })
+}
+
+/// Makes sure `program` runs, installing Debian's `package` if it does not:
+/// stale package lists are refreshed once, then the install retried. Needs
+/// root, as CI has; elsewhere, install the package by hand.
+pub fn debian_package(program: &str, flag: &str, package: &str, needed_by: &str) {
+    static INSTALLING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = INSTALLING
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let found = || {
+        Command::new(program)
+            .arg(flag)
+            .output()
+            .is_ok_and(|output| output.status.success())
+    };
+    if found() {
+        return;
+    }
+    let _lock = lock(&Path::new(env!("CARGO_TARGET_TMPDIR")).join("apt.lock"));
+    let apt = |args: &[&str]| {
+        Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .is_ok_and(|status| status.success())
+    };
+    let install = ["install", "-y", "-q", "--no-install-recommends", package];
+    let installed = found() || apt(&install) || (apt(&["update", "-q"]) && apt(&install));
+    assert!(
+        installed && found(),
+        "{needed_by} need {program}: install Debian's {package} (apt-get install {package})"
+    );
 }
 
 /// Runs `program flag`, or fails saying what to install; returns its stdout.

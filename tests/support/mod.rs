@@ -5,6 +5,7 @@
 #![allow(dead_code)] // each test file uses its own subset of these helpers
 
 pub mod certs;
+pub mod driver;
 pub mod etcd;
 pub mod languages;
 pub mod proxy;

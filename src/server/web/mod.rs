@@ -126,12 +126,12 @@ impl WebEndpoint {
         let listed = allowed
             .iter()
             .any(|allowed| allowed == "*" || allowed.eq_ignore_ascii_case(&origin));
-        let same_origin = allowed.is_empty()
-            && headers.get(header::HOST).is_some_and(|host| {
-                origin.split_once("://").is_some_and(|(_, authority)| {
-                    authority.as_bytes().eq_ignore_ascii_case(host.as_bytes())
-                })
-            });
+        // The listener's own pages (the presence page) are always allowed.
+        let same_origin = headers.get(header::HOST).is_some_and(|host| {
+            origin.split_once("://").is_some_and(|(_, authority)| {
+                authority.as_bytes().eq_ignore_ascii_case(host.as_bytes())
+            })
+        });
         if listed || same_origin {
             return Ok(());
         }

@@ -297,9 +297,21 @@ async fn read_client(
                 handle.heard();
                 continue;
             }
-            // A close frame: the session's request ends (a half-close, or
-            // after a Goodbye, nothing), and reading on completes the
-            // closing handshake.
+            // A browser closing or leaving the page says "going away"
+            // (1001) for every socket on it: the client did not end its
+            // session, its page went away, as a killed process's does.
+            Some(Ok(Message::Close(Some(close)))) if close.code == CloseCode::Away => {
+                let _ = inbound
+                    .send(Err(Box::new(std::io::Error::new(
+                        std::io::ErrorKind::ConnectionAborted,
+                        "the page went away (close code 1001)",
+                    ))))
+                    .await;
+                break;
+            }
+            // Any other close frame: the session's request ends (a
+            // half-close, or after a Goodbye, nothing), and reading on
+            // completes the closing handshake.
             Some(Ok(Message::Close(_))) => break,
             // Only produced when writing raw frames.
             Some(Ok(Message::Frame(_))) => continue,
