@@ -343,3 +343,446 @@ async fn a_message_over_the_limit_is_a_protocol_violation() {
     }
     server.shutdown().await.expect("clean shutdown");
 }
+
+/// Tests the deadline over WebSocket: a socket that says Hello and then
+/// nothing is ended with Goodbye{TIMEOUT} and close code 4003, not before
+/// the timeout; one that sends only WebSocket pings stays alive, since the
+/// transport's keepalive counts as liveness.
+#[tokio::test]
+async fn silence_times_out_and_websocket_pings_count() {
+    let (server, web) = web_server(|_| {}).await;
+    let mut sessions = server.handle.subscribe();
+    let mut silent = open(web, "heartbeat.v1.proto", &[]).await.expect("upgrade");
+    let silent_id = say_hello(&mut silent, "w-silent").await.session_id;
+    let said_hello = Instant::now();
+    let mut pinging = open(web, "heartbeat.v1.proto", &[]).await.expect("upgrade");
+    let pinging_id = say_hello(&mut pinging, "w-pinging").await.session_id;
+    // The pinging socket sends WebSocket pings (no frames) every 100 ms.
+    let keepalive = tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_millis(100));
+        for _ in 0..12 {
+            every.tick().await;
+            if pinging
+                .send(Message::Ping(Vec::new().into()))
+                .await
+                .is_err()
+            {
+                break;
+            }
+            // Drain what the server sends (its pings, the pongs) unanswered.
+            while let Ok(Some(_)) =
+                tokio::time::timeout(Duration::from_millis(1), pinging.next()).await
+            {}
+        }
+        pinging
+    });
+    let mut goodbye = None;
+    let close = loop {
+        match within(WAIT, silent.next()).await {
+            Some(Ok(Message::Binary(bytes))) => {
+                if let Some(Out::Goodbye(said)) =
+                    pb::HeartbeatResponse::decode(bytes).expect("frame").frame
+                {
+                    goodbye = Some(said);
+                }
+            }
+            Some(Ok(Message::Close(close))) => break close.expect("a code"),
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert!(
+        said_hello.elapsed() >= Duration::from_millis(300),
+        "ended early"
+    );
+    assert_eq!(u16::from(close.code), 4003, "{close:?}");
+    assert_eq!(
+        goodbye.map(|said| said.reason()),
+        Some(pb::GoodbyeReason::Timeout)
+    );
+    assert_eq!(
+        closed(&mut sessions, &silent_id).await.0,
+        CloseReason::Timeout
+    );
+    let mut pinging = keepalive.await.expect("keepalive task");
+    assert!(
+        server.handle.registry().session(&pinging_id).is_some(),
+        "WebSocket pings kept the session alive past three timeouts"
+    );
+    // Once the pings stop, it times out like any other.
+    let (goodbye, close) = until_close_silently(&mut pinging).await;
+    assert_eq!(
+        goodbye.map(|said| said.reason()),
+        Some(pb::GoodbyeReason::Timeout)
+    );
+    assert_eq!(u16::from(close.code), 4003);
+    server.shutdown().await.expect("clean shutdown");
+}
+
+/// Reads until the close frame without answering anything.
+async fn until_close_silently(socket: &mut Socket) -> (Option<pb::Goodbye>, CloseFrame) {
+    let mut goodbye = None;
+    loop {
+        match next_frame(socket).await {
+            Ok(Out::Goodbye(said)) => goodbye = Some(said),
+            Ok(_) => {}
+            Err(close) => return (goodbye, close.expect("a close frame with a code")),
+        }
+    }
+}
+
+/// Tests the same credentials as gRPC: a token in the subprotocol list or
+/// the authorization header opens, none is 401 at the upgrade, and a Hello
+/// outside the token's ids closes with 1008 and never reaches presence.
+#[tokio::test]
+async fn client_credentials_apply_to_websockets() {
+    let (server, web) = web_server(|config| {
+        let table = tonic_heartbeat::credentials::CredentialTable::parse("page-token page-*\n")
+            .expect("valid credentials");
+        config.client_credentials = Some(
+            tonic_heartbeat::credentials::ClientCredentials::from_table(table),
+        );
+    })
+    .await;
+    assert_eq!(refused(web, "heartbeat.v1.proto", &[]).await, 401);
+    assert_eq!(
+        refused(web, "heartbeat.v1.proto, bearer.guess", &[]).await,
+        401
+    );
+    let mut by_protocol = open(web, "heartbeat.v1.proto, bearer.page-token", &[])
+        .await
+        .expect("a token in the subprotocol list");
+    say_hello(&mut by_protocol, "page-1").await;
+    let mut by_header = open(
+        web,
+        "heartbeat.v1.proto",
+        &[("authorization", "Bearer page-token")],
+    )
+    .await
+    .expect("a token in the header");
+    say_hello(&mut by_header, "page-2").await;
+    let mut outside = open(web, "heartbeat.v1.proto, bearer.page-token", &[])
+        .await
+        .expect("upgrade");
+    outside.send(encode(hello("admin"))).await.expect("hello");
+    let (goodbye, close) = until_close(&mut outside).await;
+    assert_eq!(goodbye, None, "a denied Hello gets no frame");
+    assert_eq!(close.code, CloseCode::Policy, "{close:?}");
+    assert!(
+        close.reason.contains("not one your credential allows"),
+        "{close:?}"
+    );
+    let ids: Vec<String> = server
+        .handle
+        .registry()
+        .snapshot()
+        .sessions
+        .iter()
+        .map(|session| session.identity.client_id.clone())
+        .collect();
+    assert!(!ids.contains(&"admin".to_owned()), "{ids:?}");
+    server.shutdown().await.expect("clean shutdown");
+}
+
+/// Tests replace and evict across transports: a gRPC Hello with a browser
+/// session's client id replaces it (4007), and an eviction ends a socket
+/// with 4006 and its message.
+#[tokio::test]
+async fn replace_and_evict_reach_websocket_sessions() {
+    let (server, web) = web_server(|_| {}).await;
+    let mut sessions = server.handle.subscribe();
+    let mut replaced = open(web, "heartbeat.v1.proto", &[]).await.expect("upgrade");
+    let replaced_id = say_hello(&mut replaced, "w-shared").await.session_id;
+    let (_grpc, _) = support::RawSession::hello(server.addr, "w-shared").await;
+    let (goodbye, close) = until_close(&mut replaced).await;
+    assert_eq!(
+        goodbye.map(|said| said.reason()),
+        Some(pb::GoodbyeReason::Replaced)
+    );
+    assert_eq!(u16::from(close.code), 4007);
+    assert_eq!(
+        closed(&mut sessions, &replaced_id).await.0,
+        CloseReason::Replaced
+    );
+
+    let mut evicted = open(web, "heartbeat.v1.json", &[]).await.expect("upgrade");
+    evicted
+        .send(Message::Text(
+            r#"{"hello":{"clientId":"w-evicted"}}"#.into(),
+        ))
+        .await
+        .expect("hello");
+    let evicted_id = opened_by(&mut sessions, "w-evicted").await;
+    assert!(server.handle.evict(&evicted_id, "make room"));
+    let close = loop {
+        match within(WAIT, evicted.next()).await {
+            Some(Ok(Message::Text(text))) if text.contains("goodbye") => {
+                assert!(text.contains("GOODBYE_REASON_EVICTED"), "{text}");
+                assert!(text.contains("make room"), "{text}");
+            }
+            Some(Ok(Message::Close(close))) => break close.expect("a code"),
+            Some(Ok(_)) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(u16::from(close.code), 4006);
+    assert_eq!(close.reason.as_str(), "make room");
+    server.shutdown().await.expect("clean shutdown");
+}
+
+/// Tests the drain: open sockets get Goodbye{SERVER_SHUTDOWN} with the
+/// reconnect hint and close code 4002, and the server then exits cleanly.
+#[tokio::test]
+async fn a_drain_closes_websockets_with_the_hint() {
+    let (server, web) = web_server(|_| {}).await;
+    let mut socket = open(web, "heartbeat.v1.proto", &[]).await.expect("upgrade");
+    say_hello(&mut socket, "w-drained").await;
+    let reader = tokio::spawn(async move { until_close(&mut socket).await });
+    server.shutdown().await.expect("clean shutdown");
+    let (goodbye, close) = within(WAIT, reader).await.expect("reader");
+    let goodbye = goodbye.expect("a goodbye");
+    assert_eq!(goodbye.reason(), pb::GoodbyeReason::ServerShutdown);
+    assert_eq!(
+        goodbye.reconnect_after,
+        Some(tonic_heartbeat::protocol::duration_to_proto(
+            Duration::from_secs(1)
+        ))
+    );
+    assert_eq!(u16::from(close.code), 4002);
+}
+
+/// Tests how a connection that drops without a close frame ends
+/// (DISCONNECTED), and that messages the session cannot take are protocol
+/// violations with 4005: text on the binary subprotocol, and JSON that is
+/// no frame.
+#[tokio::test]
+async fn drops_and_malformed_messages_end_sessions_with_their_reasons() {
+    let (server, web) = web_server(|_| {}).await;
+    let mut sessions = server.handle.subscribe();
+    let mut dropped = open(web, "heartbeat.v1.proto", &[]).await.expect("upgrade");
+    let dropped_id = say_hello(&mut dropped, "w-dropped").await.session_id;
+    drop(dropped);
+    assert_eq!(
+        closed(&mut sessions, &dropped_id).await.0,
+        CloseReason::Disconnected
+    );
+
+    for (protocol, hello, bad, expected) in [
+        (
+            "heartbeat.v1.proto",
+            encode(hello("w-text")),
+            Message::Text("{}".into()),
+            "a text message on heartbeat.v1.proto",
+        ),
+        (
+            "heartbeat.v1.json",
+            Message::Text(r#"{"hello":{"clientId":"w-garbage"}}"#.into()),
+            Message::Text(r#"{"ping":{"seq":"not a number"}}"#.into()),
+            "is not a HeartbeatRequest",
+        ),
+        (
+            "heartbeat.v1.json",
+            Message::Text(r#"{"hello":{"clientId":"w-binary"}}"#.into()),
+            Message::Binary(vec![1, 2, 3].into()),
+            "a binary message on heartbeat.v1.json",
+        ),
+    ] {
+        let mut socket = open(web, protocol, &[]).await.expect("upgrade");
+        socket.send(hello).await.expect("hello");
+        socket.send(bad).await.expect("send");
+        let close = loop {
+            match within(WAIT, socket.next()).await {
+                Some(Ok(Message::Close(close))) => break close.expect("a code"),
+                Some(Ok(_)) => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        };
+        assert_eq!(u16::from(close.code), 4005, "{protocol}: {close:?}");
+        assert!(close.reason.contains(expected), "{protocol}: {close:?}");
+    }
+    server.shutdown().await.expect("clean shutdown");
+}
+
+/// Tests the presence page's endpoints: the page only with --web-ui, the
+/// watch as server-sent events of proto3 JSON that need the admin token and
+/// resume by Last-Event-ID, and eviction by JSON.
+#[tokio::test]
+async fn the_presence_endpoints_follow_and_evict() {
+    let (server, web) = web_server(|config| {
+        config.admin_token = AdminToken::new("s3cret");
+        if let Some(web) = &mut config.web {
+            web.ui = true;
+        }
+    })
+    .await;
+    let page = http_get(web, "/", &[]).await;
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    assert!(
+        page.contains("<title>heartbeat · presence</title>"),
+        "{page}"
+    );
+    let unauthorized = http_get(web, "/v1/presence/watch", &[]).await;
+    assert!(unauthorized.starts_with("HTTP/1.1 401"), "{unauthorized}");
+    assert!(
+        unauthorized.contains(r#""code":"UNAUTHENTICATED""#),
+        "{unauthorized}"
+    );
+
+    let mut socket = open(web, "heartbeat.v1.proto", &[]).await.expect("upgrade");
+    let id = say_hello(&mut socket, "w-listed").await.session_id;
+    let mut watch = SseStream::open(
+        web,
+        "/v1/presence/watch",
+        &[("authorization", "Bearer s3cret")],
+    )
+    .await;
+    let opened = watch.event_with(&id).await;
+    assert_eq!(opened["opened"]["clientId"], "w-listed", "{opened}");
+    assert_eq!(opened["opened"]["state"], "SESSION_STATE_LIVE", "{opened}");
+    let synced = watch.event_with("synced").await;
+    let last_id = watch
+        .last_id
+        .clone()
+        .expect("events carry ids after synced");
+    assert!(last_id.starts_with(
+        &synced["synced"]["epoch"]
+            .as_str()
+            .expect("epoch")
+            .to_string()
+    ));
+
+    let evict = http_post(
+        web,
+        "/v1/presence/evict",
+        &[("authorization", "Bearer s3cret")],
+        &format!(r#"{{"sessionId":"{id}","message":"from the page"}}"#),
+    )
+    .await;
+    assert!(evict.starts_with("HTTP/1.1 200"), "{evict}");
+    let closed_event = watch.event_with("CLOSE_REASON_EVICTED").await;
+    assert_eq!(
+        closed_event["closed"]["message"], "from the page",
+        "{closed_event}"
+    );
+    let missing = http_post(
+        web,
+        "/v1/presence/evict",
+        &[("authorization", "Bearer s3cret")],
+        r#"{"sessionId":"nope"}"#,
+    )
+    .await;
+    assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
+
+    // A watch resumed from the last event it saw replays nothing, then syncs.
+    let mut resumed = SseStream::open(
+        web,
+        "/v1/presence/watch",
+        &[
+            ("authorization", "Bearer s3cret"),
+            ("last-event-id", &last_id),
+        ],
+    )
+    .await;
+    let first = resumed.next_event().await;
+    assert!(first.get("reset").is_none(), "resumed, not reset: {first}");
+    server.shutdown().await.expect("clean shutdown");
+}
+
+/// One request over a fresh connection; the whole response as text.
+async fn http_request(web: SocketAddr, head: String, body: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = TcpStream::connect(web).await.expect("connect");
+    stream
+        .write_all(
+            format!(
+                "{head}content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .await
+        .expect("write");
+    let mut response = Vec::new();
+    within(WAIT, stream.read_to_end(&mut response))
+        .await
+        .expect("read");
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+fn head(method: &str, web: SocketAddr, path: &str, headers: &[(&str, &str)]) -> String {
+    let mut head = format!("{method} {path} HTTP/1.1\r\nhost: {web}\r\n");
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head
+}
+
+async fn http_get(web: SocketAddr, path: &str, headers: &[(&str, &str)]) -> String {
+    http_request(web, head("GET", web, path, headers), "").await
+}
+
+async fn http_post(web: SocketAddr, path: &str, headers: &[(&str, &str)], body: &str) -> String {
+    let mut head = head("POST", web, path, headers);
+    head.push_str("content-type: application/json\r\n");
+    http_request(web, head, body).await
+}
+
+/// A server-sent event stream, read event by event.
+struct SseStream {
+    stream: tokio::io::BufReader<TcpStream>,
+    last_id: Option<String>,
+}
+
+impl SseStream {
+    async fn open(web: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Self {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let mut stream = TcpStream::connect(web).await.expect("connect");
+        let request = format!("{}\r\n", head("GET", web, path, headers));
+        stream.write_all(request.as_bytes()).await.expect("write");
+        let mut stream = tokio::io::BufReader::new(stream);
+        let mut status = String::new();
+        within(WAIT, stream.read_line(&mut status))
+            .await
+            .expect("status line");
+        assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+        loop {
+            let mut line = String::new();
+            within(WAIT, stream.read_line(&mut line))
+                .await
+                .expect("header");
+            if line == "\r\n" {
+                break;
+            }
+        }
+        Self {
+            stream,
+            last_id: None,
+        }
+    }
+
+    /// The next event's data, as JSON (chunked framing and comments skipped).
+    async fn next_event(&mut self) -> serde_json::Value {
+        use tokio::io::AsyncBufReadExt;
+        loop {
+            let mut line = String::new();
+            within(WAIT, self.stream.read_line(&mut line))
+                .await
+                .expect("a line");
+            assert!(!line.is_empty(), "the stream ended");
+            if let Some(id) = line.strip_prefix("id: ") {
+                self.last_id = Some(id.trim().to_owned());
+            } else if let Some(data) = line.strip_prefix("data: ") {
+                return serde_json::from_str(data.trim()).expect("JSON data");
+            }
+        }
+    }
+
+    /// The next event whose JSON mentions `needle`.
+    async fn event_with(&mut self, needle: &str) -> serde_json::Value {
+        loop {
+            let event = self.next_event().await;
+            if event.to_string().contains(needle) {
+                return event;
+            }
+        }
+    }
+}

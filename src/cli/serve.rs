@@ -267,7 +267,7 @@ pub(crate) struct ServeArgs {
     web_listen: Option<SocketAddr>,
 
     /// A page origin allowed to open sessions, as browsers send it
-    /// (https://app.example.com, http://localhost:3000); repeat, or separate
+    /// (`https://app.example.com`, `http://localhost:3000`); repeat, or separate
     /// with commas; * allows any. Without it, only pages served by the web
     /// listener itself may connect.
     #[arg(

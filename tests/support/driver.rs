@@ -20,8 +20,8 @@ pub struct Driver {
     child: Child,
     stdin: Option<ChildStdin>,
     lines: mpsc::UnboundedReceiver<String>,
-    seen: Vec<String>,
-    stderr: Arc<Mutex<String>>,
+    pub seen: Vec<String>,
+    pub stderr: Arc<Mutex<String>>,
 }
 
 impl Driver {
