@@ -308,3 +308,39 @@ fn an_unreachable_etcd_is_named_at_start() {
     );
     assert!(!stderr.contains("serving"), "{stderr}");
 }
+
+/// Tests that the browser flags are checked at start: an origin a browser
+/// would never send is refused naming it and how to write one, an address in
+/// use names the address, and --web-ui or --web-allowed-origin without
+/// --web-listen are refused.
+#[test]
+fn web_flags_name_the_value_and_the_fix() {
+    let web = ["--web-listen", "127.0.0.1:0"];
+    for (origin, problem) in [
+        ("app.example.com", "has no scheme"),
+        ("ftp://app.example.com", "is neither http nor https"),
+        ("https://app.example.com/page", "has a path"),
+        ("https://", "has no host"),
+    ] {
+        let args = [&web[..], &["--web-allowed-origin", origin]].concat();
+        let line = serve_error(&args, &[]);
+        assert!(
+            line.contains(&format!("web allowed origin \"{origin}\" {problem}"))
+                && line.contains("scheme://host[:port]"),
+            "{origin}: {line}"
+        );
+    }
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("address").to_string();
+    let line = serve_error(&["--listen", "127.0.0.1:0", "--web-listen", &addr], &[]);
+    assert!(line.contains(&addr), "{line}");
+    for args in [
+        vec!["serve", "--web-ui"],
+        vec!["serve", "--web-allowed-origin", "https://app.example.com"],
+    ] {
+        let output = heartbeat(&args, &[]);
+        assert!(!output.status.success(), "{args:?} should fail");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("--web-listen"), "{args:?}: {stderr}");
+    }
+}
