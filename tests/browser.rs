@@ -483,3 +483,64 @@ async fn after_a_drain_the_page_comes_back() {
         "{listed:?}"
     );
 }
+
+/// Tests that `web/heartbeat.js` type-checks under `tsc --checkJs --strict`
+/// against the DOM's types (its JSDoc is its typing), and that the README's
+/// browser snippet is valid module syntax.
+#[test]
+fn the_browser_client_type_checks_and_the_readme_snippet_parses() {
+    let node = support::languages::node();
+    let client = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("web/heartbeat.js");
+    let tsc = node
+        .command([
+            "node_modules/.bin/tsc",
+            "--ignoreConfig",
+            "--noEmit",
+            "--allowJs",
+            "--checkJs",
+            "--strict",
+        ])
+        .args([
+            "--target",
+            "es2022",
+            "--module",
+            "es2022",
+            "--moduleResolution",
+            "bundler",
+        ])
+        .args(["--lib", "es2022,dom", "--skipLibCheck"])
+        .arg(&client)
+        .output()
+        .expect("run tsc");
+    assert!(
+        tsc.status.success(),
+        "tsc --checkJs web/heartbeat.js:\n{}{}",
+        String::from_utf8_lossy(&tsc.stdout),
+        String::from_utf8_lossy(&tsc.stderr)
+    );
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("read the README");
+    let section = readme
+        .split("## From a browser")
+        .nth(1)
+        .expect("the README has a From a browser section");
+    let snippet = section
+        .split("```js\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("a js block");
+    assert!(snippet.contains("new HeartbeatSession("), "{snippet}");
+    let file = std::env::temp_dir().join(format!("heartbeat-readme-{}.mjs", std::process::id()));
+    std::fs::write(&file, snippet).expect("write the snippet");
+    let check = std::process::Command::new("node")
+        .arg("--check")
+        .arg(&file)
+        .output()
+        .expect("run node --check");
+    let _ = std::fs::remove_file(&file);
+    assert!(
+        check.status.success(),
+        "the README's snippet:\n{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+}

@@ -140,6 +140,7 @@ export class HeartbeatSession extends EventTarget {
     if (!(encoding in PROTOCOLS)) throw new TypeError(`encoding is ${encoding}; use 'proto' or 'json'`);
     /** @type {'proto' | 'json'} */
     this.encoding = encoding;
+    /** The subprotocol, and the token when there is one. @type {string[]} */
     this.protocols = [PROTOCOLS[encoding]];
     if (options.token) {
       if (!/^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/.test(options.token)) {
@@ -395,7 +396,7 @@ export class HeartbeatSession extends EventTarget {
  *   ping?: { seq: number }, pong?: { seq: number }, goodbye?: ServerGoodbye,
  * }} ServerFrame
  *   A server frame, read; an empty object is a frame this client does not know.
- * @typedef {{ encode(frame: ClientFrame): string | Uint8Array, decode(data: unknown): ServerFrame }} Codec
+ * @typedef {{ encode(frame: ClientFrame): string | Uint8Array<ArrayBuffer>, decode(data: unknown): ServerFrame }} Codec
  */
 
 /** proto3 JSON (`heartbeat.v1.json`). @type {Codec} */
