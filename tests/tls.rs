@@ -247,3 +247,78 @@ async fn client_certificates_name_their_client_ids() {
     );
     assert!(server.handle.registry().is_empty());
 }
+
+/// Tests that the browser listener serves TLS with the server's certificate,
+/// offering HTTP/1.1 in ALPN (browsers upgrade to WebSocket over it), and a
+/// session over `wss:` says Hello and gets its Welcome.
+#[tokio::test]
+async fn browsers_get_wss_with_the_same_certificate() {
+    use futures_util::{SinkExt, StreamExt};
+    use prost::Message as _;
+    use tokio_rustls::rustls::{
+        self,
+        pki_types::{pem::PemObject, CertificateDer, ServerName},
+        RootCertStore,
+    };
+    use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
+    use tonic_heartbeat::protocol::pb;
+
+    let pems = Pems::new("wss");
+    let ca = TestCa::new("server ca");
+    let web = free_port();
+    let mut config = tls_config(&pems, &ca, None);
+    config.web = Some(tonic_heartbeat::config::WebConfig::new(web));
+    let server = TestServer::start(config).await;
+
+    let mut roots = RootCertStore::empty();
+    let ca_der = CertificateDer::from_pem_slice(ca.pem.as_bytes()).expect("the CA's certificate");
+    roots.add(ca_der).expect("a root");
+    let mut client = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    client.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(web).await.expect("connect");
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client))
+        .connect(ServerName::try_from("127.0.0.1").expect("a name"), tcp)
+        .await
+        .expect("a TLS handshake with the server's certificate");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    let mut request = format!("wss://127.0.0.1:{}/v1/heartbeat", web.port())
+        .into_client_request()
+        .expect("a URL");
+    request.headers_mut().insert(
+        "sec-websocket-protocol",
+        "heartbeat.v1.proto".parse().expect("header"),
+    );
+    let (mut socket, _) = within(WAIT, tokio_tungstenite::client_async(request, tls))
+        .await
+        .expect("the upgrade over TLS");
+    let hello = pb::HeartbeatRequest {
+        frame: Some(pb::heartbeat_request::Frame::Hello(pb::Hello {
+            client_id: "over-wss".into(),
+            ..Default::default()
+        })),
+    };
+    socket
+        .send(Message::Binary(hello.encode_to_vec().into()))
+        .await
+        .expect("hello");
+    match within(WAIT, socket.next()).await {
+        Some(Ok(Message::Binary(bytes))) => {
+            let response = pb::HeartbeatResponse::decode(bytes).expect("a frame");
+            assert!(
+                matches!(
+                    response.frame,
+                    Some(pb::heartbeat_response::Frame::Welcome(_))
+                ),
+                "{response:?}"
+            );
+        }
+        other => panic!("expected a Welcome, got {other:?}"),
+    }
+    server.shutdown().await.expect("clean shutdown");
+}
