@@ -103,9 +103,11 @@ pub struct ServerConfig {
 pub struct WebConfig {
     /// Where to listen.
     pub listen: SocketAddr,
-    /// The `Origin`s a browser page may connect from besides the listener's
-    /// own (whose `Origin` names the `Host` asked for), as browsers send them
+    /// The `Origin`s a browser page may connect from, as browsers send them
     /// (`https://app.example.com`, `http://localhost:8080`), or `*` for any.
+    /// The listener's own pages, opened by IP address or as `localhost`, may
+    /// always; pages under a DNS name (even the listener's own) need listing,
+    /// which keeps out sites that rebind their name to the listener's address.
     /// Default: none. Requests without an `Origin` (not from a browser) are
     /// not checked here; credentials still are.
     pub allowed_origins: Vec<String>,
@@ -294,6 +296,9 @@ impl ServerConfig {
             cluster.validate()?;
         }
         if let Some(web) = &self.web {
+            if cfg!(not(feature = "web")) {
+                return Err(ConfigError::WebNotBuilt);
+            }
             web.validate()?;
         }
         for (name, value, example) in [

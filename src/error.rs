@@ -10,6 +10,9 @@ use humantime::format_duration;
 /// A setting, or a combination of settings, that cannot work.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
+    /// A browser listener is configured in a build without it.
+    #[error("this build has no browser listener (the `web` feature is off): build tonic-heartbeat with features = [\"web\"], or leave ServerConfig::web unset")]
+    WebNotBuilt,
     /// An allowed web origin is not one a browser sends.
     #[error("web allowed origin \"{origin}\" {problem}: write it as a browser sends it, scheme://host[:port] (for example https://app.example.com), or * for any")]
     WebOrigin {

@@ -15,7 +15,9 @@
 //! - [`registry`]: the open sessions, their revisions and history, and
 //!   subscriptions (snapshot, then every change, with no gap).
 //! - [`server`]: the heartbeat service behind its layer, admission, drain, and
-//!   [`server::serve`] for the standalone server.
+//!   [`server::serve`] for the standalone server, with, on `ServerConfig::web`
+//!   (feature `web`, default), the browser listener: the same sessions over
+//!   WebSocket and the live presence page.
 //! - [`client`]: a reconnecting client that keeps a session alive on its own
 //!   thread and reports state, round-trip times and why sessions were lost.
 //! - [`cluster`]: cluster mode, one presence across servers kept in etcd
@@ -31,7 +33,8 @@
 //!
 //! The `heartbeat` binary's command line lives in the binary, not here, behind
 //! the default `cli` feature: `default-features = false` builds this library
-//! without clap, anyhow or tracing-subscriber. `ARCHITECTURE.md` in the
+//! without clap, anyhow or tracing-subscriber (and, without `web`, without
+//! tungstenite, prost-reflect or serde_json). `ARCHITECTURE.md` in the
 //! repository maps the modules and the invariants a change must keep.
 #![deny(missing_docs)]
 #![deny(clippy::disallowed_types)]

@@ -53,6 +53,7 @@ pub struct ServerTls {
 /// differ only in the ALPN they offer.
 struct Loaded {
     grpc: Arc<rustls::ServerConfig>,
+    #[cfg(feature = "web")]
     web: Arc<rustls::ServerConfig>,
 }
 
@@ -62,6 +63,7 @@ pub(crate) enum Alpn {
     /// `h2`: gRPC is HTTP/2 only.
     Grpc,
     /// `http/1.1`: browsers open WebSockets with an HTTP/1.1 upgrade.
+    #[cfg(feature = "web")]
     Web,
 }
 
@@ -93,6 +95,7 @@ impl ServerTls {
         let loaded = self.current.read();
         TlsAcceptor::from(match alpn {
             Alpn::Grpc => loaded.grpc.clone(),
+            #[cfg(feature = "web")]
             Alpn::Web => loaded.web.clone(),
         })
     }
@@ -153,12 +156,17 @@ fn load(files: &TlsFiles) -> Result<Loaded, TlsError> {
             what: "the certificate and key (do they belong together?)",
             source,
         })?;
-    let mut web = config.clone();
+    #[cfg(feature = "web")]
+    let web = {
+        let mut web = config.clone();
+        web.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Arc::new(web)
+    };
     config.alpn_protocols = vec![b"h2".to_vec()];
-    web.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Loaded {
         grpc: Arc::new(config),
-        web: Arc::new(web),
+        #[cfg(feature = "web")]
+        web,
     })
 }
 

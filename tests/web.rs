@@ -118,6 +118,27 @@ async fn until_close(socket: &mut Socket) -> (Option<pb::Goodbye>, CloseFrame) {
     }
 }
 
+/// A `Ping{seq: 7}` padded with an unknown field to exactly `size` bytes.
+fn at_limit(protocol: &str, size: usize) -> Message {
+    if protocol == "heartbeat.v1.json" {
+        let bare = r#"{"ping":{"seq":"7"},"pad":""}"#;
+        let pad = "x".repeat(size - bare.len());
+        return Message::Text(format!(r#"{{"ping":{{"seq":"7"}},"pad":"{pad}"}}"#).into());
+    }
+    let mut bytes = pb::HeartbeatRequest {
+        frame: Some(In::Ping(pb::Ping { seq: 7 })),
+    }
+    .encode_to_vec();
+    // Field 15, length-delimited, which the decoder skips: its tag, a
+    // two-byte length, then the padding.
+    let pad = size - bytes.len() - 3;
+    bytes.push(15 << 3 | 2);
+    bytes.push(u8::try_from(pad & 0x7f).expect("seven bits") | 0x80);
+    bytes.push(u8::try_from(pad >> 7).expect("under 2^14"));
+    bytes.resize(size, 0);
+    Message::Binary(bytes.into())
+}
+
 /// Waits for a session of `client_id` to open; returns its id.
 async fn opened_by(
     sessions: &mut tonic_heartbeat::registry::Subscription,
@@ -294,12 +315,25 @@ async fn upgrades_are_checked() {
         .await,
         403
     );
+    // A DNS name rebound to this listener is no "own" origin.
+    assert_eq!(
+        refused(
+            web,
+            "heartbeat.v1.proto",
+            &[
+                ("origin", "http://rebound.example"),
+                ("host", "rebound.example")
+            ]
+        )
+        .await,
+        403
+    );
     server.shutdown().await.expect("clean shutdown");
 }
 
-/// Tests the size limit: a message one byte over it ends the session with
-/// Goodbye{PROTOCOL_VIOLATION} and close code 4005, in both subprotocols;
-/// one at the limit is read (and, being no frame, is a violation of its own).
+/// Tests the size limit: a ping padded to exactly the limit is read and
+/// ponged, and a message one byte over it ends the session with
+/// Goodbye{PROTOCOL_VIOLATION} and close code 4005, in both subprotocols.
 #[tokio::test]
 async fn a_message_over_the_limit_is_a_protocol_violation() {
     let (server, web) = web_server(|config| config.limits.max_message_size = 1024).await;
@@ -327,6 +361,24 @@ async fn a_message_over_the_limit_is_a_protocol_violation() {
         };
         socket.send(hello).await.expect("hello");
         let session_id = opened_by(&mut sessions, "w-big").await;
+        socket.send(at_limit(protocol, 1024)).await.expect("send");
+        let ponged = loop {
+            match within(WAIT, socket.next()).await {
+                Some(Ok(Message::Binary(bytes))) => {
+                    let frame = pb::HeartbeatResponse::decode(bytes).expect("a frame").frame;
+                    if let Some(Out::Pong(pong)) = frame {
+                        break pong.seq;
+                    }
+                }
+                Some(Ok(Message::Text(text))) if text.contains("pong") => {
+                    assert_eq!(text.as_str(), r#"{"pong":{"seq":"7"}}"#);
+                    break 7;
+                }
+                Some(Ok(_)) => {}
+                other => panic!("{protocol}: unexpected {other:?}"),
+            }
+        };
+        assert_eq!(ponged, 7, "{protocol}");
         assert_eq!(oversize.len(), 1025, "{protocol}");
         socket.send(oversize).await.expect("send");
         let close = loop {
@@ -350,7 +402,13 @@ async fn a_message_over_the_limit_is_a_protocol_violation() {
 /// transport's keepalive counts as liveness.
 #[tokio::test]
 async fn silence_times_out_and_websocket_pings_count() {
-    let (server, web) = web_server(|_| {}).await;
+    // Timing with room for a busy machine: pings every 100 ms against 1 s.
+    let (server, web) = web_server(|config| {
+        config.ping_interval = Duration::from_millis(300);
+        config.timeout = Duration::from_secs(1);
+        config.min_ping_interval = Duration::from_millis(50);
+    })
+    .await;
     let mut sessions = server.handle.subscribe();
     let mut silent = open(web, "heartbeat.v1.proto", &[]).await.expect("upgrade");
     let silent_id = say_hello(&mut silent, "w-silent").await.session_id;
@@ -360,7 +418,7 @@ async fn silence_times_out_and_websocket_pings_count() {
     // The pinging socket sends WebSocket pings (no frames) every 100 ms.
     let keepalive = tokio::spawn(async move {
         let mut every = tokio::time::interval(Duration::from_millis(100));
-        for _ in 0..12 {
+        for _ in 0..30 {
             every.tick().await;
             if pinging
                 .send(Message::Ping(Vec::new().into()))
@@ -391,7 +449,7 @@ async fn silence_times_out_and_websocket_pings_count() {
         }
     };
     assert!(
-        said_hello.elapsed() >= Duration::from_millis(300),
+        said_hello.elapsed() >= Duration::from_secs(1),
         "ended early"
     );
     assert_eq!(u16::from(close.code), 4003, "{close:?}");
@@ -672,7 +730,8 @@ async fn the_presence_endpoints_follow_and_evict() {
     .await;
     assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
 
-    // A watch resumed from the last event it saw replays nothing, then syncs.
+    // A watch resumed from the synced event replays what came after it (the
+    // eviction) before anything else: no reset, no snapshot.
     let mut resumed = SseStream::open(
         web,
         "/v1/presence/watch",
@@ -683,7 +742,12 @@ async fn the_presence_endpoints_follow_and_evict() {
     )
     .await;
     let first = resumed.next_event().await;
-    assert!(first.get("reset").is_none(), "resumed, not reset: {first}");
+    assert_eq!(first["closed"]["reason"], "CLOSE_REASON_EVICTED", "{first}");
+    assert_eq!(
+        first["closed"]["session"]["sessionId"],
+        id.as_str(),
+        "{first}"
+    );
     server.shutdown().await.expect("clean shutdown");
 }
 
@@ -785,4 +849,61 @@ impl SseStream {
             }
         }
     }
+}
+
+/// Tests the rate rule on the transport's own pings: WebSocket pings closer
+/// together than the minimum spacing, past the allowed strikes, end the
+/// session as TOO_MANY_PINGS (4004); and pings before Hello prove nothing,
+/// so a socket that never says Hello still ends at its deadline.
+#[tokio::test]
+async fn websocket_pings_obey_the_rate_rule_and_do_not_replace_hello() {
+    let (server, web) = web_server(|_| {}).await;
+    let mut sessions = server.handle.subscribe();
+    let mut flooding = open(web, "heartbeat.v1.proto", &[]).await.expect("upgrade");
+    let id = say_hello(&mut flooding, "w-flood").await.session_id;
+    for _ in 0..4 {
+        flooding
+            .send(Message::Ping(Vec::new().into()))
+            .await
+            .expect("ping");
+    }
+    let (goodbye, close) = until_close_silently(&mut flooding).await;
+    assert_eq!(
+        goodbye.map(|said| said.reason()),
+        Some(pb::GoodbyeReason::TooManyPings)
+    );
+    assert_eq!(u16::from(close.code), 4004, "{close:?}");
+    assert!(close.reason.contains("WebSocket pings"), "{close:?}");
+    assert_eq!(
+        closed(&mut sessions, &id).await.0,
+        CloseReason::TooManyPings
+    );
+
+    let mut nameless = open(web, "heartbeat.v1.proto", &[]).await.expect("upgrade");
+    let opened_at = Instant::now();
+    let pinger = tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            every.tick().await;
+            if nameless
+                .send(Message::Ping(Vec::new().into()))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let next = tokio::time::timeout(Duration::from_millis(1), nameless.next()).await;
+            if let Ok(Some(Ok(Message::Close(_))) | None | Some(Err(_))) = next {
+                return;
+            }
+        }
+    });
+    within(WAIT, pinger).await.expect("the pinger");
+    assert!(
+        opened_at.elapsed() < Duration::from_secs(2),
+        "a socket without Hello lived {:?} on WebSocket pings (timeout 300 ms)",
+        opened_at.elapsed()
+    );
+    assert_eq!(server.handle.admitted(), 0, "its slot is free");
+    server.shutdown().await.expect("clean shutdown");
 }

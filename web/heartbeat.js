@@ -35,6 +35,9 @@
  * nothing: the server then ends the session as TIMEOUT, as it should.
  */
 
+/** The page's document; absent in a worker, which has no visibility to follow. */
+const doc = globalThis.document;
+
 /** The two subprotocols: binary protobuf frames, or proto3 JSON text. */
 const PROTOCOLS = Object.freeze({ proto: 'heartbeat.v1.proto', json: 'heartbeat.v1.json' });
 
@@ -245,6 +248,8 @@ export class HeartbeatSession extends EventTarget {
       let intervalMs = DEFAULT_INTERVAL_MS;
       let timeoutMs = 3 * DEFAULT_INTERVAL_MS;
       let seq = 0;
+      /** When the last ping went out. */
+      let lastPingAt = -Infinity;
       /** @type {Map<number, number>} */
       const sent = new Map();
       /** @type {ReturnType<typeof setTimeout> | undefined} */
@@ -258,8 +263,8 @@ export class HeartbeatSession extends EventTarget {
         done = true;
         clearTimeout(deadline);
         clearInterval(pinger);
-        document.removeEventListener('visibilitychange', onVisibility);
-        document.removeEventListener('resume', onVisibility);
+        doc?.removeEventListener('visibilitychange', onVisibility);
+        doc?.removeEventListener('resume', onVisibility);
         this.leave = null;
         if (socket.readyState === WebSocket.CONNECTING || socket.readyState === WebSocket.OPEN) socket.close();
         resolve({ lost, liveSince });
@@ -294,30 +299,38 @@ export class HeartbeatSession extends EventTarget {
       };
       const ping = () => {
         const at = performance.now();
+        lastPingAt = at;
         seq += 1;
         sent.set(seq, at);
         // Pings unanswered for a whole timeout will never be answered.
         for (const [old, when] of sent) if (at - when > timeoutMs) sent.delete(old);
         send({ ping: { seq } });
       };
-      // See "Hidden tabs" above: while hidden, neither ping nor watch.
+      // Whether the live session's watchdog and pings run: not while the tab
+      // is hidden (see "Hidden tabs" above). The handshake's and close()'s
+      // own bounds always run.
+      const watching = () => liveSince !== null && goodbye === null && !leaving && !done;
       const pause = () => {
         clearInterval(pinger);
         pinger = undefined;
-        clearTimeout(deadline);
+        if (watching()) clearTimeout(deadline);
       };
       const resume = () => {
-        if (liveSince === null || goodbye !== null || leaving || done) return;
+        if (!watching()) return;
         arm(timeoutMs);
         if (this.sendPings && pinger === undefined) {
-          ping();
+          // Measure at once, unless a ping just went out: a tab flicked
+          // back and forth must not send unsolicited pings closer together
+          // than the server's rate rule allows.
+          if (performance.now() - lastPingAt >= intervalMs) ping();
           pinger = setInterval(ping, intervalMs);
         }
       };
-      const onVisibility = () => (document.hidden ? pause() : resume());
-      document.addEventListener('visibilitychange', onVisibility);
+      const hidden = () => doc?.hidden ?? false;
+      const onVisibility = () => (hidden() ? pause() : resume());
+      doc?.addEventListener('visibilitychange', onVisibility);
       // After a freeze (`freeze`/`resume` of the Page Lifecycle API).
-      document.addEventListener('resume', onVisibility);
+      doc?.addEventListener('resume', onVisibility);
 
       socket.addEventListener('message', (event) => {
         const now = performance.now();
@@ -330,7 +343,7 @@ export class HeartbeatSession extends EventTarget {
           console.error('heartbeat: a frame from the server could not be read', error);
           return;
         }
-        if (goodbye === null && !leaving && !document.hidden) arm(liveSince === null ? this.handshakeTimeoutMs : timeoutMs);
+        if (goodbye === null && !leaving && !(liveSince !== null && hidden())) arm(liveSince === null ? this.handshakeTimeoutMs : timeoutMs);
         if (frame.welcome && liveSince === null) {
           const welcome = frame.welcome;
           if (welcome.pingIntervalMs !== null) intervalMs = Math.min(Math.max(welcome.pingIntervalMs, MIN_INTERVAL_MS), MAX_INTERVAL_MS);
@@ -340,7 +353,7 @@ export class HeartbeatSession extends EventTarget {
           timeoutMs = Math.min(offered > intervalMs ? offered : 3 * intervalMs, 3 * MAX_INTERVAL_MS);
           liveSince = now;
           this.sessionId = welcome.sessionId;
-          if (document.hidden) pause();
+          if (hidden()) pause();
           else {
             arm(timeoutMs);
             if (this.sendPings) pinger = setInterval(ping, intervalMs);

@@ -268,8 +268,9 @@ pub(crate) struct ServeArgs {
 
     /// A page origin allowed to open sessions, as browsers send it
     /// (`https://app.example.com`, `http://localhost:3000`); repeat, or separate
-    /// with commas; * allows any. Without it, only pages served by the web
-    /// listener itself may connect.
+    /// with commas; * allows any. Without it, only the listener's own pages
+    /// opened by IP address or as localhost may connect: list the origin of
+    /// pages served under a DNS name, this listener's own included.
     #[arg(
         long,
         env = "HEARTBEAT_WEB_ALLOWED_ORIGIN",

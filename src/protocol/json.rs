@@ -26,7 +26,7 @@ use super::pb;
 /// Why a JSON text is not the message it should be.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct JsonError(String);
+pub(crate) struct JsonError(String);
 
 /// The descriptors of every message of the contract, read once.
 fn pool() -> &'static DescriptorPool {
@@ -47,7 +47,10 @@ fn descriptor(full_name: &str) -> MessageDescriptor {
 }
 
 /// Reads one message of type `M`, named `full_name`, from proto3 JSON.
-pub fn from_json<M: Message + Default>(full_name: &str, json: &[u8]) -> Result<M, JsonError> {
+pub(crate) fn from_json<M: Message + Default>(
+    full_name: &str,
+    json: &[u8],
+) -> Result<M, JsonError> {
     let mut deserializer = serde_json::Deserializer::from_slice(json);
     let options = DeserializeOptions::new().deny_unknown_fields(false);
     let dynamic = DynamicMessage::deserialize_with_options(
@@ -66,7 +69,7 @@ pub fn from_json<M: Message + Default>(full_name: &str, json: &[u8]) -> Result<M
 
 /// Writes `message`, of the type named `full_name`, as proto3 JSON: fields in
 /// `lowerCamelCase`, those at their default left out, enums by name.
-pub fn to_json(full_name: &str, message: &impl Message) -> String {
+pub(crate) fn to_json(full_name: &str, message: &impl Message) -> String {
     let mut dynamic = DynamicMessage::new(descriptor(full_name));
     // Both sides are the same message type: transcoding cannot fail.
     dynamic
@@ -77,15 +80,15 @@ pub fn to_json(full_name: &str, message: &impl Message) -> String {
 }
 
 /// The full names of the messages that travel as JSON.
-pub mod names {
+pub(crate) mod names {
     /// `heartbeat.v1.HeartbeatRequest`, a client's frame.
-    pub const HEARTBEAT_REQUEST: &str = "heartbeat.v1.HeartbeatRequest";
+    pub(crate) const HEARTBEAT_REQUEST: &str = "heartbeat.v1.HeartbeatRequest";
     /// `heartbeat.v1.HeartbeatResponse`, a server's frame.
-    pub const HEARTBEAT_RESPONSE: &str = "heartbeat.v1.HeartbeatResponse";
+    pub(crate) const HEARTBEAT_RESPONSE: &str = "heartbeat.v1.HeartbeatResponse";
     /// `heartbeat.v1.WatchSessionsResponse`, one presence event.
-    pub const WATCH_SESSIONS_RESPONSE: &str = "heartbeat.v1.WatchSessionsResponse";
+    pub(crate) const WATCH_SESSIONS_RESPONSE: &str = "heartbeat.v1.WatchSessionsResponse";
     /// `heartbeat.v1.EvictSessionRequest`, an eviction.
-    pub const EVICT_SESSION_REQUEST: &str = "heartbeat.v1.EvictSessionRequest";
+    pub(crate) const EVICT_SESSION_REQUEST: &str = "heartbeat.v1.EvictSessionRequest";
 }
 
 #[cfg(test)]

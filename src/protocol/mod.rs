@@ -5,7 +5,8 @@
 //!   clients (presence, the client's stream), instead of tonic's 8 KiB each way.
 //! - [`grpc`]: gRPC's message framing, for the server's sessions and the load
 //!   generator, which speak `Heartbeat` without tonic's codec.
-//! - [`json`]: proto3 JSON of the contract's messages, for browsers.
+//! - `json` (crate-private, feature `web`): proto3 JSON of the contract's
+//!   messages, for browsers.
 //! - [`PingLedger`] and [`RttEstimator`]: ping numbering, pong matching and
 //!   round-trip smoothing, one implementation for the client and the server.
 //! - [`CloseReason`]: why sessions end, and how that maps to `Goodbye` and to
@@ -21,7 +22,8 @@
 mod codec;
 mod duration;
 pub mod grpc;
-pub mod json;
+#[cfg(feature = "web")]
+pub(crate) mod json;
 mod ping;
 mod reason;
 pub mod text;

@@ -91,6 +91,20 @@ pub(crate) enum PeerLimit {
     Streams(usize),
 }
 
+impl PeerLimit {
+    /// What a call refused for this limit is told.
+    pub(crate) fn refusal(self) -> String {
+        match self {
+            Self::Streams(max) => format!(
+                "this client address holds its maximum of {max} streams; close some, or raise --max-streams-per-ip"
+            ),
+            Self::Connections(max) => format!(
+                "this client address holds its maximum of {max} connections; close some, or raise --max-connections-per-ip"
+            ),
+        }
+    }
+}
+
 impl PeerTable {
     pub(crate) fn new(config: &ServerConfig, metrics: Arc<Metrics>) -> Self {
         Self {
@@ -553,12 +567,7 @@ where
             Some(peer) => match peer.connection.hold_stream() {
                 Ok(hold) => Some(hold),
                 Err(limit) => {
-                    let status = tonic::Status::resource_exhausted(format!(
-                        "this client address holds its maximum of {} streams; close some, or raise --max-streams-per-ip",
-                        match limit {
-                            PeerLimit::Streams(max) | PeerLimit::Connections(max) => max,
-                        }
-                    ));
+                    let status = tonic::Status::resource_exhausted(limit.refusal());
                     let response = status.into_http::<ResBody>();
                     return Box::pin(async move {
                         Ok(response.map(|body| HeldBody {

@@ -38,6 +38,7 @@ use crate::{
     protocol::{
         grpc::HEARTBEAT_PATH,
         text::{Escaped, QUOTE_BYTES},
+        CloseReason,
     },
 };
 
@@ -162,14 +163,20 @@ impl HeartbeatMethod {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct BridgedCall;
 
-/// How a bridge fails a call's request when the client sent a frame it
-/// cannot carry (the wrong kind of WebSocket message, JSON that is not a
-/// frame, a message over the size limit): the session ends it as a protocol
-/// violation with this message, where any other failed request means the
-/// client is gone.
+/// How a bridge fails a call's request when the client broke a rule on the
+/// bridge's side: a frame it cannot carry (the wrong kind of WebSocket
+/// message, JSON that is not a frame, a message over the size limit) is a
+/// protocol violation, a flood of the transport's own pings is too many
+/// pings. The session ends with this reason and message, where any other
+/// failed request means the client is gone.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub(crate) struct MalformedFrame(pub(crate) String);
+#[error("{message}")]
+pub(crate) struct RefusedFrame {
+    /// `ProtocolViolation` or `TooManyPings`.
+    pub(crate) reason: CloseReason,
+    /// What the client did, for its goodbye and the close.
+    pub(crate) message: String,
+}
 
 /// The peer address tonic's own transport records, for a service mounted in
 /// someone else's tonic server.

@@ -37,6 +37,7 @@ mod heartbeat;
 mod presence;
 mod session;
 mod shared;
+#[cfg(feature = "web")]
 mod web;
 
 use std::{
@@ -270,17 +271,9 @@ pub async fn serve(
         cluster.start(handle.registry().clone());
     }
     let config = handle.config().clone();
-    let web_listener = match &config.web {
-        Some(settings) => {
-            let (incoming, addr) = web::bind(settings).map_err(|source| ServeError::Bind {
-                addr: settings.listen,
-                source,
-            })?;
-            info!(web_listen = %addr, ui = settings.ui, "serving browsers");
-            Some(incoming)
-        }
-        None => None,
-    };
+    // Bound before the server says it serves, like the gRPC listener.
+    #[cfg(feature = "web")]
+    let web_listener = web::bind(&config)?;
     let metrics_listener = match config.metrics_listen {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)
@@ -290,6 +283,8 @@ pub async fn serve(
         None => None,
     };
     let (stop, stopped) = tokio::sync::watch::channel(false);
+    // Past the shutdown grace: what still runs of the browser listener closes.
+    let (force, forced) = tokio::sync::watch::channel(false);
     let (health, _) = tonic_health::server::health_reporter();
     let health_service = tonic_health::pb::health_server::HealthServer::new(
         health::DrainingHealth::new(health.clone(), stopped.clone()),
@@ -325,16 +320,20 @@ pub async fn serve(
         &config,
         handle.shared.metrics.clone(),
     ));
-    let web_server = tokio::spawn(match web_listener {
-        Some(listener) => futures_util::future::Either::Left(web::serve(
-            listener,
-            handle.shared.clone(),
-            heartbeat.clone(),
-            peers.clone(),
-            stopped.clone(),
-        )),
-        None => futures_util::future::Either::Right(std::future::ready(())),
-    });
+    #[cfg(feature = "web")]
+    let web_server = tokio::spawn(web::serve(
+        web_listener,
+        handle.shared.clone(),
+        heartbeat.clone(),
+        peers.clone(),
+        stopped.clone(),
+        forced,
+    ));
+    #[cfg(not(feature = "web"))]
+    let web_server = {
+        drop(forced);
+        tokio::spawn(std::future::ready(()))
+    };
     let incoming = connection::accept(
         incoming,
         peers,
@@ -389,10 +388,13 @@ pub async fn serve(
     .await;
     match finished {
         Ok(result) => result?,
-        Err(_) => warn!(
-            streams = handle.admitted(),
-            "shutdown grace elapsed; closing the remaining connections"
-        ),
+        Err(_) => {
+            warn!(
+                streams = handle.admitted(),
+                "shutdown grace elapsed; closing the remaining connections"
+            );
+            let _ = force.send(true);
+        }
     }
     if let Some(cluster) = cluster {
         cluster.leave(config.shutdown_grace).await;

@@ -33,7 +33,7 @@ use tracing::debug;
 use super::{
     admission::AdmissionPermit,
     drain, farewell,
-    heartbeat::{MalformedFrame, RequestBody},
+    heartbeat::{RefusedFrame, RequestBody},
     shared::ServerShared,
 };
 use crate::credentials::IdPermit;
@@ -131,9 +131,10 @@ enum Step {
     Deny(String),
 }
 
-/// Counts unsolicited client frames that come too close together.
+/// Counts unsolicited client frames that come too close together (and,
+/// on a WebSocket, the transport's own pings).
 #[derive(Debug)]
-struct StrikeCounter {
+pub(crate) struct StrikeCounter {
     min_spacing: Duration,
     allowed: u32,
     strikes: u32,
@@ -189,12 +190,7 @@ impl Session {
         inbound: RequestBody,
     ) -> Self {
         let config = &server.config;
-        let strikes = StrikeCounter {
-            min_spacing: config.min_ping_interval,
-            allowed: config.ping_strikes,
-            strikes: 0,
-            last: None,
-        };
+        let strikes = StrikeCounter::new(config);
         let ping_phase = ping_phase(ping_group, config.ping_interval);
         let shared = Arc::new(SessionShared {
             id: format!("{:016x}", rand::random::<u64>()),
@@ -293,11 +289,7 @@ impl Session {
         over.then(|| {
             Step::Conclude(
                 CloseReason::TooManyPings,
-                format!(
-                    "unsolicited frames closer together than {} more than {} times",
-                    humantime::format_duration(self.strikes.min_spacing),
-                    self.strikes.allowed
-                ),
+                self.strikes.exceeded("unsolicited frames"),
             )
         })
     }
@@ -455,14 +447,12 @@ impl Session {
                 }
                 // The layer hands on only a failed request: a reset or a
                 // lost connection (the client is gone), or a bridge that
-                // found a frame it cannot carry (see `MalformedFrame`).
+                // refused what the client sent (see `RefusedFrame`).
                 Poll::Ready(Some(Err(status))) => {
-                    let malformed = std::error::Error::source(&status)
-                        .and_then(|source| source.downcast_ref::<MalformedFrame>());
-                    return Some(Err(match malformed {
-                        Some(MalformedFrame(problem)) => {
-                            (CloseReason::ProtocolViolation, problem.clone())
-                        }
+                    let refused = std::error::Error::source(&status)
+                        .and_then(|source| source.downcast_ref::<RefusedFrame>());
+                    return Some(Err(match refused {
+                        Some(refused) => (refused.reason, refused.message.clone()),
                         None => (CloseReason::Disconnected, status.message().to_owned()),
                     }));
                 }
@@ -599,10 +589,29 @@ fn validate_hello(hello: &pb::Hello, limits: &FrameLimits) -> Result<(), String>
 // === impl StrikeCounter ===
 
 impl StrikeCounter {
+    /// The rate rule of `config`: its minimum spacing and allowed strikes.
+    pub(crate) fn new(config: &crate::config::ServerConfig) -> Self {
+        Self {
+            min_spacing: config.min_ping_interval,
+            allowed: config.ping_strikes,
+            strikes: 0,
+            last: None,
+        }
+    }
+
+    /// Why a session that exceeded the allowance with `what` ends.
+    pub(crate) fn exceeded(&self, what: &str) -> String {
+        format!(
+            "{what} closer together than {} more than {} times",
+            humantime::format_duration(self.min_spacing),
+            self.allowed
+        )
+    }
+
     /// Records an unsolicited frame at `now`: whether it earned a strike, and
     /// whether the strikes now exceed the allowance. A frame that keeps its
     /// distance forgives earlier strikes.
-    fn record(&mut self, now: Instant) -> (bool, bool) {
+    pub(crate) fn record(&mut self, now: Instant) -> (bool, bool) {
         let struck = self
             .last
             .is_some_and(|last| now.saturating_duration_since(last) < self.min_spacing);

@@ -33,8 +33,9 @@ const flags = ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-ru
 let browser;
 let context;
 let chromiumProcess = null;
-const profile = mkdtempSync(join(tmpdir(), 'heartbeat-chromium-'));
+let profile = '';
 if (args.lifecycle) {
+  profile = mkdtempSync(join(tmpdir(), 'heartbeat-chromium-'));
   chromiumProcess = spawn(executablePath, ['--headless', ...flags, '--remote-debugging-port=0', `--user-data-dir=${profile}`, 'about:blank'], {
     stdio: ['ignore', 'ignore', 'pipe'],
   });
@@ -89,7 +90,7 @@ async function presence(command) {
   tabs.set(command.tab, page);
   page.on('pageerror', (error) => say({ tab: command.tab, pageerror: String(error) }));
   if (command.token) await page.addInitScript((token) => sessionStorage.setItem('heartbeat-admin-token', token), command.token);
-  await page.goto(`${web}/`);
+  await page.goto(command.url ?? `${web}/`);
 }
 
 /** Sets what `document.hidden` says and tells the page, as a tab switch does. */
@@ -133,6 +134,10 @@ for await (const line of createInterface({ input: process.stdin })) {
   }
 }
 await browser.close();
-chromiumProcess?.kill();
+if (chromiumProcess) {
+  const exited = new Promise((resolve) => chromiumProcess.once('exit', resolve));
+  chromiumProcess.kill();
+  await exited;
+  rmSync(profile, { recursive: true, force: true });
+}
 appServer.close();
-rmSync(profile, { recursive: true, force: true });

@@ -22,6 +22,8 @@ pub struct Driver {
     lines: mpsc::UnboundedReceiver<String>,
     pub seen: Vec<String>,
     pub stderr: Arc<Mutex<String>>,
+    /// Whether the process exits by itself once its stdin closes.
+    ends_on_eof: bool,
 }
 
 impl Driver {
@@ -57,7 +59,15 @@ impl Driver {
             lines,
             seen: Vec::new(),
             stderr,
+            ends_on_eof: false,
         }
+    }
+
+    /// Marks a process that exits by itself once its stdin closes, so that
+    /// dropping it lets it clean up before it is killed.
+    pub fn ends_on_eof(mut self) -> Self {
+        self.ends_on_eof = true;
+        self
     }
 
     /// Writes `command` as one JSON line to the process's stdin.
@@ -166,7 +176,19 @@ impl Driver {
 }
 
 impl Drop for Driver {
+    /// Kills the process; one that [ends on EOF](Driver::ends_on_eof) first
+    /// gets its stdin closed and a few seconds to clean up (close its
+    /// browser, remove its profile).
     fn drop(&mut self) {
+        drop(self.stdin.take());
+        // Up to five seconds, in steps of 20 ms.
+        let waits = if self.ends_on_eof { 250 } else { 0 };
+        for _ in 0..waits {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -29,7 +29,7 @@
 mod page;
 mod socket;
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+use std::{convert::Infallible, sync::Arc};
 
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
@@ -38,8 +38,11 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::StreamExt;
-use tonic::transport::server::{Connected, TcpIncoming};
-use tracing::debug;
+use tonic::{
+    transport::server::{Connected, TcpIncoming},
+    Code,
+};
+use tracing::{debug, info};
 
 use super::{
     connection::{self, PeerInfo, PeerTable},
@@ -47,7 +50,11 @@ use super::{
     shared::ServerShared,
     HeartbeatServer,
 };
-use crate::{config::WebConfig, tls::Alpn};
+use crate::{
+    config::{ServerConfig, WebConfig},
+    error::ServeError,
+    tls::Alpn,
+};
 
 /// The response body of every route.
 type WebBody = UnsyncBoxBody<Bytes, Infallible>;
@@ -60,10 +67,16 @@ const CLIENT_JS: &str = include_str!("../../../web/heartbeat.js");
 
 /// What every route of the listener shares.
 struct WebEndpoint {
+    /// The server's settings, registry and the rest.
     shared: Arc<ServerShared>,
+    /// The heartbeat service sockets are bridged into.
     heartbeat: HeartbeatServer,
+    /// The presence service the page's endpoints call.
     presence: PresenceEndpoint,
+    /// This listener's settings.
     settings: WebConfig,
+    /// Says when the shutdown grace is over: whatever still runs is closed.
+    forced: watch::Receiver<bool>,
     /// Held by every connection and socket (through their `Arc` of this):
     /// when the last is gone, the listener's drain is over.
     _open: mpsc::Sender<Infallible>,
@@ -115,6 +128,12 @@ impl WebEndpoint {
 
     /// Whether a browser page at the request's `Origin` may use the
     /// endpoint: refused with why, and what to change.
+    ///
+    /// Listed origins may. So may the listener's own pages (the presence
+    /// page), whose `Origin` is the scheme and `Host` of the request, but
+    /// only where that host is an IP address or `localhost`: under a DNS
+    /// name, any page could rebind its own name to this listener's address
+    /// and pass as "own". Pages served under a name are listed instead.
     fn check_origin(&self, headers: &HeaderMap) -> Result<(), String> {
         // Only browsers send Origin; other clients are checked by their
         // credentials alone.
@@ -122,24 +141,58 @@ impl WebEndpoint {
             return Ok(());
         };
         let origin = String::from_utf8_lossy(origin.as_bytes());
-        let allowed = &self.settings.allowed_origins;
-        let listed = allowed
+        let listed = self
+            .settings
+            .allowed_origins
             .iter()
             .any(|allowed| allowed == "*" || allowed.eq_ignore_ascii_case(&origin));
-        // The listener's own pages (the presence page) are always allowed.
-        let same_origin = headers.get(header::HOST).is_some_and(|host| {
-            origin.split_once("://").is_some_and(|(_, authority)| {
-                authority.as_bytes().eq_ignore_ascii_case(host.as_bytes())
-            })
-        });
-        if listed || same_origin {
+        let scheme = if self.shared.config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let own = headers
+            .get(header::HOST)
+            .and_then(|host| host.to_str().ok())
+            .filter(|host| names_an_address(host))
+            .is_some_and(|host| origin.eq_ignore_ascii_case(&format!("{scheme}://{host}")));
+        if listed || own {
             return Ok(());
         }
         let origin =
             crate::protocol::text::Escaped::quote(&origin, crate::protocol::text::QUOTE_BYTES);
         Err(format!(
-            "pages from origin \"{origin}\" may not connect: start the server with --web-allowed-origin {origin}, or serve the page from this listener\n"
+            "pages from origin \"{origin}\" may not connect: start the server with --web-allowed-origin {origin}\n"
         ))
+    }
+}
+
+/// Whether a `Host` header names an IP address or `localhost`, which no
+/// other site's page can rebind to.
+fn names_an_address(host: &str) -> bool {
+    if let Some(bracketed) = host.strip_prefix('[') {
+        // An IPv6 literal, with or without a port.
+        return bracketed
+            .split(']')
+            .next()
+            .is_some_and(|inside| inside.parse::<std::net::Ipv6Addr>().is_ok());
+    }
+    let name = host.rsplit_once(':').map_or(host, |(name, _)| name);
+    name.parse::<std::net::Ipv4Addr>().is_ok() || name.eq_ignore_ascii_case("localhost")
+}
+
+/// The HTTP status that says what a gRPC status code says, for every
+/// refusal the listener answers: 401 for credentials and 503 for capacity
+/// and drain, as the contract maps an upgrade's refusals, and the usual
+/// meanings for the page's endpoints.
+fn http_status(code: Code) -> StatusCode {
+    match code {
+        Code::Unauthenticated => StatusCode::UNAUTHORIZED,
+        Code::PermissionDenied => StatusCode::FORBIDDEN,
+        Code::NotFound => StatusCode::NOT_FOUND,
+        Code::InvalidArgument => StatusCode::BAD_REQUEST,
+        Code::ResourceExhausted | Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 
@@ -147,9 +200,14 @@ impl WebEndpoint {
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<WebBody> {
     let mut response = Response::new(full(body));
     *response.status_mut() = status;
-    response.headers_mut().insert(
+    let headers = response.headers_mut();
+    headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
     );
     response
 }
@@ -162,13 +220,14 @@ fn full(body: impl Into<Bytes>) -> WebBody {
 /// accepting, lets each connection finish its request, and returns once
 /// every connection and WebSocket has ended (the drain ends the sessions).
 pub(crate) async fn serve(
-    incoming: TcpIncoming,
+    incoming: Option<TcpIncoming>,
     shared: Arc<ServerShared>,
     heartbeat: HeartbeatServer,
     peers: Arc<PeerTable>,
     mut stopped: watch::Receiver<bool>,
+    forced: watch::Receiver<bool>,
 ) {
-    let Some(settings) = shared.config.web.clone() else {
+    let (Some(incoming), Some(settings)) = (incoming, shared.config.web.clone()) else {
         return;
     };
     let tls = shared.config.tls.clone().map(|tls| (tls, Alpn::Web));
@@ -179,6 +238,7 @@ pub(crate) async fn serve(
         shared,
         heartbeat,
         settings,
+        forced,
         _open: open,
     });
     loop {
@@ -191,6 +251,8 @@ pub(crate) async fn serve(
         };
         let peer = io.connect_info();
         let (endpoint, mut stopped) = (endpoint.clone(), stopped.clone());
+        let mut forced = endpoint.forced.clone();
+        let handshake_timeout = endpoint.shared.config.handshake_timeout;
         tokio::spawn(async move {
             let route_peer = peer.clone();
             let service = hyper::service::service_fn(move |request| {
@@ -201,7 +263,7 @@ pub(crate) async fn serve(
                 .timer(TokioTimer::new())
                 // A slow client's request head is bounded like a slow TLS
                 // handshake; a WebSocket's messages then have their own limits.
-                .header_read_timeout(Some(std::time::Duration::from_secs(10)))
+                .header_read_timeout(Some(handshake_timeout))
                 .max_buf_size(64 * 1024)
                 .serve_connection(TokioIo::new(io), service)
                 .with_upgrades();
@@ -210,7 +272,11 @@ pub(crate) async fn serve(
                 result = connection.as_mut() => result,
                 () = stop_requested(&mut stopped) => {
                     connection.as_mut().graceful_shutdown();
-                    connection.await
+                    tokio::select! {
+                        result = connection => result,
+                        // Past the grace, what is left is dropped.
+                        () = stop_requested(&mut forced) => Ok(()),
+                    }
                 }
             };
             if let Err(error) = result {
@@ -230,9 +296,19 @@ async fn stop_requested(stopped: &mut watch::Receiver<bool>) {
     let _ = stopped.wait_for(|stop| *stop).await;
 }
 
-/// Binds the listener; returns it with its bound address, for the log.
-pub(crate) fn bind(settings: &WebConfig) -> Result<(TcpIncoming, SocketAddr), std::io::Error> {
-    let incoming = TcpIncoming::bind(settings.listen)?.with_nodelay(Some(true));
+/// Binds the browser listener `config.web` asks for, if any, and logs where.
+pub(crate) fn bind(config: &ServerConfig) -> Result<Option<TcpIncoming>, ServeError> {
+    let Some(settings) = &config.web else {
+        return Ok(None);
+    };
+    let bind_error = |source| ServeError::Bind {
+        addr: settings.listen,
+        source,
+    };
+    let incoming = TcpIncoming::bind(settings.listen)
+        .map_err(bind_error)?
+        .with_nodelay(Some(true));
     let addr = incoming.local_addr().unwrap_or(settings.listen);
-    Ok((incoming, addr))
+    info!(web_listen = %addr, ui = settings.ui, "serving browsers");
+    Ok(Some(incoming))
 }

@@ -22,9 +22,9 @@ use http_body::Frame;
 use http_body_util::{BodyExt, Limited, StreamBody};
 use hyper::body::Incoming;
 use tokio_stream::{Stream, StreamExt};
-use tonic::{metadata::MetadataValue, Code, Status};
+use tonic::{metadata::MetadataValue, Status};
 
-use super::{full, text, WebBody, WebEndpoint};
+use super::{full, http_status, text, WebBody, WebEndpoint};
 use crate::{
     protocol::{
         json,
@@ -55,14 +55,38 @@ pub(super) fn page() -> Response<WebBody> {
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/html; charset=utf-8"),
     );
-    // Its script is inline and talks only to this listener.
-    headers.insert(
-        header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static(
-            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; frame-ancestors 'none'",
-        ),
-    );
+    if let Ok(policy) = HeaderValue::try_from(content_security_policy()) {
+        headers.insert(header::CONTENT_SECURITY_POLICY, policy);
+    }
     response
+}
+
+/// The page's Content-Security-Policy: its one inline script and style,
+/// named by their hashes, may run; it talks only to this listener, and
+/// cannot be framed. Client ids, labels and messages are shown as text,
+/// never as markup; the policy is the second line of defence.
+fn content_security_policy() -> &'static str {
+    static POLICY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    POLICY.get_or_init(|| {
+        use base64::Engine as _;
+        use sha2::Digest as _;
+        let hash_of = |open: &str, close: &str| {
+            let inline = PAGE_HTML
+                .split_once(open)
+                .and_then(|(_, rest)| rest.split_once(close))
+                .map_or("", |(inline, _)| inline);
+            let digest = sha2::Sha256::digest(inline.as_bytes());
+            format!(
+                "'sha256-{}'",
+                base64::engine::general_purpose::STANDARD.encode(digest)
+            )
+        };
+        format!(
+            "default-src 'none'; script-src {}; style-src {}; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+            hash_of("<script type=\"module\">", "</script>"),
+            hash_of("<style>", "</style>"),
+        )
+    })
 }
 
 /// `GET /v1/presence/watch?client_id=…&label=k=v&resume_epoch=…&resume_after=…`:
@@ -79,11 +103,11 @@ pub(super) async fn watch(
         Ok(watch) => watch,
         Err(problem) => return status_response(&Status::invalid_argument(problem)),
     };
-    let Ok(hold) = peer.connection.hold_stream() else {
-        return status_response(&Status::resource_exhausted(
-            "this client address holds its maximum of streams; close some, or raise --max-streams-per-ip",
-        ));
+    let hold = match peer.connection.hold_stream() {
+        Ok(hold) => hold,
+        Err(limit) => return status_response(&Status::resource_exhausted(limit.refusal())),
     };
+
     let call = with_authorization(tonic::Request::new(watch), request.headers());
     let events = match endpoint.presence.watch_sessions(call).await {
         Ok(events) => events.into_inner(),
@@ -269,17 +293,8 @@ fn with_authorization<T>(mut call: tonic::Request<T>, headers: &HeaderMap) -> to
 /// A failed call as HTTP: the status's code and message as JSON, with the
 /// HTTP status that means the same.
 fn status_response(status: &Status) -> Response<WebBody> {
-    let code = match status.code() {
-        Code::Unauthenticated => StatusCode::UNAUTHORIZED,
-        Code::PermissionDenied => StatusCode::FORBIDDEN,
-        Code::NotFound => StatusCode::NOT_FOUND,
-        Code::InvalidArgument => StatusCode::BAD_REQUEST,
-        Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
-        Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-        _ => StatusCode::INTERNAL_SERVER_ERROR,
-    };
     let mut response = Response::new(full(status_json(status)));
-    *response.status_mut() = code;
+    *response.status_mut() = http_status(status.code());
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),

@@ -9,13 +9,21 @@
 //! After the upgrade two halves run. The reader turns each client message
 //! into one framed `HeartbeatRequest` on the call's request body (JSON is
 //! transcoded; a message the session cannot take fails the request with
-//! [`MalformedFrame`], which the session ends as a protocol violation), and
-//! reports WebSocket pings and pongs as liveness. The writer sends the
+//! [`RefusedFrame`], which the session ends as a protocol violation), and
+//! reports WebSocket pings and pongs as liveness once the session is open,
+//! under the same rate rule as unsolicited frames. The writer sends the
 //! session's frames as messages and, when the call ends, a close frame whose
 //! code says why: `4000 + GoodbyeReason` after a server goodbye, as the
 //! contract maps it.
 
-use std::{error::Error as StdError, sync::Arc, time::Duration};
+use std::{
+    error::Error as StdError,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
@@ -41,7 +49,7 @@ use tonic::{Code, Status};
 use tower::Service;
 use tracing::debug;
 
-use super::{text, WebBody, WebEndpoint};
+use super::{http_status, text, WebBody, WebEndpoint};
 use crate::{
     liveness::{LivenessBody, LivenessHandle},
     protocol::{
@@ -49,10 +57,12 @@ use crate::{
         json,
         pb::{self, heartbeat_response::Frame as Out},
         text::truncate,
+        CloseReason,
     },
     server::{
         connection::PeerInfo,
-        heartbeat::{BridgedCall, MalformedFrame},
+        heartbeat::{BridgedCall, RefusedFrame},
+        session::StrikeCounter,
         SessionBody,
     },
 };
@@ -110,12 +120,7 @@ pub(super) async fn upgrade(
     };
     let hold = match peer.connection.hold_stream() {
         Ok(hold) => hold,
-        Err(_) => {
-            return text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "this client address holds its maximum of streams; close some, or raise --max-streams-per-ip\n",
-            )
-        }
+        Err(limit) => return refused(&Status::resource_exhausted(limit.refusal())),
     };
 
     // The same call a gRPC client makes, in-process.
@@ -165,9 +170,17 @@ pub(super) async fn upgrade(
         }),
     );
 
-    let limit = endpoint.shared.config.limits.max_message_size as usize;
-    let send_timeout = endpoint.shared.config.timeout;
+    let config = &endpoint.shared.config;
+    let limit = config.limits.max_message_size as usize;
+    let send_timeout = config.timeout;
+    let client = ClientSide {
+        handle,
+        subprotocol,
+        strikes: StrikeCounter::new(config),
+        welcomed: Arc::new(AtomicBool::new(false)),
+    };
     let body = response.into_body();
+    let mut forced = endpoint.forced.clone();
     tokio::spawn(async move {
         // Held for the socket's life: the connection is busy, and the
         // listener's drain waits for it.
@@ -189,7 +202,11 @@ pub(super) async fn upgrade(
         let socket =
             WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
                 .await;
-        bridge(socket, body, inbound, handle, subprotocol, send_timeout).await;
+        tokio::select! {
+            () = bridge(socket, body, inbound, client, send_timeout) => {}
+            // Past the shutdown grace, a socket still open is dropped.
+            () = super::stop_requested(&mut forced) => {}
+        }
     });
     switching
 }
@@ -241,15 +258,32 @@ fn offered(headers: &HeaderMap) -> Result<(Subprotocol, Option<String>), String>
 }
 
 /// The HTTP answer to an upgrade the service refused before any frame, as
-/// the contract maps it: 401 for credentials, 403 for permission, 503 for
-/// capacity and drain.
+/// the contract maps it: 401 for credentials, 503 for capacity and drain.
 fn refused(status: &Status) -> Response<WebBody> {
-    let code = match status.code() {
-        Code::Unauthenticated => StatusCode::UNAUTHORIZED,
-        Code::PermissionDenied => StatusCode::FORBIDDEN,
-        _ => StatusCode::SERVICE_UNAVAILABLE,
-    };
-    text(code, format!("{}\n", status.message()))
+    let code = http_status(status.code());
+    let mut message = format!("{}\n", status.message());
+    if code == StatusCode::UNAUTHORIZED {
+        message.push_str("From a browser, pass the token as a subprotocol: new WebSocket(url, [\"heartbeat.v1.proto\", \"bearer.\" + token])\n");
+    }
+    let mut response = text(code, message);
+    if code == StatusCode::UNAUTHORIZED {
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
+    response
+}
+
+/// What the reader knows of its client.
+struct ClientSide {
+    /// The call, to report WebSocket pings as liveness.
+    handle: LivenessHandle,
+    subprotocol: Subprotocol,
+    /// The rate rule, applied to WebSocket pings.
+    strikes: StrikeCounter,
+    /// Set by the writer once the Welcome went out: before it, the socket's
+    /// pings prove nothing, and the Hello deadline must hold.
+    welcomed: Arc<AtomicBool>,
 }
 
 /// Runs one session's socket until the call ends and the socket closes.
@@ -257,13 +291,13 @@ async fn bridge(
     socket: WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>,
     body: LivenessBody<SessionBody>,
     inbound: Inbound,
-    handle: LivenessHandle,
-    subprotocol: Subprotocol,
+    client: ClientSide,
     send_timeout: Duration,
 ) {
     let (mut sink, stream) = socket.split();
-    let mut reader = tokio::spawn(read_client(stream, inbound, handle, subprotocol));
-    let close = write_session(&mut sink, body, subprotocol, send_timeout).await;
+    let (subprotocol, welcomed) = (client.subprotocol, client.welcomed.clone());
+    let mut reader = tokio::spawn(read_client(stream, inbound, client));
+    let close = write_session(&mut sink, body, subprotocol, &welcomed, send_timeout).await;
     if let Some(close) = close {
         let sent = tokio::time::timeout(send_timeout, sink.send(Message::Close(Some(close)))).await;
         if matches!(sent, Ok(Ok(()))) {
@@ -281,9 +315,9 @@ async fn read_client(
         WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>,
     >,
     inbound: Inbound,
-    handle: LivenessHandle,
-    subprotocol: Subprotocol,
+    mut client: ClientSide,
 ) {
+    let subprotocol = client.subprotocol;
     loop {
         let frame = match stream.next().await {
             Some(Ok(Message::Binary(payload))) => {
@@ -292,26 +326,33 @@ async fn read_client(
             Some(Ok(Message::Text(text))) => {
                 frame_request(subprotocol, Payload::Text(Bytes::from(text)))
             }
-            // The transport's own keepalive proves the client alive too.
+            // The transport's own keepalive proves an open session alive
+            // too, under the rate rule, since tungstenite answers each one.
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => {
-                handle.heard();
-                continue;
+                let (_, over) = client.strikes.record(tokio::time::Instant::now());
+                if over {
+                    Err(refusal(
+                        CloseReason::TooManyPings,
+                        client.strikes.exceeded("WebSocket pings"),
+                    ))
+                } else {
+                    if client.welcomed.load(Ordering::Acquire) {
+                        client.handle.heard();
+                    }
+                    continue;
+                }
             }
             // A browser closing or leaving the page says "going away"
             // (1001) for every socket on it: the client did not end its
             // session, its page went away, as a killed process's does.
             Some(Ok(Message::Close(Some(close)))) if close.code == CloseCode::Away => {
-                let _ = inbound
-                    .send(Err(Box::new(std::io::Error::new(
-                        std::io::ErrorKind::ConnectionAborted,
-                        "the page went away (close code 1001)",
-                    ))))
-                    .await;
-                break;
+                Err(Box::new(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionAborted,
+                    "the page went away (close code 1001)",
+                )) as Box<dyn StdError + Send + Sync>)
             }
             // Any other close frame: the session's request ends (a
-            // half-close, or after a Goodbye, nothing), and reading on
-            // completes the closing handshake.
+            // half-close, or after a Goodbye, nothing).
             Some(Ok(Message::Close(_))) => break,
             // Only produced when writing raw frames.
             Some(Ok(Message::Frame(_))) => continue,
@@ -320,11 +361,19 @@ async fn read_client(
         };
         let failed = frame.is_err();
         if inbound.send(frame).await.is_err() || failed {
-            return;
+            break;
         }
     }
     drop(inbound);
+    // Reading on until the client closes completes the closing handshake,
+    // and leaves no unread data that would make the kernel reset the
+    // connection before the goodbye and the close frame reach the client.
     while let Some(Ok(_)) = stream.next().await {}
+}
+
+/// A failed request that ends the session for `reason`.
+fn refusal(reason: CloseReason, message: String) -> Box<dyn StdError + Send + Sync> {
+    Box::new(RefusedFrame { reason, message })
 }
 
 /// A client message, as it arrived.
@@ -338,8 +387,7 @@ fn frame_request(
     subprotocol: Subprotocol,
     payload: Payload,
 ) -> Result<Frame<Bytes>, Box<dyn StdError + Send + Sync>> {
-    let malformed =
-        |problem: String| -> Box<dyn StdError + Send + Sync> { Box::new(MalformedFrame(problem)) };
+    let malformed = |problem: String| refusal(CloseReason::ProtocolViolation, problem);
     match (subprotocol, payload) {
         (Subprotocol::Proto, Payload::Binary(payload)) => {
             let mut framed = BytesMut::with_capacity(5 + payload.len());
@@ -363,26 +411,30 @@ fn frame_request(
     }
 }
 
-/// What a failed read means for the session: a message over the limit or
-/// broken WebSocket framing is the client's violation; anything else means
-/// the connection is gone.
+/// What a failed read means for the session: a message over the limit,
+/// text that is not UTF-8 or broken WebSocket framing is the client's
+/// violation; anything else means the connection is gone.
 fn read_error(error: tungstenite::Error) -> Box<dyn StdError + Send + Sync> {
+    let violation = |problem| refusal(CloseReason::ProtocolViolation, problem);
     match error {
         tungstenite::Error::Capacity(CapacityError::MessageTooLong { size, max_size }) => {
-            Box::new(MalformedFrame(format!(
+            violation(format!(
                 "a message of {size} bytes; the limit is {max_size}"
-            )))
+            ))
         }
-        tungstenite::Error::Capacity(problem) => Box::new(MalformedFrame(problem.to_string())),
+        tungstenite::Error::Capacity(problem) => violation(problem.to_string()),
+        tungstenite::Error::Utf8(problem) => {
+            violation(format!("a text message that is not UTF-8: {problem}"))
+        }
         tungstenite::Error::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
             Box::new(std::io::Error::new(
                 std::io::ErrorKind::ConnectionReset,
                 "the connection closed without a close frame",
             ))
         }
-        tungstenite::Error::Protocol(problem) => Box::new(MalformedFrame(format!(
-            "broken WebSocket framing: {problem}"
-        ))),
+        tungstenite::Error::Protocol(problem) => {
+            violation(format!("broken WebSocket framing: {problem}"))
+        }
         other => Box::new(std::io::Error::other(other.to_string())),
     }
 }
@@ -396,6 +448,7 @@ async fn write_session(
     >,
     mut body: LivenessBody<SessionBody>,
     subprotocol: Subprotocol,
+    welcomed: &AtomicBool,
     send_timeout: Duration,
 ) -> Option<CloseFrame> {
     let mut deframer = Deframer::default();
@@ -420,8 +473,10 @@ async fn write_session(
             let Ok(response) = pb::HeartbeatResponse::decode(message.clone()) else {
                 continue;
             };
-            if let Some(Out::Goodbye(said)) = &response.frame {
-                goodbye = Some(said.clone());
+            match &response.frame {
+                Some(Out::Goodbye(said)) => goodbye = Some(said.clone()),
+                Some(Out::Welcome(_)) => welcomed.store(true, Ordering::Release),
+                _ => {}
             }
             let message = match subprotocol {
                 Subprotocol::Proto => Message::Binary(message),
