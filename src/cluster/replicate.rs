@@ -93,15 +93,15 @@ async fn write(
     let client_id = &session.identity.client_id;
     let session_id = &session.identity.session_id;
     match &change.event {
-        // Closed or replaced here before its open was written: it never
-        // claims anything (its close follows, and is read as nothing).
+        // A session that still holds its client id here claims the id in
+        // etcd with its open. One closed or replaced here before its open
+        // was written (the writer was behind, or etcd away) claims nothing:
+        // its open and then its close are written plainly below, so every
+        // watcher in the cluster, this node's own included, still sees it
+        // open and close.
         SessionEvent::Opened(_)
-            if !client_id.is_empty() && local.holder(client_id).as_ref() != Some(session_id) =>
+            if !client_id.is_empty() && local.holder(client_id).as_ref() == Some(session_id) =>
         {
-            Ok(())
-        }
-        SessionEvent::Opened(_) if local.session(session_id).is_none() => Ok(()),
-        SessionEvent::Opened(_) if !client_id.is_empty() => {
             let client_key = node.keys.client(client_id);
             let claim = session_id.as_bytes().to_vec();
             for _ in 0..CLIENT_ID_ATTEMPTS {
