@@ -221,6 +221,7 @@ impl SessionLink for Idle {
             rtt: None,
             frames_in: 0,
             frames_out: 0,
+            phi: tonic_heartbeat::protocol::Phi::default(),
         }
     }
 

@@ -32,6 +32,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 Some(ClientEvent::Connected { session_id, ping_interval, timeout }) => {
                     info!(%session_id, ?ping_interval, ?timeout, "present");
                 }
+                Some(ClientEvent::Rotated { from, to, .. }) => {
+                    info!(%from, session_id = %to, "rotated to a new session; never missing");
+                }
                 Some(ClientEvent::Lost { reason }) => warn!(?reason, "presence lost"),
                 Some(ClientEvent::Reconnecting { attempt, delay }) => {
                     info!(attempt, ?delay, "reconnecting");

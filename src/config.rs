@@ -10,6 +10,7 @@ use std::{fmt, net::SocketAddr, path::Path, time::Duration};
 use crate::{
     credentials::ClientCredentials,
     error::{ConfigError, TokenError},
+    protocol::Phi,
     tls::ServerTls,
 };
 
@@ -91,6 +92,44 @@ pub struct ServerConfig {
     /// presence page; served by [`serve`](crate::server::serve). Default:
     /// `None`, gRPC only.
     pub web: Option<WebConfig>,
+    /// How sessions become suspect: after the fixed `suspect_after`, or by
+    /// each one's own rhythm. Default: fixed.
+    pub suspicion: Suspicion,
+    /// Rotation: a session this old (±10 %, drawn per session) is asked to
+    /// move with `Goodbye{ROTATE}`, so that long-lived streams spread over a
+    /// fleet that grew. Default: `None`, never.
+    pub max_session_age: Option<Duration>,
+    /// How long a session asked to rotate keeps its stream for its
+    /// successor's Hello; then it ends as `ROTATED`. Default 10 s.
+    pub rotation_grace: Duration,
+    /// Rotations started per second at most, so a fleet whose sessions come
+    /// of age together reconnects spread out, never as a herd. Default 100.
+    pub max_rotations_per_second: u32,
+}
+
+/// How sessions become suspect (the contract's "Adaptive suspicion").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Suspicion {
+    /// After `suspect_after` of silence, for every session alike.
+    #[default]
+    Fixed,
+    /// When the session's φ, over its client's recent inter-arrival times,
+    /// reaches the threshold (8 by default): a steady client is suspected
+    /// soon after it misses its rhythm, a jittery one not for its usual
+    /// jitter. Never before `ping_interval` of silence, always by
+    /// `suspect_after`.
+    Adaptive {
+        /// The φ at which a session is suspect.
+        phi_threshold: Phi,
+    },
+}
+
+impl Suspicion {
+    /// The default threshold of adaptive suspicion.
+    pub const DEFAULT_PHI_THRESHOLD: Phi = Phi(8.0);
+    /// The thresholds taken: below, jitter alone would suspect; above, a
+    /// tail this improbable is beyond what a double can tell apart.
+    pub const PHI_THRESHOLDS: std::ops::RangeInclusive<f64> = 1.0..=30.0;
 }
 
 /// The browser listener of [`serve`](crate::server::serve).
@@ -252,6 +291,10 @@ impl ServerConfig {
         metrics_listen: None,
         cluster: None,
         web: None,
+        suspicion: Suspicion::Fixed,
+        max_session_age: None,
+        rotation_grace: Duration::from_secs(10),
+        max_rotations_per_second: 100,
     };
 }
 
@@ -321,6 +364,8 @@ impl ServerConfig {
                 "20s",
             ),
             ("reconnect_after", Some(self.reconnect_after), "1s"),
+            ("max_session_age", self.max_session_age, "1h"),
+            ("rotation_grace", Some(self.rotation_grace), "10s"),
         ] {
             let Some(value) = value else { continue };
             // A zero reconnect hint is allowed: come back at once.
@@ -360,6 +405,10 @@ impl ServerConfig {
             ("watch_history", self.watch_history),
             ("watch_queue", self.watch_queue),
             ("max_watchers", self.max_watchers),
+            (
+                "max_rotations_per_second",
+                self.max_rotations_per_second as usize,
+            ),
             ("max_connections_per_ip", self.max_connections_per_ip),
             ("max_streams_per_ip", self.max_streams_per_ip),
             (
@@ -369,6 +418,13 @@ impl ServerConfig {
         ] {
             if value == 0 {
                 return Err(ConfigError::ZeroCount { name });
+            }
+        }
+        if let Suspicion::Adaptive { phi_threshold } = self.suspicion {
+            if !Suspicion::PHI_THRESHOLDS.contains(&phi_threshold.0) {
+                return Err(ConfigError::PhiThreshold {
+                    value: phi_threshold,
+                });
             }
         }
         let mutual_tls = self

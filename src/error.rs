@@ -10,6 +10,12 @@ use humantime::format_duration;
 /// A setting, or a combination of settings, that cannot work.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
+    /// The φ threshold of adaptive suspicion is outside what is taken.
+    #[error("phi threshold {value} is out of range: use 1 to 30 (8, the default, suspects a steady client soon after it misses its rhythm)")]
+    PhiThreshold {
+        /// The configured threshold.
+        value: crate::protocol::Phi,
+    },
     /// A browser listener is configured in a build without it.
     #[error("this build has no browser listener (the `web` feature is off): build tonic-heartbeat with features = [\"web\"], or leave ServerConfig::web unset")]
     WebNotBuilt,

@@ -32,6 +32,9 @@ const LATENESS_BUCKETS: [f64; 12] = [
     0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0,
 ];
 
+/// Upper bounds of the φ-at-suspicion buckets.
+const PHI_BUCKETS: [f64; 11] = [1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 10.0, 12.0, 16.0, 20.0, 30.0];
+
 type ReasonCounter = Family<[(&'static str, &'static str); 1], Counter>;
 
 /// The server's metrics; cheap to share behind an `Arc`.
@@ -44,6 +47,8 @@ pub struct Metrics {
     sessions_closed: ReasonCounter,
     rtt: Histogram,
     deadline_lateness: Histogram,
+    phi_at_suspicion: Histogram,
+    rotations: Counter,
     frames_received: Counter,
     frames_sent: Counter,
     ping_strikes: Counter,
@@ -71,6 +76,8 @@ impl Metrics {
             rtt: Histogram::new(exponential_buckets(0.0001, 2.0, 19)),
             // Fine where the target is (a few milliseconds), coarse beyond.
             deadline_lateness: Histogram::new(LATENESS_BUCKETS),
+            phi_at_suspicion: Histogram::new(PHI_BUCKETS),
+            rotations: Counter::default(),
             frames_received: Counter::default(),
             frames_sent: Counter::default(),
             ping_strikes: Counter::default(),
@@ -113,6 +120,16 @@ impl Metrics {
             "heartbeat_deadline_lateness_seconds",
             "How long after its deadline (last frame plus timeout) each silent session's Goodbye{TIMEOUT} was handed to HTTP/2",
             metrics.deadline_lateness.clone(),
+        );
+        registry.register(
+            "heartbeat_phi_at_suspicion",
+            "Adaptive suspicion: each suspected session's phi at the moment it became suspect (a phi below the threshold means the fixed suspect_after came first)",
+            metrics.phi_at_suspicion.clone(),
+        );
+        registry.register(
+            "heartbeat_rotations",
+            "Sessions asked to rotate (Goodbye{ROTATE}) at their maximum age",
+            metrics.rotations.clone(),
         );
         registry.register(
             "heartbeat_frames_received",
@@ -219,6 +236,16 @@ impl Metrics {
     /// A silent session's ending went out `lateness` after its deadline.
     pub fn deadline_lateness(&self, lateness: Duration) {
         self.deadline_lateness.observe(lateness.as_secs_f64());
+    }
+
+    /// A session became suspect with φ `phi` (adaptive suspicion).
+    pub fn phi_at_suspicion(&self, phi: f64) {
+        self.phi_at_suspicion.observe(phi);
+    }
+
+    /// A session was asked to rotate.
+    pub fn rotation(&self) {
+        self.rotations.inc();
     }
 
     /// A frame arrived from a client.

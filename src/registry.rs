@@ -44,7 +44,7 @@ use crate::{
     metrics::Metrics,
     protocol::{
         text::{self, Escaped},
-        CloseReason,
+        CloseReason, Phi,
     },
 };
 
@@ -90,6 +90,8 @@ pub struct SessionInfo {
     pub frames_in: u64,
     /// Frames sent to the client.
     pub frames_out: u64,
+    /// Its φ when this was read, under adaptive suspicion; 0 otherwise.
+    pub phi: Phi,
 }
 
 /// The moving parts of a session, read when a snapshot or event is taken.
@@ -103,6 +105,8 @@ pub struct SessionStats {
     pub frames_in: u64,
     /// Frames sent.
     pub frames_out: u64,
+    /// Its φ now, under adaptive suspicion; 0 otherwise.
+    pub phi: Phi,
 }
 
 /// How the registry reaches a session's connection; the server implements it.
@@ -946,6 +950,7 @@ fn info_of(entry: &Entry) -> SessionInfo {
         state: entry.state,
         frames_in: stats.frames_in,
         frames_out: stats.frames_out,
+        phi: stats.phi,
     }
 }
 
@@ -968,6 +973,7 @@ mod tests {
                 rtt: None,
                 frames_in: 0,
                 frames_out: 0,
+                phi: Phi::default(),
             }
         }
         fn conclude(&self, reason: CloseReason, message: &str) {
@@ -1110,6 +1116,7 @@ mod tests {
             state: SessionState::Live,
             frames_in: 0,
             frames_out: 0,
+            phi: Phi::default(),
         };
         let closed = |id: &str| SessionEvent::Closed {
             session: info(id),

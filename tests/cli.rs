@@ -344,3 +344,41 @@ fn web_flags_name_the_value_and_the_fix() {
         assert!(stderr.contains("--web-listen"), "{args:?}: {stderr}");
     }
 }
+
+/// Tests that the suspicion and rotation flags are checked at start, just
+/// past each bound, with a line naming the value and the fix.
+#[test]
+fn suspicion_and_rotation_flags_name_the_value_and_the_fix() {
+    for (args, expected) in [
+        (
+            vec!["--suspicion", "adaptive", "--phi-threshold", "0.9"],
+            "phi threshold 0.90 is out of range: use 1 to 30",
+        ),
+        (
+            vec!["--suspicion", "adaptive", "--phi-threshold", "30.1"],
+            "phi threshold 30.10 is out of range",
+        ),
+        (
+            vec!["--max-session-age", "0s"],
+            "max_session_age must be greater than zero",
+        ),
+        (
+            vec!["--rotation-grace", "0s"],
+            "rotation_grace must be greater than zero",
+        ),
+        (
+            vec!["--max-rotations-per-second", "0"],
+            "max_rotations_per_second must be at least 1",
+        ),
+    ] {
+        let line = serve_error(&args, &[]);
+        assert!(line.contains(expected), "{args:?}: {line}");
+    }
+    let output = heartbeat(&["serve", "--suspicion", "sometimes"], &[]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("fixed") && stderr.contains("adaptive"),
+        "{stderr}"
+    );
+}

@@ -112,6 +112,16 @@ fn text(event: &ClientEvent) -> String {
             humantime::format_duration(*ping_interval),
             humantime::format_duration(*timeout)
         ),
+        ClientEvent::Rotated {
+            from,
+            to,
+            ping_interval,
+            timeout,
+        } => format!(
+            "rotated from={from} session_id={to} ping_interval={} timeout={}",
+            humantime::format_duration(*ping_interval),
+            humantime::format_duration(*timeout)
+        ),
         ClientEvent::Rtt {
             sample, smoothed, ..
         } => format!(
@@ -162,6 +172,18 @@ fn json_of(event: &ClientEvent) -> serde_json::Value {
         } => json!({
             "event": "connected",
             "session_id": session_id,
+            "ping_interval_ms": ms(*ping_interval),
+            "timeout_ms": ms(*timeout),
+        }),
+        ClientEvent::Rotated {
+            from,
+            to,
+            ping_interval,
+            timeout,
+        } => json!({
+            "event": "rotated",
+            "from": from,
+            "session_id": to,
             "ping_interval_ms": ms(*ping_interval),
             "timeout_ms": ms(*timeout),
         }),

@@ -10,9 +10,10 @@ use clap::Args;
 use tonic::transport::server::TcpIncoming;
 use tonic_heartbeat::{
     cluster::ClusterConfig,
-    config::{AdminToken, WebConfig},
+    config::{AdminToken, Suspicion, WebConfig},
     credentials::ClientCredentials,
     error::ServeError,
+    protocol::Phi,
     server::{self, HeartbeatHandle},
     tls::{ServerTls, TlsFiles},
     FrameLimits, ServerConfig,
@@ -55,6 +56,43 @@ pub(crate) struct ServeArgs {
     /// 2 × interval and the midpoint of interval and timeout.
     #[arg(long, env = "HEARTBEAT_SUSPECT_AFTER", value_parser = parse_duration, value_name = "DURATION")]
     suspect_after: Option<HumanDuration>,
+
+    /// How sessions become suspect: `fixed` (after --suspect-after, every
+    /// session alike) or `adaptive` (when the session's phi, over its
+    /// client's recent inter-arrival times, reaches --phi-threshold: a steady
+    /// client is suspected soon after it misses its rhythm, a jittery one not
+    /// for its usual jitter; never before --ping-interval, always by
+    /// --suspect-after).
+    #[arg(long, env = "HEARTBEAT_SUSPICION", value_enum, default_value_t = SuspicionArg::Fixed)]
+    suspicion: SuspicionArg,
+
+    /// With --suspicion adaptive, the phi at which a session is suspect, from
+    /// 1 to 30: phi 8 is a silence that this client's rhythm would produce
+    /// once in 10^8 gaps.
+    #[arg(long, env = "HEARTBEAT_PHI_THRESHOLD", default_value_t = Suspicion::DEFAULT_PHI_THRESHOLD.0, value_name = "PHI")]
+    phi_threshold: f64,
+
+    /// Rotation: ask sessions this old (±10 % per session) to move, with
+    /// Goodbye{ROTATE}, so that long-lived streams spread over a fleet that
+    /// grew. Clients that know ROTATE open a successor first and never go
+    /// missing from presence. Default: off.
+    #[arg(long, env = "HEARTBEAT_MAX_SESSION_AGE", value_parser = parse_duration, value_name = "DURATION")]
+    max_session_age: Option<HumanDuration>,
+
+    /// How long a session asked to rotate keeps its stream for its
+    /// successor; then it ends with UNAVAILABLE and close reason ROTATED.
+    #[arg(long, env = "HEARTBEAT_ROTATION_GRACE", default_value_t = human(DEFAULTS.rotation_grace), value_parser = parse_duration, value_name = "DURATION")]
+    rotation_grace: HumanDuration,
+
+    /// Rotations started per second at most: sessions that come of age
+    /// together are asked one by one, never as a herd.
+    #[arg(
+        long,
+        env = "HEARTBEAT_MAX_ROTATIONS_PER_SECOND",
+        default_value_t = DEFAULTS.max_rotations_per_second,
+        value_name = "N"
+    )]
+    max_rotations_per_second: u32,
 
     /// A stream must say Hello within this (or --timeout, if shorter), or it is
     /// ended with Goodbye{TIMEOUT}: a client that connects and never speaks
@@ -381,6 +419,15 @@ impl ServeArgs {
                 prefix: self.cluster_prefix.clone(),
                 lease_ttl: self.lease_ttl.into(),
             }),
+            suspicion: match self.suspicion {
+                SuspicionArg::Fixed => Suspicion::Fixed,
+                SuspicionArg::Adaptive => Suspicion::Adaptive {
+                    phi_threshold: Phi(self.phi_threshold),
+                },
+            },
+            max_session_age: self.max_session_age.map(Into::into),
+            rotation_grace: self.rotation_grace.into(),
+            max_rotations_per_second: self.max_rotations_per_second,
             web: self.web_listen.map(|listen| WebConfig {
                 listen,
                 allowed_origins: self.web_allowed_origin.clone(),
@@ -388,6 +435,15 @@ impl ServeArgs {
             }),
         })
     }
+}
+
+/// `--suspicion`'s values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum SuspicionArg {
+    /// After --suspect-after, every session alike.
+    Fixed,
+    /// By each session's phi.
+    Adaptive,
 }
 
 /// Validates the flags, binds, and serves until a signal.

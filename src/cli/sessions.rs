@@ -232,6 +232,7 @@ fn session_json(session: &SessionInfo) -> serde_json::Value {
         "frames_in": session.frames_in,
         "frames_out": session.frames_out,
         "node": identity.node,
+        "phi": session.phi.0,
     })
 }
 
@@ -276,9 +277,10 @@ fn print_table(sessions: &[SessionInfo]) {
         "AGE",
         "LAST SEEN",
         "RTT",
+        "PHI",
         "NODE",
     ];
-    let rows: Vec<[String; 9]> = sessions
+    let rows: Vec<[String; 10]> = sessions
         .iter()
         .map(|session| {
             let identity = &session.identity;
@@ -296,6 +298,7 @@ fn print_table(sessions: &[SessionInfo]) {
                     || "-".into(),
                     |rtt| format!("{:.3}ms", rtt.as_secs_f64() * 1000.0),
                 ),
+                session.phi.to_string(),
                 or_dash(&identity.node).to_owned(),
             ]
         })

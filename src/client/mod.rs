@@ -139,6 +139,20 @@ pub enum ClientEvent {
         /// The smoothed deviation (RFC 6298 RTTVAR).
         variance: Duration,
     },
+    /// The server asked the session to rotate (`Goodbye{ROTATE}`: it reached
+    /// the server's maximum age), and the client moved to a successor before
+    /// leaving it (make-before-break): no loss, and presence never showed the
+    /// client id missing. The successor may be on another server.
+    Rotated {
+        /// The session that was asked to rotate.
+        from: String,
+        /// Its successor, now live.
+        to: String,
+        /// The ping interval adopted from the successor's `Welcome`.
+        ping_interval: Duration,
+        /// The timeout adopted from the successor's `Welcome`.
+        timeout: Duration,
+    },
     /// The session was lost.
     Lost {
         /// Why.

@@ -62,6 +62,33 @@ enum SessionEnd {
     Closed,
 }
 
+/// How a live session's loop ended.
+enum Live {
+    /// The session ended (or its owner closed it).
+    Ended(SessionEnd),
+    /// The server asked it to rotate; it is still open.
+    Rotate,
+}
+
+/// A session that was asked to rotate and has a successor: answers its pings
+/// until the server ends it (`REPLACED` once the successor's Hello arrives, or
+/// `ROTATED` after the grace), at most `timeout` long. Its end is no loss.
+async fn retire(old: Open, timeout: Duration) {
+    let Open {
+        outbound,
+        mut inbound,
+        ..
+    } = old;
+    let _ = tokio::time::timeout(timeout, async {
+        while let Ok(Some(response)) = inbound.message().await {
+            if let Some(In::Ping(ping)) = response.frame {
+                let _ = outbound.try_send(request(Out::Pong(pb::Pong { seq: ping.seq })));
+            }
+        }
+    })
+    .await;
+}
+
 /// What to do after a loss.
 enum Retry {
     /// Wait, then try again.
@@ -152,27 +179,62 @@ impl SessionTask {
         }
     }
 
-    /// Runs one session from connect to loss or close.
+    /// Runs one session from connect to loss or close, moving to a
+    /// successor whenever the server asks the session to rotate.
     async fn session(&self) -> SessionEnd {
-        let open = match self.handshake().await {
+        let mut open = match self.handshake().await {
             Ok(open) => open,
             Err(end) => return end,
         };
-        let (ping_interval, timeout) = adopt(&open.welcome);
-        self.state.send_replace(ClientState::Live {
-            session_id: open.welcome.session_id.clone(),
-        });
-        self.emit(ClientEvent::Connected {
-            session_id: open.welcome.session_id,
-            ping_interval,
-            timeout,
-        });
-        let Open {
-            outbound,
-            mut inbound,
-            ..
-        } = open;
-        let mut exchange = Exchange::new(ping_interval, timeout);
+        let mut rotated_from = None;
+        loop {
+            let (ping_interval, timeout) = adopt(&open.welcome);
+            let session_id = open.welcome.session_id.clone();
+            self.state.send_replace(ClientState::Live {
+                session_id: session_id.clone(),
+            });
+            self.emit(match rotated_from.take() {
+                None => ClientEvent::Connected {
+                    session_id: session_id.clone(),
+                    ping_interval,
+                    timeout,
+                },
+                Some(from) => ClientEvent::Rotated {
+                    from,
+                    to: session_id.clone(),
+                    ping_interval,
+                    timeout,
+                },
+            });
+            let mut exchange = Exchange::new(ping_interval, timeout);
+            let old = loop {
+                match self.live(&mut open, &mut exchange).await {
+                    Live::Ended(end) => return end,
+                    Live::Rotate => {}
+                }
+                // Make before break: the successor's Hello replaces the old
+                // session, which meanwhile stays open.
+                match self.handshake().await {
+                    Ok(successor) => break std::mem::replace(&mut open, successor),
+                    Err(SessionEnd::Closed) => {
+                        let deadline = Instant::now() + self.close_timeout;
+                        self.say_goodbye(open.outbound, &mut open.inbound, deadline)
+                            .await;
+                        return SessionEnd::Closed;
+                    }
+                    // No successor now: carry on with the old session; the
+                    // end of its grace (a second ROTATE) is its end.
+                    Err(SessionEnd::Lost { .. }) => {}
+                }
+            };
+            tokio::spawn(retire(old, timeout));
+            rotated_from = Some(session_id);
+        }
+    }
+
+    /// One live session's frames, until it ends (or its owner closes it) or
+    /// the server asks it to rotate.
+    async fn live(&self, open: &mut Open, exchange: &mut Exchange) -> Live {
         // `wait_for` checks the current value first, so a clone sees a close
         // asked for at any time, and this borrows nothing of `self` mutably.
         let mut close = self.close.clone();
@@ -181,15 +243,17 @@ impl SessionTask {
             let step = tokio::select! {
                 // Frames first: a frame that arrived is never taken for silence.
                 biased;
-                message = inbound.message() => match message {
+                message = open.inbound.message() => match message {
                     Ok(Some(response)) => exchange.on_frame(response.frame, Instant::now()),
                     Ok(None) => Step::Lost(None),
                     Err(status) => Step::Lost(Some(status)),
                 },
                 () = close_asked(&mut close) => {
                     let deadline = Instant::now() + self.close_timeout;
-                    self.say_goodbye(outbound, &mut inbound, deadline).await;
-                    return SessionEnd::Closed;
+                    // The sender itself, so that dropping it half-closes.
+                    let outbound = std::mem::replace(&mut open.outbound, mpsc::channel(1).0);
+                    self.say_goodbye(outbound, &mut open.inbound, deadline).await;
+                    return Live::Ended(SessionEnd::Closed);
                 }
                 () = sleep_until(deadline) => exchange.on_deadline(),
                 () = sleep_until(exchange.next_ping), if exchange.goodbye.is_none() => {
@@ -199,7 +263,7 @@ impl SessionTask {
             match step {
                 Step::Send(frame) => {
                     // A full queue means a stuck transport, which the deadline notices.
-                    let _ = outbound.try_send(request(frame));
+                    let _ = open.outbound.try_send(request(frame));
                 }
                 Step::Measured(event) => self.emit(event),
                 Step::Wait => {}
@@ -209,14 +273,15 @@ impl SessionTask {
                     // the frames once more before declaring silence.
                     tokio::task::yield_now().await;
                 }
-                Step::Lost(status) => return exchange.lost(status),
+                Step::Rotate => return Live::Rotate,
+                Step::Lost(status) => return Live::Ended(exchange.lost(status)),
                 Step::Silent => {
-                    return SessionEnd::Lost {
+                    return Live::Ended(SessionEnd::Lost {
                         reason: LossReason::Timeout {
                             silence: exchange.last_frame.elapsed(),
                         },
                         live_for: exchange.opened_at.elapsed(),
-                    }
+                    })
                 }
             }
         }
@@ -334,6 +399,8 @@ enum Step {
     Wait,
     /// The deadline passed once: look at the frames again before declaring silence.
     Recheck,
+    /// The server asked the session to rotate: open a successor.
+    Rotate,
     /// The session is over: the server's goodbye says why, else this status
     /// (none when the call ended cleanly, or a goodbye's status is late).
     Lost(Option<tonic::Status>),
@@ -358,6 +425,8 @@ struct Exchange {
     goodbye: Option<pb::Goodbye>,
     /// Set when the deadline passed once and the frames are being looked at again.
     rechecked: bool,
+    /// Set once the server asked this session to rotate.
+    rotating: bool,
 }
 
 impl Exchange {
@@ -373,6 +442,7 @@ impl Exchange {
             next_ping: now + ping_interval,
             goodbye: None,
             rechecked: false,
+            rotating: false,
         }
     }
 
@@ -398,6 +468,14 @@ impl Exchange {
                 }
                 PongMatch::Unsolicited => Step::Wait,
             },
+            // Asked to rotate: the stream stays open for the grace, so this
+            // is no end; a second ask is the end of the grace.
+            Some(In::Goodbye(goodbye))
+                if goodbye.reason == i32::from(GoodbyeReason::Rotate) && !self.rotating =>
+            {
+                self.rotating = true;
+                Step::Rotate
+            }
             Some(In::Goodbye(goodbye)) => {
                 self.goodbye = Some(goodbye);
                 Step::Wait
@@ -430,8 +508,8 @@ impl Exchange {
 
     /// How the session was lost when the call ended: the server's goodbye if
     /// it said one, else its status.
-    fn lost(self, status: Option<tonic::Status>) -> SessionEnd {
-        let reason = match (self.goodbye, status) {
+    fn lost(&mut self, status: Option<tonic::Status>) -> SessionEnd {
+        let reason = match (self.goodbye.take(), status) {
             (Some(goodbye), _) => goodbye_loss(goodbye),
             (None, Some(status)) => status_loss(status),
             (None, None) => LossReason::Status {

@@ -356,6 +356,7 @@ impl RemoteSession {
                 rtt: info.rtt,
                 frames_in: info.frames_in,
                 frames_out: info.frames_out,
+                phi: info.phi,
             },
             evictions: evictions.clone(),
         })

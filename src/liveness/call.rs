@@ -17,6 +17,7 @@ use parking_lot::Mutex;
 use tokio::time::Instant;
 
 use super::{
+    phi::ArrivalWindow,
     policy::LivenessPolicy,
     wheel::{TimerWheel, WheelTarget},
 };
@@ -135,6 +136,8 @@ pub(crate) struct CallCore {
     transitions: Mutex<()>,
     /// Who hears of suspicion, recovery and endings.
     observer: OnceLock<Arc<dyn LivenessObserver>>,
+    /// The recent gaps between messages, for adaptive suspicion only.
+    arrivals: Option<Mutex<ArrivalWindow>>,
     /// A weak self-reference for timer entries.
     this: Weak<CallCore>,
 }
@@ -191,6 +194,25 @@ impl LivenessHandle {
         self.core.request_ending(EndCause::Requested, ending)
     }
 
+    /// The call's φ now: how surprising its current silence is given its
+    /// recent rhythm (see [`LivenessLayer::adaptive_suspicion`]); 0 without
+    /// adaptive suspicion, or before a few messages have set a rhythm.
+    ///
+    /// [`LivenessLayer::adaptive_suspicion`]: super::LivenessLayer::adaptive_suspicion
+    pub fn phi(&self) -> f64 {
+        let core = &self.core;
+        let Some(estimate) = core
+            .arrivals
+            .as_ref()
+            .and_then(|window| window.lock().estimate())
+        else {
+            return 0.0;
+        };
+        let silence = Instant::now()
+            .saturating_duration_since(core.instant(core.last_seen.load(Ordering::Acquire)));
+        estimate.phi(silence).max(0.0)
+    }
+
     /// Records that the peer was heard from without a whole message: a
     /// keepalive of the transport under the call (a WebSocket ping or pong
     /// carried by a bridge) proves it alive. No message is counted.
@@ -227,6 +249,7 @@ impl CallCore {
     /// Starts tracking a call that begins now, with its deadline entry armed.
     pub(crate) fn start(policy: Arc<LivenessPolicy>, wheel: TimerWheel) -> Arc<Self> {
         let now = Instant::now();
+        let policy_adaptive = policy.adaptive.is_some();
         let core = Arc::new_cyclic(|this| CallCore {
             last_seen: AtomicU64::new(micros_since(wheel.base(), now)),
             missed_deadline: AtomicU64::new(0),
@@ -241,9 +264,10 @@ impl CallCore {
             waker: Mutex::new(None),
             transitions: Mutex::new(()),
             observer: OnceLock::new(),
+            arrivals: policy_adaptive.then(|| Mutex::new(ArrivalWindow::new())),
             this: this.clone(),
         });
-        core.arm(0, now + core.policy.first_check());
+        core.arm(0, now + core.first_check());
         core
     }
 
@@ -260,10 +284,13 @@ impl CallCore {
     /// writes and a load, unless the call was suspect.
     pub(crate) fn touch(&self, messages: u64) {
         let now = Instant::now();
+        let at = micros_since(self.wheel.base(), now);
+        if let Some(arrivals) = &self.arrivals {
+            arrivals.lock().record(at);
+        }
         // SeqCst pairs with `suspect`: either this load sees SUSPECT and
         // recovers, or `suspect` sees this store and takes suspicion back.
-        self.last_seen
-            .store(micros_since(self.wheel.base(), now), Ordering::SeqCst);
+        self.last_seen.store(at, Ordering::SeqCst);
         self.frames_in.fetch_add(messages, Ordering::Relaxed);
         if self.state.load(Ordering::SeqCst) != SUSPECT {
             return;
@@ -277,7 +304,7 @@ impl CallCore {
             // The entry armed for the timeout would check suspicion too late:
             // replace it with one at the new suspicion time.
             let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
-            self.arm(generation, now + self.policy.first_check());
+            self.arm(generation, now + self.first_check());
             if let Some(observer) = self.observer.get() {
                 observer.recovered();
             }
@@ -370,6 +397,25 @@ impl CallCore {
         &self.policy
     }
 
+    /// The silence after which this call is suspect now, if ever: the fixed
+    /// threshold, or under adaptive suspicion where its φ reaches the
+    /// threshold, kept between the floor and the fixed threshold.
+    fn suspect_after(&self) -> Option<Duration> {
+        let fixed = self.policy.suspicion()?;
+        let (Some(adaptive), Some(arrivals)) = (&self.policy.adaptive, &self.arrivals) else {
+            return Some(fixed);
+        };
+        Some(match arrivals.lock().estimate() {
+            Some(estimate) => estimate.reaches(adaptive.z).max(adaptive.floor).min(fixed),
+            None => fixed,
+        })
+    }
+
+    /// How long after the last message the first deadline check is due.
+    fn first_check(&self) -> Duration {
+        self.suspect_after().unwrap_or(self.policy.timeout)
+    }
+
     pub(crate) fn wake(&self) {
         if let Some(waker) = self.waker.lock().as_ref() {
             waker.wake_by_ref();
@@ -398,7 +444,7 @@ impl WheelTarget for CallCore {
             self.request_ending(EndCause::Silence, policy.on_silence.clone());
             return None;
         }
-        match policy.suspicion() {
+        match self.suspect_after() {
             Some(suspect_after) if state == LIVE && silence >= suspect_after => {
                 self.suspect(seen);
                 // Check again at the deadline; a recovery re-arms earlier.
@@ -436,6 +482,7 @@ mod tests {
         let policy = LivenessPolicy {
             timeout: Duration::from_millis(100),
             suspect_after: None,
+            adaptive: None,
             max_message_size: 1024,
             inbound_buffer: 1024,
             on_silence: Ending::status(4, "silent"),
@@ -457,6 +504,88 @@ mod tests {
             recorded[0] >= Duration::from_millis(60),
             "lateness {:?} counted from the late message",
             recorded[0]
+        );
+    }
+
+    /// Records when it was suspected.
+    #[derive(Default)]
+    struct Suspicions(Mutex<Vec<Instant>>);
+
+    impl LivenessObserver for Suspicions {
+        fn suspected(&self) {
+            self.0.lock().push(Instant::now());
+        }
+    }
+
+    fn adaptive_call() -> (Arc<CallCore>, Arc<Suspicions>) {
+        let policy = LivenessPolicy {
+            timeout: Duration::from_millis(2000),
+            suspect_after: Some(Duration::from_millis(900)),
+            adaptive: Some(super::super::policy::AdaptiveSuspicion::new(
+                8.0,
+                Duration::from_millis(300),
+            )),
+            max_message_size: 1024,
+            inbound_buffer: 1024,
+            on_silence: Ending::status(4, "silent"),
+            on_oversize: Ending::status(8, "too big"),
+        };
+        let core = CallCore::start(Arc::new(policy), TimerWheel::with_shards(1));
+        let suspicions = Arc::new(Suspicions::default());
+        let _ = core.observer.set(suspicions.clone());
+        (core, suspicions)
+    }
+
+    /// Tests φ on a paused clock, message by message: gaps alternating 100
+    /// and 110 ms give φ = log₁₀ 2 at the mean gap of silence and 2.8697
+    /// three deviations later, the values of the paper's formula; and the
+    /// call is suspected at the floor (300 ms of silence), where φ has long
+    /// passed 8, not earlier.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn phi_of_a_steady_peer_and_the_floor() {
+        let (core, suspicions) = adaptive_call();
+        let handle = LivenessHandle { core: core.clone() };
+        core.touch(1);
+        for gap in [100, 110, 100, 110, 100, 110] {
+            tokio::time::advance(Duration::from_millis(gap)).await;
+            core.touch(1);
+        }
+        let last = Instant::now();
+        tokio::time::advance(Duration::from_millis(105)).await;
+        let phi = handle.phi();
+        assert!((phi - std::f64::consts::LOG10_2).abs() < 1e-3, "φ {phi}");
+        tokio::time::advance(Duration::from_millis(15)).await;
+        let phi = handle.phi();
+        assert!((phi - 2.869_699).abs() < 1e-3, "φ {phi}");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let suspected = suspicions.0.lock().clone();
+        assert_eq!(suspected.len(), 1, "{suspected:?}");
+        let after = suspected[0] - last;
+        assert!(
+            after >= Duration::from_millis(300) && after <= Duration::from_millis(310),
+            "suspected {after:?} after the last message"
+        );
+    }
+
+    /// Tests the ceiling on a paused clock: gaps swinging between 20 and
+    /// 600 ms put φ = 8 seconds away, but the call is suspected at the fixed
+    /// 900 ms.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_jittery_peer_is_suspected_by_the_fixed_threshold() {
+        let (core, suspicions) = adaptive_call();
+        core.touch(1);
+        for gap in [20, 600, 20, 600, 20, 600] {
+            tokio::time::advance(Duration::from_millis(gap)).await;
+            core.touch(1);
+        }
+        let last = Instant::now();
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        let suspected = suspicions.0.lock().clone();
+        assert_eq!(suspected.len(), 1, "{suspected:?}");
+        let after = suspected[0] - last;
+        assert!(
+            after >= Duration::from_millis(900) && after <= Duration::from_millis(910),
+            "suspected {after:?} after the last message"
         );
     }
 }

@@ -4,7 +4,12 @@ use std::{sync::Arc, time::Duration};
 
 use tower::Layer;
 
-use super::{call::Ending, policy::LivenessPolicy, service::Liveness, wheel::TimerWheel};
+use super::{
+    call::Ending,
+    policy::{AdaptiveSuspicion, LivenessPolicy},
+    service::Liveness,
+    wheel::TimerWheel,
+};
 
 /// gRPC status code `DEADLINE_EXCEEDED`.
 const DEADLINE_EXCEEDED: u8 = 4;
@@ -31,6 +36,7 @@ impl LivenessLayer {
             policy: LivenessPolicy {
                 timeout,
                 suspect_after: None,
+                adaptive: None,
                 max_message_size: 4 * 1024 * 1024,
                 inbound_buffer: 64 * 1024,
                 on_silence: Ending::status(
@@ -52,6 +58,22 @@ impl LivenessLayer {
     #[must_use]
     pub fn suspect_after(mut self, after: Duration) -> Self {
         self.policy.suspect_after = Some(after);
+        self
+    }
+
+    /// Suspects each call by its own rhythm instead: once its φ (the
+    /// φ-accrual value of Hayashibara et al. over its recent inter-arrival
+    /// times) reaches `threshold`, but never before `floor` of silence and
+    /// always by [`suspect_after`](Self::suspect_after), which must be set.
+    /// A steady peer is then suspected soon after it misses its rhythm, a
+    /// jittery one not for its usual jitter. Each call keeps a window of its
+    /// last 100 gaps (about 450 bytes). [`LivenessHandle::phi`] reads a
+    /// call's φ. Default: off.
+    ///
+    /// [`LivenessHandle::phi`]: super::LivenessHandle::phi
+    #[must_use]
+    pub fn adaptive_suspicion(mut self, threshold: f64, floor: Duration) -> Self {
+        self.policy.adaptive = Some(AdaptiveSuspicion::new(threshold, floor));
         self
     }
 

@@ -60,6 +60,7 @@ mod framing;
 mod future;
 mod inbound;
 mod layer;
+mod phi;
 mod policy;
 mod service;
 mod wheel;

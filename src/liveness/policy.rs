@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use super::call::Ending;
+use super::{call::Ending, phi};
 
 /// The settings every call of one layer shares.
 #[derive(Clone, Debug)]
@@ -11,6 +11,8 @@ pub(crate) struct LivenessPolicy {
     pub(super) timeout: Duration,
     /// Silence after which a call is suspect, if ever.
     pub(super) suspect_after: Option<Duration>,
+    /// Suspicion by each call's own rhythm (φ-accrual) within bounds, if set.
+    pub(super) adaptive: Option<AdaptiveSuspicion>,
     /// The largest message a peer may announce.
     pub(super) max_message_size: u32,
     /// How far the layer reads ahead of the service, in bytes.
@@ -21,16 +23,31 @@ pub(crate) struct LivenessPolicy {
     pub(super) on_oversize: Ending,
 }
 
+/// Suspicion by φ-accrual: a call is suspect once its φ reaches the
+/// threshold, but never before `floor` of silence, and always by the fixed
+/// `suspect_after`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct AdaptiveSuspicion {
+    /// Standard deviations above the mean gap at which φ reaches it.
+    pub(super) z: f64,
+    /// The least silence ever suspected.
+    pub(super) floor: Duration,
+}
+
+impl AdaptiveSuspicion {
+    pub(super) fn new(threshold: f64, floor: Duration) -> Self {
+        Self {
+            z: phi::quantile(threshold),
+            floor,
+        }
+    }
+}
+
 impl LivenessPolicy {
     /// The suspicion threshold in force: only a non-zero one shorter than the
     /// timeout means anything (a longer one would never come first).
     pub(super) fn suspicion(&self) -> Option<Duration> {
         self.suspect_after
             .filter(|after| !after.is_zero() && *after < self.timeout)
-    }
-
-    /// How long after the last message the first deadline check is due.
-    pub(super) fn first_check(&self) -> Duration {
-        self.suspicion().unwrap_or(self.timeout)
     }
 }

@@ -10,7 +10,7 @@ use std::{net::SocketAddr, time::SystemTime};
 
 use crate::{
     error::PresenceError,
-    protocol::{duration_to_proto, pb, proto_to_duration, CloseReason},
+    protocol::{duration_to_proto, pb, proto_to_duration, CloseReason, Phi},
     registry::{Change, SessionEvent, SessionIdentity, SessionInfo, SessionState},
 };
 
@@ -36,6 +36,7 @@ impl From<&SessionInfo> for pb::Session {
             frames_out: session.frames_out,
             state: pb::SessionState::from(session.state).into(),
             node: identity.node.clone(),
+            phi: session.phi.0,
         }
     }
 }
@@ -100,6 +101,7 @@ impl TryFrom<pb::Session> for SessionInfo {
             state,
             frames_in: session.frames_in,
             frames_out: session.frames_out,
+            phi: Phi(session.phi),
             identity: SessionIdentity {
                 opened_at: time(session.opened_at, "a session without a valid opened_at")?,
                 peer: session.peer.parse::<SocketAddr>().ok(),
@@ -155,6 +157,7 @@ mod tests {
             state,
             frames_in: 7,
             frames_out: 9,
+            phi: Phi(2.5),
         }
     }
 

@@ -24,12 +24,14 @@ mod duration;
 pub mod grpc;
 #[cfg(feature = "web")]
 pub(crate) mod json;
+mod phi;
 mod ping;
 mod reason;
 pub mod text;
 
 pub use codec::CompactCodec;
 pub use duration::{duration_to_proto, proto_to_duration};
+pub use phi::Phi;
 pub use ping::{PingLedger, PongMatch, RttEstimator};
 pub use reason::CloseReason;
 

@@ -34,6 +34,9 @@ pub enum CloseReason {
     /// Cluster mode: the server that held the session died or was cut off
     /// from the cluster, and its sessions went with it.
     NodeLost,
+    /// The session reached the server's maximum age, was asked to rotate,
+    /// and no successor came within the grace.
+    Rotated,
     /// A reason this version does not know, read from a newer peer (or an
     /// unspecified one). A server never records it; a client treats a goodbye
     /// with it like [`ServerShutdown`](Self::ServerShutdown), as the contract says.
@@ -42,7 +45,7 @@ pub enum CloseReason {
 
 impl CloseReason {
     /// Every reason a server records, in the contract's order.
-    pub const ALL: [CloseReason; 10] = [
+    pub const ALL: [CloseReason; 11] = [
         Self::ClientGoodbye,
         Self::ClientHalfClose,
         Self::Disconnected,
@@ -53,6 +56,7 @@ impl CloseReason {
         Self::Replaced,
         Self::ServerShutdown,
         Self::NodeLost,
+        Self::Rotated,
     ];
 
     /// The reason's name as logs and metric labels spell it (`timeout`, …).
@@ -68,6 +72,7 @@ impl CloseReason {
             Self::Replaced => "replaced",
             Self::ServerShutdown => "server_shutdown",
             Self::NodeLost => "node_lost",
+            Self::Rotated => "rotated",
             Self::Unknown => "unknown",
         }
     }
@@ -84,6 +89,8 @@ impl CloseReason {
             Self::Evicted => Goodbye::Evicted,
             Self::Replaced => Goodbye::Replaced,
             Self::ServerShutdown => Goodbye::ServerShutdown,
+            // The end after the grace repeats the request that went unheeded.
+            Self::Rotated => Goodbye::Rotate,
             // A lost node's sessions are declared by the others; it sends nothing.
             Self::ClientGoodbye
             | Self::ClientHalfClose
@@ -104,6 +111,7 @@ impl CloseReason {
             Ok(Goodbye::Evicted) => Self::Evicted,
             Ok(Goodbye::Replaced) => Self::Replaced,
             Ok(Goodbye::ServerShutdown) => Self::ServerShutdown,
+            Ok(Goodbye::Rotate) => Self::Rotated,
             // A server does not say CLIENT_SHUTDOWN; from one it means nothing known.
             Ok(Goodbye::ClientShutdown | Goodbye::Unspecified) | Err(_) => Self::Unknown,
         }
@@ -135,6 +143,7 @@ impl From<CloseReason> for pb::CloseReason {
             CloseReason::Replaced => Self::Replaced,
             CloseReason::ServerShutdown => Self::ServerShutdown,
             CloseReason::NodeLost => Self::NodeLost,
+            CloseReason::Rotated => Self::Rotated,
             CloseReason::Unknown => Self::Unspecified,
         }
     }
@@ -153,6 +162,7 @@ impl From<pb::CloseReason> for CloseReason {
             pb::CloseReason::Replaced => Self::Replaced,
             pb::CloseReason::ServerShutdown => Self::ServerShutdown,
             pb::CloseReason::NodeLost => Self::NodeLost,
+            pb::CloseReason::Rotated => Self::Rotated,
             pb::CloseReason::Unspecified => Self::Unknown,
         }
     }
@@ -170,7 +180,7 @@ mod tests {
             .iter()
             .map(|reason| pb::CloseReason::from(*reason) as i32)
             .collect();
-        assert_eq!(numbers, (1..=10).collect::<Vec<_>>());
+        assert_eq!(numbers, (1..=11).collect::<Vec<_>>());
         for reason in CloseReason::ALL {
             let wire = pb::CloseReason::from(reason);
             assert_eq!(
@@ -191,7 +201,7 @@ mod tests {
             .into_iter()
             .filter(|reason| reason.goodbye().is_some())
             .collect();
-        assert_eq!(with_goodbye.len(), 6);
+        assert_eq!(with_goodbye.len(), 7);
         for reason in with_goodbye {
             let wire = reason.goodbye().map(|goodbye| goodbye as i32);
             assert_eq!(wire.map(CloseReason::from_goodbye), Some(reason));

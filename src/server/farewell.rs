@@ -23,7 +23,9 @@ pub(crate) fn status_for(reason: CloseReason, message: &str) -> Status {
         CloseReason::TooManyPings => Code::ResourceExhausted,
         CloseReason::ProtocolViolation => Code::InvalidArgument,
         CloseReason::Evicted | CloseReason::Replaced => Code::Aborted,
-        CloseReason::ServerShutdown | CloseReason::NodeLost => Code::Unavailable,
+        CloseReason::ServerShutdown | CloseReason::NodeLost | CloseReason::Rotated => {
+            Code::Unavailable
+        }
         CloseReason::Unknown => Code::Unknown,
     };
     Status::new(code, message)

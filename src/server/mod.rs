@@ -35,6 +35,7 @@ mod farewell;
 mod health;
 mod heartbeat;
 mod presence;
+mod rotation;
 mod session;
 mod shared;
 #[cfg(feature = "web")]
@@ -59,7 +60,7 @@ use self::{
 };
 use crate::{
     cluster::{Cluster, ClusterError},
-    config::ServerConfig,
+    config::{ServerConfig, Suspicion},
     error::{ConfigError, ServeError},
     liveness::{Liveness, LivenessBody, LivenessLayer, ResponseFuture, TimerWheel},
     metrics::Metrics,
@@ -118,6 +119,7 @@ impl HeartbeatServer {
             ),
             metrics,
             gate: Arc::new(AdmissionGate::new(config.max_sessions)),
+            rotations: rotation::RotationPace::new(config.max_rotations_per_second),
             wheel: wheel.clone(),
             watchers: AtomicUsize::new(0),
             view,
@@ -125,7 +127,7 @@ impl HeartbeatServer {
             config,
         });
         let config = &shared.config;
-        let layer = LivenessLayer::new(config.timeout)
+        let mut layer = LivenessLayer::new(config.timeout)
             .suspect_after(config.effective_suspect_after())
             .max_message_size(config.limits.max_message_size)
             // Reading ahead by one largest frame keeps a session moving; more
@@ -142,6 +144,11 @@ impl HeartbeatServer {
                 None,
             ))
             .wheel(wheel);
+        if let Suspicion::Adaptive { phi_threshold } = config.suspicion {
+            // The contract's bounds: never before a ping interval of silence,
+            // always by the fixed threshold.
+            layer = layer.adaptive_suspicion(phi_threshold.0, config.ping_interval);
+        }
         let service = HeartbeatMethod {
             shared: shared.clone(),
         };

@@ -38,14 +38,14 @@ use super::{
 };
 use crate::credentials::IdPermit;
 use crate::{
-    config::FrameLimits,
+    config::{FrameLimits, Suspicion},
     liveness::{EndCause, LivenessHandle, LivenessObserver, WheelTarget},
     protocol::{
         duration_to_proto,
         grpc::{self, Deframer},
         pb::{self, heartbeat_request::Frame as In, heartbeat_response::Frame as Out},
         text::{first_control, Escaped, QUOTE_BYTES},
-        CloseReason, PingLedger, PongMatch, RttEstimator,
+        CloseReason, Phi, PingLedger, PongMatch, RttEstimator,
     },
     registry::{SessionIdentity, SessionLink, SessionStats},
 };
@@ -58,6 +58,11 @@ const FRAMES_PER_POLL: usize = 32;
 const PING_TIMER: u64 = 0;
 /// The wheel token of the deadline for `Hello`.
 const HELLO_DEADLINE: u64 = 1;
+/// The wheel token of rotation: first the session's maximum age, when it
+/// reserves a slot, then the slot, when it is asked to rotate.
+const ROTATION: u64 = 2;
+/// The wheel token of the end of the rotation grace.
+const ROTATION_GRACE: u64 = 3;
 
 /// The part of a session that its timer, its observer and the registry share.
 pub(crate) struct SessionShared {
@@ -71,6 +76,10 @@ pub(crate) struct SessionShared {
     srtt_micros: AtomicU64,
     /// Set by the timer wheel when the next server ping is due.
     ping_due: AtomicBool,
+    /// Set by the timer wheel when the session is to be asked to rotate.
+    rotate_due: AtomicBool,
+    /// Whether the session came of age and holds a rotation slot.
+    rotation_slot: AtomicBool,
     /// Where in each ping interval this session's pings fall, in microseconds:
     /// the same for every stream of one connection (see [`ping_phase`]).
     ping_phase: u64,
@@ -198,6 +207,8 @@ impl Session {
             server,
             srtt_micros: AtomicU64::new(u64::MAX),
             ping_due: AtomicBool::new(false),
+            rotate_due: AtomicBool::new(false),
+            rotation_slot: AtomicBool::new(false),
             ping_phase,
             permit,
             said_hello: AtomicBool::new(false),
@@ -327,17 +338,51 @@ impl Session {
             // for the same reason.
             server.registry.close(&shared.id, *reason, message);
         }
-        let ping_timer: Arc<dyn WheelTarget> = shared.clone();
-        server.wheel.insert(
-            shared.next_ping(now),
-            PING_TIMER,
-            Arc::downgrade(&ping_timer),
-        );
+        let timers: Arc<dyn WheelTarget> = shared.clone();
+        server
+            .wheel
+            .insert(shared.next_ping(now), PING_TIMER, Arc::downgrade(&timers));
+        if let Some(age) = server.config.max_session_age {
+            // ±10 %, drawn per session, so a fleet opened together does not
+            // come of age together.
+            let age = age.mul_f64(rand::random_range(0.9..=1.1));
+            server
+                .wheel
+                .insert(now + age, ROTATION, Arc::downgrade(&timers));
+        }
         Step::Reply(Out::Welcome(pb::Welcome {
             session_id: shared.id.clone(),
             ping_interval: Some(duration_to_proto(server.config.ping_interval)),
             timeout: Some(duration_to_proto(server.config.timeout)),
         }))
+    }
+
+    /// Sends `Goodbye{ROTATE, reconnect_after = 0}` and keeps the stream for
+    /// the grace: the client opens its successor, whose Hello replaces this
+    /// session (`REPLACED`, which it expects), so presence never shows its
+    /// client id missing. A client that never comes back is ended as
+    /// `ROTATED` when the grace is over.
+    fn ask_to_rotate(&self, out: &mut BytesMut) {
+        let server = &self.shared.server;
+        server.metrics.rotation();
+        let grace = server.config.rotation_grace;
+        self.send(
+            Out::Goodbye(pb::Goodbye {
+                reason: pb::GoodbyeReason::Rotate.into(),
+                message: format!(
+                    "this session reached the server's maximum age: open a new session with the same client_id within {}",
+                    humantime::format_duration(grace)
+                ),
+                reconnect_after: Some(duration_to_proto(Duration::ZERO)),
+            }),
+            out,
+        );
+        let timers: Arc<dyn WheelTarget> = self.shared.clone();
+        server.wheel.insert(
+            Instant::now() + grace,
+            ROTATION_GRACE,
+            Arc::downgrade(&timers),
+        );
     }
 
     /// Frames a message onto `out`, and counts it.
@@ -413,6 +458,9 @@ impl Session {
         if !self.ending && self.open && self.shared.ping_due.swap(false, Ordering::AcqRel) {
             let seq = self.pings.next_ping(Instant::now());
             self.send(Out::Ping(pb::Ping { seq }), &mut out);
+        }
+        if !self.ending && self.open && self.shared.rotate_due.swap(false, Ordering::AcqRel) {
+            self.ask_to_rotate(&mut out);
         }
         if out.is_empty() {
             Poll::Pending
@@ -635,6 +683,7 @@ impl SessionLink for SessionShared {
             rtt: (srtt != u64::MAX).then(|| Duration::from_micros(srtt)),
             frames_in: self.handle.frames_in(),
             frames_out: self.handle.frames_out(),
+            phi: Phi(self.handle.phi()),
         }
     }
 
@@ -678,21 +727,50 @@ impl SessionShared {
 
 impl WheelTarget for SessionShared {
     /// The session's timers: the server's pings (flag one as due and wake
-    /// the stream) and the deadline for `Hello`.
+    /// the stream), the deadline for `Hello`, and rotation (coming of age,
+    /// the reserved slot, the end of the grace).
     fn fire(&self, token: u64, now: Instant) -> Option<Instant> {
         if self.handle.end_cause().is_some() {
             return None;
         }
-        if token == HELLO_DEADLINE {
-            if !self.said_hello.load(Ordering::Acquire) {
-                let waited = humantime::format_duration(self.server.config.hello_timeout);
-                self.conclude(CloseReason::Timeout, &format!("no Hello within {waited}"));
+        let config = &self.server.config;
+        match token {
+            HELLO_DEADLINE => {
+                if !self.said_hello.load(Ordering::Acquire) {
+                    let waited = humantime::format_duration(config.hello_timeout);
+                    self.conclude(CloseReason::Timeout, &format!("no Hello within {waited}"));
+                }
+                None
             }
-            return None;
+            ROTATION => {
+                // Come of age: take the next slot of the server's pace, and
+                // wait for it if it is later.
+                if !self.rotation_slot.swap(true, Ordering::AcqRel) {
+                    let slot = self.server.rotations.reserve(now);
+                    if slot > now {
+                        return Some(slot);
+                    }
+                }
+                self.rotate_due.store(true, Ordering::Release);
+                self.handle.wake();
+                None
+            }
+            ROTATION_GRACE => {
+                self.conclude(
+                    CloseReason::Rotated,
+                    &format!(
+                        "asked to rotate {} ago, and no successor said Hello",
+                        humantime::format_duration(config.rotation_grace)
+                    ),
+                );
+                None
+            }
+            _ => {
+                self.ping_due.store(true, Ordering::Release);
+                self.handle.wake();
+                Some(self.next_ping(now))
+            }
         }
-        self.ping_due.store(true, Ordering::Release);
-        self.handle.wake();
-        Some(self.next_ping(now))
     }
 }
 
@@ -705,6 +783,12 @@ struct SessionObserver {
 impl LivenessObserver for SessionObserver {
     fn suspected(&self) {
         if let Some(session) = self.session.upgrade() {
+            if session.server.config.suspicion != Suspicion::Fixed {
+                session
+                    .server
+                    .metrics
+                    .phi_at_suspicion(session.handle.phi());
+            }
             session.server.registry.suspect(&session.id);
         }
     }

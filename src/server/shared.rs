@@ -25,6 +25,8 @@ pub(crate) struct ServerShared {
     pub(super) wheel: TimerWheel,
     /// Presence watches open now, held under `config.max_watchers`.
     pub(super) watchers: AtomicUsize,
+    /// When sessions that came of age are asked to rotate.
+    pub(super) rotations: super::rotation::RotationPace,
 }
 
 impl ServerShared {

@@ -447,6 +447,7 @@ pub struct RegistryOnlySession {
 impl tonic_heartbeat::registry::SessionLink for RegistryOnlySession {
     fn stats(&self) -> tonic_heartbeat::registry::SessionStats {
         tonic_heartbeat::registry::SessionStats {
+            phi: tonic_heartbeat::protocol::Phi::default(),
             last_seen: Instant::now(),
             rtt: None,
             frames_in: 1,

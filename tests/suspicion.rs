@@ -1,0 +1,124 @@
+//! Adaptive suspicion (the contract's "Adaptive suspicion") against a real
+//! server: a steady client is suspected soon after it misses its rhythm, but
+//! never before a ping interval of silence; a jittery one is suspected no
+//! later than the fixed `suspect_after`; `Session.phi` and the φ histogram
+//! report it. Fixed mode reports φ 0.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+use tonic_heartbeat::{
+    config::Suspicion,
+    protocol::{
+        pb::{self, heartbeat_request::Frame as In},
+        Phi,
+    },
+    registry::SessionEvent,
+    ServerConfig,
+};
+
+const PING_INTERVAL: Duration = Duration::from_millis(300);
+const SUSPECT_AFTER: Duration = Duration::from_millis(900);
+
+fn adaptive() -> ServerConfig {
+    ServerConfig {
+        ping_interval: PING_INTERVAL,
+        timeout: Duration::from_secs(3),
+        suspect_after: Some(SUSPECT_AFTER),
+        min_ping_interval: Duration::from_millis(10),
+        suspicion: Suspicion::Adaptive {
+            phi_threshold: Suspicion::DEFAULT_PHI_THRESHOLD,
+        },
+        ..ServerConfig::default()
+    }
+}
+
+/// Sends a ping after each of `gaps`, then stops; returns when it stopped.
+async fn rhythm(session: &mut RawSession, gaps: &[u64]) -> tokio::time::Instant {
+    for (seq, gap) in gaps.iter().enumerate() {
+        tokio::time::sleep(Duration::from_millis(*gap)).await;
+        session
+            .send(In::Ping(pb::Ping {
+                seq: u64::try_from(seq).expect("small") + 1,
+            }))
+            .await;
+    }
+    tokio::time::Instant::now()
+}
+
+/// How long after `stopped` the session became suspect.
+async fn suspected_after(
+    sessions: &mut tonic_heartbeat::registry::Subscription,
+    session_id: &str,
+    stopped: tokio::time::Instant,
+) -> Duration {
+    event_for(sessions, session_id, |event| {
+        matches!(event, SessionEvent::Suspected(_))
+    })
+    .await;
+    stopped.elapsed()
+}
+
+/// Tests the floor: a client that pinged every 50 ms for a second has a φ
+/// that reaches 8 within milliseconds of silence, yet it is suspected only
+/// once a whole ping interval passed, and well before `suspect_after`;
+/// meanwhile `Session.phi` is high and the histogram counted it.
+#[tokio::test]
+async fn a_steady_client_is_suspected_at_the_interval_not_before() {
+    let server = TestServer::start(adaptive()).await;
+    let mut sessions = server.handle.subscribe();
+    let (mut session, welcome) = RawSession::hello(server.addr, "steady").await;
+    let stopped = rhythm(&mut session, &[50; 20]).await;
+    let after = suspected_after(&mut sessions, &welcome.session_id, stopped).await;
+    assert!(
+        after >= PING_INTERVAL,
+        "suspected {after:?} after the last frame"
+    );
+    assert!(
+        after < SUSPECT_AFTER,
+        "suspected only at the fixed {after:?}"
+    );
+    let listed = list_sessions(server.addr).await;
+    let phi = listed.sessions[0].phi;
+    assert!(phi >= 8.0, "phi {phi} once suspect");
+    let metrics = server.handle.metrics().render(false).0;
+    assert!(
+        metrics.contains("heartbeat_phi_at_suspicion_count 1\n"),
+        "{metrics}"
+    );
+    server.shutdown().await.expect("clean shutdown");
+}
+
+/// Tests the ceiling: a client whose gaps swing between 20 ms and 600 ms has
+/// a φ that would not reach 8 for seconds, yet it is suspected by the fixed
+/// `suspect_after`, and not much later.
+#[tokio::test]
+async fn a_jittery_client_is_suspected_by_suspect_after() {
+    let server = TestServer::start(adaptive()).await;
+    let mut sessions = server.handle.subscribe();
+    let (mut session, welcome) = RawSession::hello(server.addr, "jittery").await;
+    let stopped = rhythm(&mut session, &[20, 600, 20, 600, 20, 600, 20]).await;
+    let after = suspected_after(&mut sessions, &welcome.session_id, stopped).await;
+    assert!(
+        after >= SUSPECT_AFTER,
+        "suspected {after:?} after the last frame"
+    );
+    assert!(
+        after < SUSPECT_AFTER + Duration::from_millis(300),
+        "suspected {after:?} after the last frame"
+    );
+    server.shutdown().await.expect("clean shutdown");
+}
+
+/// Tests that fixed mode (the default) reports φ 0.
+#[tokio::test]
+async fn fixed_mode_reports_phi_zero() {
+    let server = TestServer::start(fast_config()).await;
+    let (mut session, _) = RawSession::hello(server.addr, "fixed").await;
+    rhythm(&mut session, &[30; 5]).await;
+    let listed = list_sessions(server.addr).await;
+    assert_eq!(Phi(listed.sessions[0].phi), Phi(0.0));
+    server.shutdown().await.expect("clean shutdown");
+}
