@@ -132,3 +132,53 @@ fn freeze_all_silences_every_session_at_once() {
     assert_eq!(at(&report, "/detection/early"), 0, "{report:#}");
     assert_eq!(at(&report, "/server_ends/timeout"), 40, "{report:#}");
 }
+
+/// Tests `--jitter`: both populations are opened and accounted for, every
+/// frozen session is suspected (by a server in adaptive mode, whose φ is
+/// then reported), and a malformed distribution is refused naming the fix.
+#[test]
+fn bench_jitter_accounts_for_both_populations() {
+    let (mut child, addr) = spawn_server_process(&[
+        "--ping-interval",
+        "100ms",
+        "--timeout",
+        "400ms",
+        "--min-ping-interval",
+        "10ms",
+        "--suspicion",
+        "adaptive",
+    ]);
+    let url = format!("http://{addr}");
+    let report = bench(&[
+        &url,
+        "--jitter",
+        "0.2:0.05",
+        "--sessions",
+        "20",
+        "--duration",
+        "1s",
+        "--freeze",
+        "3",
+    ]);
+    for population in ["steady", "jittery"] {
+        let path = |field: &str| format!("/populations/{population}/{field}");
+        assert_eq!(at(&report, &path("sessions")), 10, "{report:#}");
+        assert_eq!(at(&report, &path("frozen")), 3, "{report:#}");
+        assert_eq!(at(&report, &path("frozen_suspected")), 3, "{report:#}");
+        assert!(at(&report, &path("session_minutes"))
+            .as_f64()
+            .is_some_and(|m| m > 0.0));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let output = Command::new(env!("CARGO_BIN_EXE_heartbeat"))
+        .args(["bench", &url, "--jitter", "lots"])
+        .output()
+        .expect("run heartbeat bench");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("write SIGMA[:STALLS], like 0.25:0.02"),
+        "{stderr}"
+    );
+}

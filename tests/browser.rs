@@ -593,3 +593,55 @@ fn the_browser_client_type_checks_and_the_readme_snippet_parses() {
         String::from_utf8_lossy(&check.stderr)
     );
 }
+
+/// Tests rotation in the browser client, over both subprotocols: past the
+/// server's maximum age each page moves to a successor socket (`rotated`,
+/// never `lost`), and a gRPC watcher sees the successor opened before the
+/// old session closed as REPLACED.
+#[tokio::test]
+async fn pages_rotate_before_they_break() {
+    let server = Server::start(&["--max-session-age", "1s", "--rotation-grace", "5s"]);
+    let mut chromium = Chromium::launch(&server).await;
+    let mut watch = server.watch().await;
+    let mut firsts = Vec::new();
+    for (tab, encoding) in [("rp", "proto"), ("rj", "json")] {
+        let first = session_id(
+            &chromium
+                .open(tab, &format!("page-rotating-{tab}"), encoding)
+                .await,
+        );
+        firsts.push((tab, first));
+    }
+    for (tab, first) in firsts {
+        let rotated = chromium
+            .report(&format!("{tab}: rotated or lost"), |line| {
+                line["tab"] == tab && (line["event"] == "rotated" || line["event"] == "lost")
+            })
+            .await;
+        assert_eq!(rotated["event"], "rotated", "{rotated}");
+        assert_eq!(rotated["detail"]["from"], first.as_str(), "{rotated}");
+        let to = rotated["detail"]["to"].as_str().expect("an id").to_owned();
+        let mut successor_opened = false;
+        loop {
+            let event = within(WAIT, watch.next())
+                .await
+                .expect("watching")
+                .expect("an event");
+            match event.event {
+                Some(Event::Opened(session)) if session.session_id == to => successor_opened = true,
+                Some(Event::Closed(closed))
+                    if closed
+                        .session
+                        .as_ref()
+                        .is_some_and(|s| s.session_id == first) =>
+                {
+                    assert!(successor_opened, "{first} closed before {to} opened");
+                    assert_eq!(closed.reason(), pb::CloseReason::Replaced);
+                    break;
+                }
+                _ => {}
+            }
+        }
+        assert!(!chromium.reported(tab, "lost"), "{:?}", chromium.unread);
+    }
+}

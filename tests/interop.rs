@@ -178,6 +178,7 @@ in_both_languages!(
     client_credentials_require_a_token,
     tls_with_a_ca_file,
     the_example_names_a_bad_argument,
+    rotation_is_make_before_break,
 );
 
 /// Tests Welcome's fields, the server's pings numbered from 1, and that
@@ -422,6 +423,76 @@ async fn a_frozen_server_is_lost_after_its_timeout(lang: Lang) {
     );
     let second = example.expect("connected", is("event", "connected")).await;
     assert_ne!(first["session_id"], second["session_id"]);
+}
+
+/// Tests make-before-break rotation: past the server's maximum age the
+/// example moves to a successor (a `rotated` event, never `lost`), twice,
+/// and a watcher sees each successor opened before its predecessor closed
+/// as REPLACED, so the client id is never missing from presence.
+async fn rotation_is_make_before_break(lang: Lang) {
+    let server = Server::start(&["--max-session-age", "700ms", "--rotation-grace", "5s"]);
+    let client_id = format!("rotating-{lang:?}");
+    let mut watch = server
+        .presence()
+        .await
+        .watch_sessions(pb::WatchSessionsRequest {
+            client_id: client_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut example = lang.example(&["--target", &server.target(), "--client-id", &client_id]);
+    let connected = example.expect("connected", is("event", "connected")).await;
+    let mut current = connected["session_id"].as_str().expect("an id").to_owned();
+    for _ in 0..2 {
+        let rotated = example
+            .expect("rotated", |line| {
+                line["event"] == "rotated" || line["event"] == "lost"
+            })
+            .await;
+        assert_eq!(rotated["event"], "rotated", "{}", example.transcript());
+        assert_eq!(
+            rotated["from_session_id"],
+            current.as_str(),
+            "{}",
+            example.transcript()
+        );
+        let to = rotated["to_session_id"].as_str().expect("an id").to_owned();
+        let mut successor_opened = false;
+        loop {
+            let event = within(WAIT, watch.message())
+                .await
+                .expect("watching")
+                .expect("an event");
+            match event.event {
+                Some(pb::watch_sessions_response::Event::Opened(session))
+                    if session.session_id == to =>
+                {
+                    successor_opened = true;
+                }
+                Some(pb::watch_sessions_response::Event::Closed(closed))
+                    if closed
+                        .session
+                        .as_ref()
+                        .is_some_and(|s| s.session_id == current) =>
+                {
+                    assert!(successor_opened, "{current} closed before {to} opened");
+                    assert_eq!(closed.reason(), pb::CloseReason::Replaced);
+                    break;
+                }
+                _ => {}
+            }
+        }
+        current = to;
+    }
+    example.signal("-TERM");
+    assert!(example.exit().await.success(), "{}", example.transcript());
+    assert!(
+        !example.seen.iter().any(|line| line.contains("\"lost\"")),
+        "{}",
+        example.transcript()
+    );
 }
 
 /// Tests that with client credentials on, a session needs a token, and the

@@ -21,8 +21,18 @@
  * it emits `lost` and reconnects after a jittered backoff, or after the
  * server's `reconnect_after` hint. `close()` says `Goodbye{CLIENT_SHUTDOWN}`.
  * Events (`CustomEvent`s, their `detail` typed below) are those of the
- * project's other clients: `connected`, `rtt`, `lost`, `reconnecting`,
- * `closed` (the last).
+ * project's other clients: `connected`, `rotated`, `rtt`, `lost`,
+ * `reconnecting`, `closed` (the last).
+ *
+ * **Rotation.** When the server asks a live session to rotate
+ * (`Goodbye{ROTATE}`: it reached the server's maximum age; the socket stays
+ * open for a grace period), the client makes before it breaks: it opens a
+ * second socket with the same Hello while the first goes on answering pings,
+ * emits `rotated` (not `connected`) once the new session is welcomed, and
+ * lets the old socket go. The server ends that one with `Goodbye{REPLACED}`
+ * and close code 4007, the rotation's normal end, which is not reported. If
+ * no successor can be opened, the old session carries on, and the end of its
+ * grace (a second `ROTATE`, then the close) is an ordinary `lost`.
  *
  * **Hidden tabs.** Browsers throttle the timers of hidden tabs (Chrome runs
  * them at most once a minute after five minutes hidden), so a ping loop
@@ -66,9 +76,15 @@ const OBJECTIONS = new Set([
   'GOODBYE_REASON_PROTOCOL_VIOLATION',
   'GOODBYE_REASON_EVICTED',
 ]);
+const REPLACED = 'GOODBYE_REASON_REPLACED';
 
 /**
  * @typedef {{ sessionId: string, pingIntervalMs: number, timeoutMs: number }} Connected
+ * @typedef {{ from: string, to: string, pingIntervalMs: number, timeoutMs: number }} Rotated
+ *   The server asked session `from` to rotate (`Goodbye{ROTATE}`: it reached
+ *   the server's maximum age), and the client moved to its successor `to`
+ *   before leaving it (make-before-break): no loss, and presence never showed
+ *   the client id missing. The interval and timeout are the successor's.
  * @typedef {{ seq: number, rttMs: number, smoothedMs: number }} RoundTrip
  * @typedef {{ kind: 'timeout' | 'goodbye' | 'closed', code: number | null, message: string,
  *   goodbye: string | null, reconnectAfterMs: number | null }} Lost
@@ -88,6 +104,18 @@ const OBJECTIONS = new Set([
  *   `token` travels as the subprotocol `bearer.<token>` (browsers cannot set
  *   headers on a WebSocket), so it must be an HTTP token: letters, digits and
  *   `!#$%&'*+-.^_|~` and backquote.
+ * @typedef {{
+ *   readonly liveSince: number | null, readonly sessionId: string | null, readonly rotating: boolean,
+ *   ended: Promise<Lost | null>, live: Promise<void>, rotate: Promise<void>,
+ *   leave(): void, retire(): void, cancel(): void,
+ * }} Conversation
+ *   One socket, as `HeartbeatSession.converse` holds it. `ended` settles
+ *   when the socket is done: with the loss, or null after a goodbye, a
+ *   retirement or a cancel. `live` settles at Welcome; `rotate` when the
+ *   server first asks the live session to rotate (the socket stays open).
+ *   `leave()` says goodbye; `retire()` keeps only answering the server's
+ *   pings until it closes the socket, at most one timeout long, and reports
+ *   nothing; `cancel()` closes it.
  */
 
 /**
@@ -163,8 +191,13 @@ export class HeartbeatSession extends EventTarget {
     /** @type {Promise<void> | null} */
     this.running = null;
     this.closing = false;
-    /** Ends the current attempt with a goodbye, while one runs. @type {(() => void) | null} */
-    this.leave = null;
+    /**
+     * The sockets a close must reach with a goodbye: the session's, and
+     * during a rotation its successor's too. @type {Set<Conversation>}
+     */
+    this.listening = new Set();
+    /** Old sessions of rotations, answering pings until the server ends them. @type {Set<Conversation>} */
+    this.retiring = new Set();
     /** Ends the current backoff wait early. @type {(() => void) | null} */
     this.wake = null;
   }
@@ -178,7 +211,7 @@ export class HeartbeatSession extends EventTarget {
   /** Says goodbye and resolves once the session has ended (at most `closeTimeoutMs`). */
   async close() {
     this.closing = true;
-    this.leave?.();
+    for (const conversation of this.listening) conversation.leave();
     this.wake?.();
     await this.running;
   }
@@ -190,16 +223,17 @@ export class HeartbeatSession extends EventTarget {
 
   async run() {
     let attempt = 0;
+    let replaced = false;
     while (!this.closing) {
-      const { lost, liveSince } = await this.attempt();
+      const { lost, liveSince, final } = await this.attempt();
       this.sessionId = null;
       if (lost === null) break;
       this.emit('lost', lost);
-      if (lost.goodbye === 'GOODBYE_REASON_REPLACED') {
+      if (final) {
         // A newer session with this client id took over; coming back would
         // only replace it in turn.
-        this.emit('closed', { replaced: true });
-        return;
+        replaced = true;
+        break;
       }
       if (this.closing) break;
       if (liveSince !== null && performance.now() - liveSince >= this.backoff.resetAfterMs) attempt = 0;
@@ -216,7 +250,10 @@ export class HeartbeatSession extends EventTarget {
       });
       this.wake = null;
     }
-    this.emit('closed', { replaced: false });
+    // Old sessions still retiring need no goodbye: their successor's Hello
+    // has replaced them.
+    for (const conversation of this.retiring) conversation.cancel();
+    this.emit('closed', { replaced });
   }
 
   /** @param {Lost} lost @param {number} attempt */
@@ -230,155 +267,248 @@ export class HeartbeatSession extends EventTarget {
 
   /**
    * One session, from connect to loss (`lost`) or close (`lost === null`),
-   * with the time it went live.
-   * @returns {Promise<{ lost: Lost | null, liveSince: number | null }>}
+   * moving to a successor whenever the server asks it to rotate; with the
+   * time it went live, and whether the loss is final (replaced by a newer
+   * session that is not its own successor).
+   * @returns {Promise<{ lost: Lost | null, liveSince: number | null, final: boolean }>}
    */
-  attempt() {
-    return new Promise((resolve) => {
-      if (this.closing) return resolve({ lost: null, liveSince: null });
-      const socket = new WebSocket(this.url, this.protocols);
-      socket.binaryType = 'arraybuffer';
-      const codec = this.encoding === 'proto' ? protoCodec : jsonCodec;
-      /** @type {number | null} */
-      let liveSince = null;
-      /** @type {ServerGoodbye | null} */
-      let goodbye = null;
-      let done = false;
-      let leaving = false;
-      let intervalMs = DEFAULT_INTERVAL_MS;
-      let timeoutMs = 3 * DEFAULT_INTERVAL_MS;
-      let seq = 0;
-      /** When the last ping went out. */
-      let lastPingAt = -Infinity;
-      /** @type {Map<number, number>} */
-      const sent = new Map();
-      /** @type {ReturnType<typeof setTimeout> | undefined} */
-      let deadline;
-      /** @type {ReturnType<typeof setInterval> | undefined} */
-      let pinger;
+  async attempt() {
+    if (this.closing) return { lost: null, liveSince: null, final: false };
+    let current = this.converse(null);
+    for (;;) {
+      const turn = await Promise.race([current.ended.then((lost) => ({ lost })), current.rotate.then(() => null)]);
+      if (turn !== null) {
+        const { lost } = turn;
+        return { lost, liveSince: current.liveSince, final: lost?.goodbye === REPLACED && !current.rotating };
+      }
+      const old = current;
+      if (this.closing) {
+        // The close reached the old session, which says goodbye.
+        await old.ended;
+        return { lost: null, liveSince: old.liveSince, final: false };
+      }
+      // Make before break: the successor's Hello replaces the old session,
+      // which meanwhile stays open and goes on answering pings.
+      const successor = this.converse(old.sessionId);
+      const handshake = await Promise.race([successor.live.then(() => null), successor.ended.then((lost) => ({ lost }))]);
+      if (handshake === null) {
+        old.retire();
+        current = successor;
+        continue;
+      }
+      // No successor now: the old session carries on, and the end of its
+      // grace (a second ROTATE) is its end. A close reached it too.
+      const lost = await old.ended;
+      if (lost === null || handshake.lost === null) return { lost: null, liveSince: old.liveSince, final: false };
+      // The successor's Hello reached the server, which replaced the old
+      // session, and then the successor failed: its failure is the loss. A
+      // session asked to rotate never stops for good.
+      return { lost: lost.goodbye === REPLACED ? handshake.lost : lost, liveSince: old.liveSince, final: false };
+    }
+  }
 
-      /** @param {Lost | null} lost */
-      const finish = (lost) => {
-        if (done) return;
-        done = true;
-        clearTimeout(deadline);
+  /**
+   * Opens a socket and holds its conversation: Hello and Welcome, pongs,
+   * pings and round trips, the watchdog (paused in hidden tabs), the
+   * server's goodbye. `rotatedFrom` names the session this one succeeds,
+   * which makes Welcome emit `rotated` rather than `connected`.
+   * @param {string | null} rotatedFrom
+   * @returns {Conversation}
+   */
+  converse(rotatedFrom) {
+    const socket = new WebSocket(this.url, this.protocols);
+    socket.binaryType = 'arraybuffer';
+    const codec = this.encoding === 'proto' ? protoCodec : jsonCodec;
+    /** @type {number | null} */
+    let liveSince = null;
+    /** @type {string | null} */
+    let sessionId = null;
+    /** @type {ServerGoodbye | null} */
+    let goodbye = null;
+    let done = false;
+    let leaving = false;
+    let rotating = false;
+    let retiring = false;
+    let intervalMs = DEFAULT_INTERVAL_MS;
+    let timeoutMs = 3 * DEFAULT_INTERVAL_MS;
+    let seq = 0;
+    /** When the last ping went out. */
+    let lastPingAt = -Infinity;
+    /** @type {Map<number, number>} */
+    const sent = new Map();
+    /** @type {ReturnType<typeof setTimeout> | undefined} */
+    let deadline;
+    /** @type {ReturnType<typeof setInterval> | undefined} */
+    let pinger;
+    // The executors run at once, so these are set before anything calls them.
+    let settleEnded = /** @type {(lost: Lost | null) => void} */ (() => {});
+    let settleLive = () => {};
+    let settleRotate = () => {};
+    /** @type {Promise<Lost | null>} */
+    const over = new Promise((resolve) => (settleEnded = resolve));
+    /** @type {Promise<void>} */
+    const live = new Promise((resolve) => (settleLive = resolve));
+    /** @type {Promise<void>} */
+    const rotate = new Promise((resolve) => (settleRotate = resolve));
+
+    /** @param {Lost | null} lost */
+    const finish = (lost) => {
+      if (done) return;
+      done = true;
+      clearTimeout(deadline);
+      clearInterval(pinger);
+      unfollow();
+      this.listening.delete(conversation);
+      this.retiring.delete(conversation);
+      if (socket.readyState === WebSocket.CONNECTING || socket.readyState === WebSocket.OPEN) socket.close();
+      settleEnded(lost);
+    };
+    const silence = () =>
+      finish(
+        leaving
+          ? null
+          : goodbye !== null
+            ? ended(null, '')
+            : {
+                kind: 'timeout',
+                code: null,
+                message: liveSince === null ? `no Welcome within ${this.handshakeTimeoutMs} ms` : `no frame from the server for ${timeoutMs} ms`,
+                goodbye: null,
+                reconnectAfterMs: null,
+              },
+      );
+    /** @param {number} ms @param {() => void} [then] */
+    const arm = (ms, then = silence) => {
+      clearTimeout(deadline);
+      deadline = setTimeout(then, ms);
+    };
+    /** @param {number | null} code @param {string} reason @returns {Lost} */
+    const ended = (code, reason) => {
+      if (goodbye === null) return { kind: 'closed', code, message: reason, goodbye: null, reconnectAfterMs: null };
+      return { kind: 'goodbye', code, message: goodbye.message, goodbye: goodbye.reason, reconnectAfterMs: goodbye.reconnectAfterMs };
+    };
+    /** @param {ClientFrame} frame */
+    const send = (frame) => {
+      if (!done && !leaving && socket.readyState === WebSocket.OPEN) socket.send(codec.encode(frame));
+    };
+    const ping = () => {
+      const at = performance.now();
+      lastPingAt = at;
+      seq += 1;
+      sent.set(seq, at);
+      // Pings unanswered for a whole timeout will never be answered.
+      for (const [old, when] of sent) if (at - when > timeoutMs) sent.delete(old);
+      send({ ping: { seq } });
+    };
+    // Whether the live session's watchdog and pings run: not while the tab
+    // is hidden (see "Hidden tabs" above). The handshake's, close()'s and a
+    // retirement's own bounds always run.
+    const watching = () => liveSince !== null && goodbye === null && !leaving && !retiring && !done;
+    const pause = () => {
+      clearInterval(pinger);
+      pinger = undefined;
+      if (watching()) clearTimeout(deadline);
+    };
+    const resume = () => {
+      if (!watching()) return;
+      arm(timeoutMs);
+      if (this.sendPings && pinger === undefined) {
+        // Measure at once, unless a ping just went out: a tab flicked
+        // back and forth must not send unsolicited pings closer together
+        // than the server's rate rule allows.
+        if (performance.now() - lastPingAt >= intervalMs) ping();
+        pinger = setInterval(ping, intervalMs);
+      }
+    };
+    const hidden = () => doc?.hidden ?? false;
+    const onVisibility = () => (hidden() ? pause() : resume());
+    doc?.addEventListener('visibilitychange', onVisibility);
+    // After a freeze (`freeze`/`resume` of the Page Lifecycle API).
+    doc?.addEventListener('resume', onVisibility);
+    const unfollow = () => {
+      doc?.removeEventListener('visibilitychange', onVisibility);
+      doc?.removeEventListener('resume', onVisibility);
+    };
+
+    socket.addEventListener('message', (event) => {
+      const now = performance.now();
+      /** @type {ServerFrame} */
+      let frame;
+      try {
+        frame = codec.decode(event.data);
+      } catch (error) {
+        // The server speaks the contract; this is a defect, not the network.
+        console.error('heartbeat: a frame from the server could not be read', error);
+        return;
+      }
+      if (retiring) {
+        // Only what keeps the old session alive until the server ends it
+        // (its REPLACED goodbye and close code 4007 are the rotation's end).
+        if (frame.ping) send({ pong: { seq: frame.ping.seq } });
+        return;
+      }
+      if (goodbye === null && !leaving && !(liveSince !== null && hidden())) arm(liveSince === null ? this.handshakeTimeoutMs : timeoutMs);
+      if (frame.welcome && liveSince === null) {
+        const welcome = frame.welcome;
+        if (welcome.pingIntervalMs !== null) intervalMs = Math.min(Math.max(welcome.pingIntervalMs, MIN_INTERVAL_MS), MAX_INTERVAL_MS);
+        const offered = welcome.timeoutMs ?? 0;
+        // A timeout not longer than the interval would give up on the
+        // server just as its next ping is due: take three intervals.
+        timeoutMs = Math.min(offered > intervalMs ? offered : 3 * intervalMs, 3 * MAX_INTERVAL_MS);
+        liveSince = now;
+        sessionId = welcome.sessionId;
+        this.sessionId = welcome.sessionId;
+        if (hidden()) pause();
+        else {
+          arm(timeoutMs);
+          if (this.sendPings) pinger = setInterval(ping, intervalMs);
+        }
+        if (rotatedFrom === null) this.emit('connected', { sessionId: welcome.sessionId, pingIntervalMs: intervalMs, timeoutMs });
+        else this.emit('rotated', { from: rotatedFrom, to: welcome.sessionId, pingIntervalMs: intervalMs, timeoutMs });
+        settleLive();
+      } else if (frame.ping) {
+        send({ pong: { seq: frame.ping.seq } });
+      } else if (frame.pong) {
+        const at = sent.get(frame.pong.seq);
+        if (at !== undefined) {
+          sent.delete(frame.pong.seq);
+          const rttMs = now - at;
+          this.rttMs = this.rttMs === null ? rttMs : this.rttMs + (rttMs - this.rttMs) / 8;
+          this.emit('rtt', { seq: frame.pong.seq, rttMs, smoothedMs: this.rttMs });
+        }
+      } else if (frame.goodbye?.reason === 'GOODBYE_REASON_ROTATE' && liveSince !== null && !rotating && !leaving && !this.closing) {
+        // Asked to rotate: the socket stays open for the grace, so this is
+        // no end, and pings go on; a second ask is the end of the grace.
+        rotating = true;
+        settleRotate();
+      } else if (frame.goodbye) {
+        // The close frame follows at once; wait a little for it, and ping no more.
+        goodbye = frame.goodbye;
         clearInterval(pinger);
-        doc?.removeEventListener('visibilitychange', onVisibility);
-        doc?.removeEventListener('resume', onVisibility);
-        this.leave = null;
-        if (socket.readyState === WebSocket.CONNECTING || socket.readyState === WebSocket.OPEN) socket.close();
-        resolve({ lost, liveSince });
-      };
-      const silence = () =>
-        finish(
-          leaving
-            ? null
-            : goodbye !== null
-              ? ended(null, '')
-              : {
-                  kind: 'timeout',
-                  code: null,
-                  message: liveSince === null ? `no Welcome within ${this.handshakeTimeoutMs} ms` : `no frame from the server for ${timeoutMs} ms`,
-                  goodbye: null,
-                  reconnectAfterMs: null,
-                },
-        );
-      /** @param {number} ms */
-      const arm = (ms) => {
-        clearTimeout(deadline);
-        deadline = setTimeout(silence, ms);
-      };
-      /** @param {number | null} code @param {string} reason @returns {Lost} */
-      const ended = (code, reason) => {
-        if (goodbye === null) return { kind: 'closed', code, message: reason, goodbye: null, reconnectAfterMs: null };
-        return { kind: 'goodbye', code, message: goodbye.message, goodbye: goodbye.reason, reconnectAfterMs: goodbye.reconnectAfterMs };
-      };
-      /** @param {ClientFrame} frame */
-      const send = (frame) => {
-        if (!done && !leaving && socket.readyState === WebSocket.OPEN) socket.send(codec.encode(frame));
-      };
-      const ping = () => {
-        const at = performance.now();
-        lastPingAt = at;
-        seq += 1;
-        sent.set(seq, at);
-        // Pings unanswered for a whole timeout will never be answered.
-        for (const [old, when] of sent) if (at - when > timeoutMs) sent.delete(old);
-        send({ ping: { seq } });
-      };
-      // Whether the live session's watchdog and pings run: not while the tab
-      // is hidden (see "Hidden tabs" above). The handshake's and close()'s
-      // own bounds always run.
-      const watching = () => liveSince !== null && goodbye === null && !leaving && !done;
-      const pause = () => {
-        clearInterval(pinger);
-        pinger = undefined;
-        if (watching()) clearTimeout(deadline);
-      };
-      const resume = () => {
-        if (!watching()) return;
-        arm(timeoutMs);
-        if (this.sendPings && pinger === undefined) {
-          // Measure at once, unless a ping just went out: a tab flicked
-          // back and forth must not send unsolicited pings closer together
-          // than the server's rate rule allows.
-          if (performance.now() - lastPingAt >= intervalMs) ping();
-          pinger = setInterval(ping, intervalMs);
-        }
-      };
-      const hidden = () => doc?.hidden ?? false;
-      const onVisibility = () => (hidden() ? pause() : resume());
-      doc?.addEventListener('visibilitychange', onVisibility);
-      // After a freeze (`freeze`/`resume` of the Page Lifecycle API).
-      doc?.addEventListener('resume', onVisibility);
+        if (!leaving) arm(Math.min(timeoutMs, this.closeTimeoutMs));
+      }
+    });
+    socket.addEventListener('close', (event) => finish(leaving || retiring ? null : ended(event.code, event.reason)));
+    socket.addEventListener('open', () => {
+      if (!leaving) socket.send(codec.encode({ hello: this.hello }));
+    });
 
-      socket.addEventListener('message', (event) => {
-        const now = performance.now();
-        /** @type {ServerFrame} */
-        let frame;
-        try {
-          frame = codec.decode(event.data);
-        } catch (error) {
-          // The server speaks the contract; this is a defect, not the network.
-          console.error('heartbeat: a frame from the server could not be read', error);
-          return;
-        }
-        if (goodbye === null && !leaving && !(liveSince !== null && hidden())) arm(liveSince === null ? this.handshakeTimeoutMs : timeoutMs);
-        if (frame.welcome && liveSince === null) {
-          const welcome = frame.welcome;
-          if (welcome.pingIntervalMs !== null) intervalMs = Math.min(Math.max(welcome.pingIntervalMs, MIN_INTERVAL_MS), MAX_INTERVAL_MS);
-          const offered = welcome.timeoutMs ?? 0;
-          // A timeout not longer than the interval would give up on the
-          // server just as its next ping is due: take three intervals.
-          timeoutMs = Math.min(offered > intervalMs ? offered : 3 * intervalMs, 3 * MAX_INTERVAL_MS);
-          liveSince = now;
-          this.sessionId = welcome.sessionId;
-          if (hidden()) pause();
-          else {
-            arm(timeoutMs);
-            if (this.sendPings) pinger = setInterval(ping, intervalMs);
-          }
-          this.emit('connected', { sessionId: welcome.sessionId, pingIntervalMs: intervalMs, timeoutMs });
-        } else if (frame.ping) {
-          send({ pong: { seq: frame.ping.seq } });
-        } else if (frame.pong) {
-          const at = sent.get(frame.pong.seq);
-          if (at !== undefined) {
-            sent.delete(frame.pong.seq);
-            const rttMs = now - at;
-            this.rttMs = this.rttMs === null ? rttMs : this.rttMs + (rttMs - this.rttMs) / 8;
-            this.emit('rtt', { seq: frame.pong.seq, rttMs, smoothedMs: this.rttMs });
-          }
-        } else if (frame.goodbye) {
-          // The close frame follows at once; wait a little for it, and ping no more.
-          goodbye = frame.goodbye;
-          clearInterval(pinger);
-          if (!leaving) arm(Math.min(timeoutMs, this.closeTimeoutMs));
-        }
-      });
-      socket.addEventListener('close', (event) => finish(leaving ? null : ended(event.code, event.reason)));
-
-      this.leave = () => {
+    /** @type {Conversation} */
+    const conversation = {
+      get liveSince() {
+        return liveSince;
+      },
+      get sessionId() {
+        return sessionId;
+      },
+      get rotating() {
+        return rotating;
+      },
+      ended: over,
+      live,
+      rotate,
+      leave: () => {
+        if (done || leaving) return;
         // Also before Welcome: frames keep their order, so the server reads
         // the goodbye after the Hello.
         if (socket.readyState === WebSocket.OPEN) {
@@ -390,12 +520,23 @@ export class HeartbeatSession extends EventTarget {
         leaving = true;
         pause();
         arm(this.closeTimeoutMs);
-      };
-      socket.addEventListener('open', () => {
-        if (!leaving) socket.send(codec.encode({ hello: this.hello }));
-      });
-      arm(this.handshakeTimeoutMs);
-    });
+      },
+      retire: () => {
+        if (done) return;
+        retiring = true;
+        pause();
+        unfollow();
+        this.listening.delete(conversation);
+        this.retiring.add(conversation);
+        // The server closes the socket at once (REPLACED, as the successor's
+        // Hello arrived) or after the grace (ROTATED): one timeout is plenty.
+        arm(timeoutMs, () => finish(null));
+      },
+      cancel: () => finish(null),
+    };
+    this.listening.add(conversation);
+    arm(this.handshakeTimeoutMs);
+    return conversation;
   }
 }
 

@@ -5,8 +5,8 @@
  *
  *     node example.js --target 127.0.0.1:50051 --client-id w1 --label zone=eu
  *
- * Prints what happens to the session (connected, round trips, losses and
- * reconnects) as text, or with --json one JSON object a line for scripts.
+ * Prints what happens to the session (connected, rotations, round trips,
+ * losses and reconnects) as text, or with --json one JSON object a line for scripts.
  * Exits 0 after a clean goodbye, 2 on bad arguments.
  */
 'use strict';
@@ -90,6 +90,9 @@ function parse() {
   };
 }
 
+/** Field names that differ from the Python events' (`Rotated.from_session_id`). */
+const PYTHON_NAMES = /** @type {Record<string, string>} */ ({ from: 'from_session_id', to: 'to_session_id' });
+
 /**
  * The event as the Python example prints it with --json: seconds, snake_case.
  * @param {string} name @param {any} event
@@ -98,7 +101,7 @@ function asJson(name, event) {
   /** @type {Record<string, any>} */
   const fields = { event: name };
   for (const [key, value] of Object.entries(event)) {
-    const snake = key.replace(/[A-Z]/g, (letter) => `_${letter.toLowerCase()}`);
+    const snake = PYTHON_NAMES[key] ?? key.replace(/[A-Z]/g, (letter) => `_${letter.toLowerCase()}`);
     if (snake.endsWith('_ms')) fields[snake.slice(0, -3)] = value === null ? null : value / 1000;
     else fields[snake] = value;
   }
@@ -110,6 +113,8 @@ function describe(name, event) {
   switch (name) {
     case 'connected':
       return `connected: session ${event.sessionId} (ping every ${event.pingIntervalMs / 1000} s, timeout ${event.timeoutMs / 1000} s)`;
+    case 'rotated':
+      return `rotated: session ${event.from} -> ${event.to} (ping every ${event.pingIntervalMs / 1000} s, timeout ${event.timeoutMs / 1000} s)`;
     case 'rtt':
       return `rtt ${event.rttMs.toFixed(2)} ms (smoothed ${event.smoothedMs.toFixed(2)} ms)`;
     case 'lost':
@@ -129,7 +134,7 @@ try {
 } catch (error) {
   usage(`--target ${target}: ${/** @type {Error} */ (error).message}; write it as HOST:PORT`);
 }
-for (const name of ['connected', 'rtt', 'lost', 'reconnecting', 'closed']) {
+for (const name of ['connected', 'rotated', 'rtt', 'lost', 'reconnecting', 'closed']) {
   session.on(name, (event) => console.log(json ? asJson(name, event) : describe(name, event)));
 }
 for (const signal of /** @type {const} */ (['SIGINT', 'SIGTERM'])) {

@@ -122,9 +122,22 @@ const DEFAULT_INTERVAL_MS = 10_000;
 const MAX_HINT_MS = 600_000;
 /** Reasons after which coming straight back would only repeat the offence. */
 const OBJECTIONS = new Set(['GOODBYE_REASON_TOO_MANY_PINGS', 'GOODBYE_REASON_PROTOCOL_VIOLATION', 'GOODBYE_REASON_EVICTED']);
+const REPLACED = 'GOODBYE_REASON_REPLACED';
+/**
+ * Each call gets a connection of its own rather than one shared through
+ * grpc-js's global subchannel pool: a rotation's successor, opened while the
+ * old session's client is still up, must make a new connection, which a load
+ * balancer may send to another server.
+ */
+const OWN_CONNECTION = Object.freeze({ 'grpc.use_local_subchannel_pool': 1 });
 
 /**
  * @typedef {{ sessionId: string, pingIntervalMs: number, timeoutMs: number }} Connected
+ * @typedef {{ from: string, to: string, pingIntervalMs: number, timeoutMs: number }} Rotated
+ *   The server asked session `from` to rotate (`Goodbye{ROTATE}`: it reached
+ *   the server's maximum age), and the client moved to its successor `to`
+ *   before leaving it (make-before-break): no loss, and presence never showed
+ *   the client id missing. The interval and timeout are the successor's.
  * @typedef {{ seq: number, rttMs: number, smoothedMs: number }} RoundTrip
  * @typedef {{ kind: 'timeout' | 'goodbye' | 'status', code: string | null, message: string,
  *   goodbye: string | null, reconnectAfterMs: number | null }} Lost
@@ -138,6 +151,17 @@ const OBJECTIONS = new Set(['GOODBYE_REASON_TOO_MANY_PINGS', 'GOODBYE_REASON_PRO
  *   token?: string, sendPings?: boolean, backoff?: Backoff, handshakeTimeoutMs?: number,
  *   closeTimeoutMs?: number, services?: Services,
  * }} SessionOptions
+ * @typedef {{
+ *   readonly liveSince: number | null, readonly sessionId: string | null, readonly rotating: boolean,
+ *   ended: Promise<Lost | null>, live: Promise<void>, rotate: Promise<void>,
+ *   leave(): void, retire(): void, cancel(): void,
+ * }} Conversation
+ *   One call, as `Session.converse` holds it. `ended` settles when the call
+ *   is over: with the loss, or null after a goodbye, a retirement or a
+ *   cancel. `live` settles at Welcome; `rotate` when the server first asks
+ *   the live session to rotate (the call stays open). `leave()` says goodbye;
+ *   `retire()` keeps only answering the server's pings until it ends the
+ *   call, at most one timeout long, and reports nothing; `cancel()` ends it.
  */
 
 /**
@@ -148,9 +172,18 @@ const OBJECTIONS = new Set(['GOODBYE_REASON_TOO_MANY_PINGS', 'GOODBYE_REASON_PRO
  * after a jittered backoff, or after the server's `reconnect_after` hint.
  * `close()` says `Goodbye{CLIENT_SHUTDOWN}` and half-closes.
  *
- * Events: `'connected'` (Connected), `'rtt'` (RoundTrip), `'lost'` (Lost),
- * `'reconnecting'` (Reconnecting), `'closed'` (Closed, the last). It never
- * emits `'error'`.
+ * When the server asks a live session to rotate (`Goodbye{ROTATE}`; the
+ * stream stays open for a grace period), it makes before it breaks: it opens
+ * a successor on a new connection with the same Hello while the old call
+ * goes on answering pings, emits `'rotated'` (not `'connected'`) once the
+ * successor is welcomed, and lets the old call go. The server ends that one
+ * as `REPLACED`, the rotation's normal end, which is not reported. If no
+ * successor can be opened, the old session carries on, and the end of its
+ * grace (a second `ROTATE`, then `UNAVAILABLE`) is an ordinary `'lost'`.
+ *
+ * Events: `'connected'` (Connected), `'rotated'` (Rotated), `'rtt'`
+ * (RoundTrip), `'lost'` (Lost), `'reconnecting'` (Reconnecting), `'closed'`
+ * (Closed, the last). It never emits `'error'`.
  */
 class Session extends EventEmitter {
   /**
@@ -177,8 +210,13 @@ class Session extends EventEmitter {
     /** @type {Promise<void> | null} */
     this.running = null;
     this.closing = false;
-    /** Ends the current attempt with a goodbye, while one runs. @type {(() => void) | null} */
-    this.leave = null;
+    /**
+     * The calls a close must reach with a goodbye: the session's, and during
+     * a rotation its successor's too. @type {Set<Conversation>}
+     */
+    this.listening = new Set();
+    /** Old sessions of rotations, answering pings until the server ends them. @type {Set<Conversation>} */
+    this.retiring = new Set();
     /** Ends the current backoff wait early. @type {(() => void) | null} */
     this.wake = null;
   }
@@ -192,23 +230,24 @@ class Session extends EventEmitter {
   /** Says goodbye and resolves once the session has ended (at most `closeTimeoutMs`). */
   async close() {
     this.closing = true;
-    this.leave?.();
+    for (const conversation of this.listening) conversation.leave();
     this.wake?.();
     await this.running;
   }
 
   async run() {
     let attempt = 0;
+    let replaced = false;
     while (!this.closing) {
-      const { lost, liveSince } = await this.attempt();
+      const { lost, liveSince, final } = await this.attempt();
       this.sessionId = null;
       if (lost === null) break;
       this.emit('lost', lost);
-      if (lost.goodbye === 'GOODBYE_REASON_REPLACED') {
+      if (final) {
         // A newer session with this client id took over; coming back would
         // only replace it in turn.
-        this.emit('closed', { replaced: true });
-        return;
+        replaced = true;
+        break;
       }
       // A 'lost' listener may have closed the session.
       if (this.closing) break;
@@ -227,7 +266,10 @@ class Session extends EventEmitter {
       });
       this.wake = null;
     }
-    this.emit('closed', { replaced: false });
+    // Old sessions still retiring need no goodbye: their successor's Hello
+    // has replaced them.
+    for (const conversation of this.retiring) conversation.cancel();
+    this.emit('closed', { replaced });
   }
 
   /** @param {Lost} lost @param {number} attempt */
@@ -241,143 +283,231 @@ class Session extends EventEmitter {
 
   /**
    * One session, from connect to loss (`lost`) or close (`lost === null`),
-   * with the time it went live.
-   * @returns {Promise<{ lost: Lost | null, liveSince: number | null }>}
+   * moving to a successor whenever the server asks it to rotate; with the
+   * time it went live, and whether the loss is final (replaced by a newer
+   * session that is not its own successor).
+   * @returns {Promise<{ lost: Lost | null, liveSince: number | null, final: boolean }>}
    */
-  attempt() {
-    return new Promise((resolve) => {
-      if (this.closing) return resolve({ lost: null, liveSince: null });
-      const client = new this.services.HeartbeatService(this.target, this.credentials);
-      const call = /** @type {grpc.ClientDuplexStream<any, any>} */ (
-        /** @type {any} */ (client).Heartbeat(this.metadata)
-      );
-      /** @type {number | null} */
-      let liveSince = null;
-      /** @type {any} */
-      let goodbye = null;
-      let done = false;
-      let leaving = false;
-      let intervalMs = DEFAULT_INTERVAL_MS;
-      let timeoutMs = 3 * DEFAULT_INTERVAL_MS;
-      let seq = 0;
-      /** @type {Map<number, number>} */
-      const sent = new Map();
-      /** @type {NodeJS.Timeout | undefined} */
-      let deadline;
-      /** @type {NodeJS.Timeout | undefined} */
-      let pinger;
+  async attempt() {
+    if (this.closing) return { lost: null, liveSince: null, final: false };
+    let current = this.converse(null);
+    for (;;) {
+      const turn = await Promise.race([current.ended.then((lost) => ({ lost })), current.rotate.then(() => null)]);
+      if (turn !== null) {
+        const { lost } = turn;
+        return { lost, liveSince: current.liveSince, final: lost?.goodbye === REPLACED && !current.rotating };
+      }
+      const old = current;
+      if (this.closing) {
+        // The close reached the old session, which says goodbye.
+        await old.ended;
+        return { lost: null, liveSince: old.liveSince, final: false };
+      }
+      // Make before break: the successor's Hello replaces the old session,
+      // which meanwhile stays open and goes on answering pings.
+      const successor = this.converse(old.sessionId);
+      const handshake = await Promise.race([successor.live.then(() => null), successor.ended.then((lost) => ({ lost }))]);
+      if (handshake === null) {
+        old.retire();
+        current = successor;
+        continue;
+      }
+      // No successor now: the old session carries on, and the end of its
+      // grace (a second ROTATE) is its end. A close reached it too.
+      const lost = await old.ended;
+      if (lost === null || handshake.lost === null) return { lost: null, liveSince: old.liveSince, final: false };
+      // The successor's Hello reached the server, which replaced the old
+      // session, and then the successor failed: its failure is the loss. A
+      // session asked to rotate never stops for good.
+      return { lost: lost.goodbye === REPLACED ? handshake.lost : lost, liveSince: old.liveSince, final: false };
+    }
+  }
 
-      /** @param {Lost | null} lost */
-      const finish = (lost) => {
-        if (done) return;
-        done = true;
-        clearTimeout(deadline);
-        clearInterval(pinger);
-        this.leave = null;
-        call.cancel();
-        client.close();
-        resolve({ lost, liveSince });
-      };
-      // Counts arm() calls: a frame that arrives re-arms the deadline.
-      let armed = 0;
-      /** @param {number} ms @param {() => void} then */
-      const arm = (ms, then) => {
-        armed += 1;
-        clearTimeout(deadline);
-        deadline = setTimeout(then, ms);
-      };
-      const silence = () => {
-        // Timers run before I/O callbacks: after a blocked event loop, frames
-        // that have arrived are still unread. Look once more after them.
-        const at = armed;
-        setImmediate(() => {
-          if (armed !== at) return;
-          if (leaving) return finish(null);
-          finish(
-            goodbye !== null
-              ? ended(null, '')
-              : {
-                  kind: 'timeout',
-                  code: null,
-                  message: liveSince === null ? `no Welcome within ${this.handshakeTimeoutMs} ms` : `no frame from the server for ${timeoutMs} ms`,
-                  goodbye: null,
-                  reconnectAfterMs: null,
-                },
-          );
-        });
-      };
-      /** @param {number | null} code @param {string} details @returns {Lost} */
-      const ended = (code, details) => {
-        const name = code === null ? null : statusName(code);
-        if (goodbye === null) return { kind: 'status', code: name, message: details, goodbye: null, reconnectAfterMs: null };
-        return {
-          kind: 'goodbye',
-          code: name,
-          message: goodbye.message,
-          goodbye: typeof goodbye.reason === 'string' ? goodbye.reason : `GOODBYE_REASON_${goodbye.reason}`,
-          reconnectAfterMs: goodbye.reconnectAfter ? durationMs(goodbye.reconnectAfter) : null,
-        };
-      };
-      /** @param {any} request */
-      const send = (request) => {
-        if (!done && !leaving) call.write(request);
-      };
+  /**
+   * Opens a call and holds its conversation: Hello and Welcome, pongs, pings
+   * and round trips, the deadline, the server's goodbye. `rotatedFrom` names
+   * the session this one succeeds, which makes Welcome emit `'rotated'`
+   * rather than `'connected'`.
+   * @param {string | null} rotatedFrom
+   * @returns {Conversation}
+   */
+  converse(rotatedFrom) {
+    const client = new this.services.HeartbeatService(this.target, this.credentials, OWN_CONNECTION);
+    const call = /** @type {grpc.ClientDuplexStream<any, any>} */ (
+      /** @type {any} */ (client).Heartbeat(this.metadata)
+    );
+    /** @type {number | null} */
+    let liveSince = null;
+    /** @type {string | null} */
+    let sessionId = null;
+    /** @type {any} */
+    let goodbye = null;
+    let done = false;
+    let leaving = false;
+    let rotating = false;
+    let retiring = false;
+    let intervalMs = DEFAULT_INTERVAL_MS;
+    let timeoutMs = 3 * DEFAULT_INTERVAL_MS;
+    let seq = 0;
+    /** @type {Map<number, number>} */
+    const sent = new Map();
+    /** @type {NodeJS.Timeout | undefined} */
+    let deadline;
+    /** @type {NodeJS.Timeout | undefined} */
+    let pinger;
+    // The executors run at once, so these are set before anything calls them.
+    let settleEnded = /** @type {(lost: Lost | null) => void} */ (() => {});
+    let settleLive = () => {};
+    let settleRotate = () => {};
+    /** @type {Promise<Lost | null>} */
+    const over = new Promise((resolve) => (settleEnded = resolve));
+    /** @type {Promise<void>} */
+    const live = new Promise((resolve) => (settleLive = resolve));
+    /** @type {Promise<void>} */
+    const rotate = new Promise((resolve) => (settleRotate = resolve));
 
-      call.on('data', (/** @type {any} */ response) => {
-        const now = performance.now();
-        if (goodbye === null && !leaving) arm(liveSince === null ? this.handshakeTimeoutMs : timeoutMs, silence);
-        switch (response.frame) {
-          case 'welcome':
-            if (liveSince === null) {
-              const welcome = response.welcome;
-              if (welcome.pingInterval) intervalMs = Math.min(Math.max(durationMs(welcome.pingInterval), MIN_INTERVAL_MS), MAX_INTERVAL_MS);
-              const offered = welcome.timeout ? durationMs(welcome.timeout) : 0;
-              // A timeout not longer than the interval would give up on the
-              // server just as its next ping is due: take three intervals.
-              timeoutMs = Math.min(offered > intervalMs ? offered : 3 * intervalMs, 3 * MAX_INTERVAL_MS);
-              liveSince = now;
-              arm(timeoutMs, silence);
-              if (this.sendPings) {
-                pinger = setInterval(() => {
-                  const at = performance.now();
-                  seq += 1;
-                  sent.set(seq, at);
-                  // Pings unanswered for a whole timeout will never be answered.
-                  for (const [old, when] of sent) if (at - when > timeoutMs) sent.delete(old);
-                  send({ ping: { seq } });
-                }, intervalMs);
-              }
-              this.sessionId = welcome.sessionId;
-              this.emit('connected', { sessionId: welcome.sessionId, pingIntervalMs: intervalMs, timeoutMs });
+    /** @param {Lost | null} lost */
+    const finish = (lost) => {
+      if (done) return;
+      done = true;
+      clearTimeout(deadline);
+      clearInterval(pinger);
+      this.listening.delete(conversation);
+      this.retiring.delete(conversation);
+      call.cancel();
+      client.close();
+      settleEnded(lost);
+    };
+    // Counts arm() calls: a frame that arrives re-arms the deadline.
+    let armed = 0;
+    /** @param {number} ms @param {() => void} then */
+    const arm = (ms, then) => {
+      armed += 1;
+      clearTimeout(deadline);
+      deadline = setTimeout(then, ms);
+    };
+    const silence = () => {
+      // Timers run before I/O callbacks: after a blocked event loop, frames
+      // that have arrived are still unread. Look once more after them.
+      const at = armed;
+      setImmediate(() => {
+        if (armed !== at) return;
+        if (leaving) return finish(null);
+        finish(
+          goodbye !== null
+            ? ended(null, '')
+            : {
+                kind: 'timeout',
+                code: null,
+                message: liveSince === null ? `no Welcome within ${this.handshakeTimeoutMs} ms` : `no frame from the server for ${timeoutMs} ms`,
+                goodbye: null,
+                reconnectAfterMs: null,
+              },
+        );
+      });
+    };
+    /** @param {number | null} code @param {string} details @returns {Lost} */
+    const ended = (code, details) => {
+      const name = code === null ? null : statusName(code);
+      if (goodbye === null) return { kind: 'status', code: name, message: details, goodbye: null, reconnectAfterMs: null };
+      return {
+        kind: 'goodbye',
+        code: name,
+        message: goodbye.message,
+        goodbye: typeof goodbye.reason === 'string' ? goodbye.reason : `GOODBYE_REASON_${goodbye.reason}`,
+        reconnectAfterMs: goodbye.reconnectAfter ? durationMs(goodbye.reconnectAfter) : null,
+      };
+    };
+    /** @param {any} request */
+    const send = (request) => {
+      if (!done && !leaving) call.write(request);
+    };
+
+    call.on('data', (/** @type {any} */ response) => {
+      if (retiring) {
+        // Only what keeps the old session alive until the server ends it.
+        if (response.frame === 'ping') send({ pong: { seq: response.ping.seq } });
+        return;
+      }
+      const now = performance.now();
+      if (goodbye === null && !leaving) arm(liveSince === null ? this.handshakeTimeoutMs : timeoutMs, silence);
+      switch (response.frame) {
+        case 'welcome':
+          if (liveSince === null) {
+            const welcome = response.welcome;
+            if (welcome.pingInterval) intervalMs = Math.min(Math.max(durationMs(welcome.pingInterval), MIN_INTERVAL_MS), MAX_INTERVAL_MS);
+            const offered = welcome.timeout ? durationMs(welcome.timeout) : 0;
+            // A timeout not longer than the interval would give up on the
+            // server just as its next ping is due: take three intervals.
+            timeoutMs = Math.min(offered > intervalMs ? offered : 3 * intervalMs, 3 * MAX_INTERVAL_MS);
+            liveSince = now;
+            arm(timeoutMs, silence);
+            if (this.sendPings) {
+              pinger = setInterval(() => {
+                const at = performance.now();
+                seq += 1;
+                sent.set(seq, at);
+                // Pings unanswered for a whole timeout will never be answered.
+                for (const [old, when] of sent) if (at - when > timeoutMs) sent.delete(old);
+                send({ ping: { seq } });
+              }, intervalMs);
             }
-            break;
-          case 'ping':
-            send({ pong: { seq: response.ping.seq } });
-            break;
-          case 'pong': {
-            const at = sent.get(response.pong.seq);
-            if (at !== undefined) {
-              sent.delete(response.pong.seq);
-              const rttMs = now - at;
-              this.rttMs = this.rttMs === null ? rttMs : this.rttMs + (rttMs - this.rttMs) / 8;
-              this.emit('rtt', { seq: response.pong.seq, rttMs, smoothedMs: this.rttMs });
-            }
+            sessionId = welcome.sessionId;
+            this.sessionId = welcome.sessionId;
+            if (rotatedFrom === null) this.emit('connected', { sessionId: welcome.sessionId, pingIntervalMs: intervalMs, timeoutMs });
+            else this.emit('rotated', { from: rotatedFrom, to: welcome.sessionId, pingIntervalMs: intervalMs, timeoutMs });
+            settleLive();
+          }
+          break;
+        case 'ping':
+          send({ pong: { seq: response.ping.seq } });
+          break;
+        case 'pong': {
+          const at = sent.get(response.pong.seq);
+          if (at !== undefined) {
+            sent.delete(response.pong.seq);
+            const rttMs = now - at;
+            this.rttMs = this.rttMs === null ? rttMs : this.rttMs + (rttMs - this.rttMs) / 8;
+            this.emit('rtt', { seq: response.pong.seq, rttMs, smoothedMs: this.rttMs });
+          }
+          break;
+        }
+        case 'goodbye':
+          if (response.goodbye.reason === 'GOODBYE_REASON_ROTATE' && liveSince !== null && !rotating && !leaving && !this.closing) {
+            // Asked to rotate: the stream stays open for the grace, so this
+            // is no end, and pings go on; a second ask is the end of the grace.
+            rotating = true;
+            settleRotate();
             break;
           }
-          case 'goodbye':
-            // The status follows at once; wait a little for it, and ping no more.
-            goodbye = response.goodbye;
-            clearInterval(pinger);
-            if (!leaving) arm(Math.min(timeoutMs, this.closeTimeoutMs), silence);
-            break;
-        }
-      });
-      // Without this listener a non-OK status would end the process; the
-      // status event below reports every ending.
-      call.on('error', () => {});
-      call.on('status', (/** @type {grpc.StatusObject} */ status) => finish(leaving ? null : ended(status.code, status.details)));
+          // The status follows at once; wait a little for it, and ping no more.
+          goodbye = response.goodbye;
+          clearInterval(pinger);
+          if (!leaving) arm(Math.min(timeoutMs, this.closeTimeoutMs), silence);
+          break;
+      }
+    });
+    // Without this listener a non-OK status would end the process; the
+    // status event below reports every ending.
+    call.on('error', () => {});
+    call.on('status', (/** @type {grpc.StatusObject} */ status) => finish(leaving || retiring ? null : ended(status.code, status.details)));
 
-      this.leave = () => {
+    /** @type {Conversation} */
+    const conversation = {
+      get liveSince() {
+        return liveSince;
+      },
+      get sessionId() {
+        return sessionId;
+      },
+      get rotating() {
+        return rotating;
+      },
+      ended: over,
+      live,
+      rotate,
+      leave: () => {
+        if (done || leaving) return;
         // Also before Welcome: Hello may have reached the server, and frames
         // keep their order, so the server reads the goodbye after it.
         call.write({ goodbye: { reason: 'GOODBYE_REASON_CLIENT_SHUTDOWN' } });
@@ -385,10 +515,23 @@ class Session extends EventEmitter {
         leaving = true;
         clearInterval(pinger);
         arm(this.closeTimeoutMs, () => finish(null));
-      };
-      call.write({ hello: this.hello });
-      arm(this.handshakeTimeoutMs, silence);
-    });
+      },
+      retire: () => {
+        if (done) return;
+        retiring = true;
+        clearInterval(pinger);
+        this.listening.delete(conversation);
+        this.retiring.add(conversation);
+        // The server ends the call at once (REPLACED, as the successor's
+        // Hello arrived) or after the grace (ROTATED): one timeout is plenty.
+        arm(timeoutMs, () => finish(null));
+      },
+      cancel: () => finish(null),
+    };
+    this.listening.add(conversation);
+    call.write({ hello: this.hello });
+    arm(this.handshakeTimeoutMs, silence);
+    return conversation;
   }
 }
 

@@ -510,6 +510,21 @@ impl Exchange {
     /// it said one, else its status.
     fn lost(&mut self, status: Option<tonic::Status>) -> SessionEnd {
         let reason = match (self.goodbye.take(), status) {
+            // A rotating session replaced by its own successor, whose
+            // handshake then failed: no newer session holds the id, so this
+            // is a rotation to try again, not a replacement to stop for.
+            (Some(goodbye), _)
+                if self.rotating && goodbye.reason == i32::from(GoodbyeReason::Replaced) =>
+            {
+                LossReason::Goodbye {
+                    reason: CloseReason::Rotated,
+                    message: format!(
+                        "replaced by this client's successor, whose handshake failed: {}",
+                        goodbye.message
+                    ),
+                    reconnect_after: Some(Duration::ZERO),
+                }
+            }
             (Some(goodbye), _) => goodbye_loss(goodbye),
             (None, Some(status)) => status_loss(status),
             (None, None) => LossReason::Status {

@@ -60,7 +60,7 @@ const APP_PAGE = `<!doctype html><meta charset="utf-8"><title>app</title>
   import { HeartbeatSession } from '${web}/heartbeat.js';
   const options = JSON.parse(decodeURIComponent(location.hash.slice(1)));
   const session = new HeartbeatSession('${web.replace(/^http/, 'ws')}/v1/heartbeat', options);
-  for (const type of ['connected', 'rtt', 'lost', 'reconnecting', 'closed']) {
+  for (const type of ['connected', 'rtt', 'rotated', 'lost', 'reconnecting', 'closed']) {
     session.addEventListener(type, (event) => window.report({ event: type, detail: event.detail }));
   }
   window.session = session;

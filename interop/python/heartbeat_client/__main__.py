@@ -2,8 +2,8 @@
 
     python -m heartbeat_client --target 127.0.0.1:50051 --client-id w1 --label zone=eu
 
-Prints what happens to the session (connected, round trips, losses and
-reconnects) as text, or with --json one JSON object a line for scripts.
+Prints what happens to the session (connected, rotations, round trips,
+losses and reconnects) as text, or with --json one JSON object a line for scripts.
 Exits 0 after a clean goodbye, 2 on bad arguments.
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import grpc
 
-from . import Closed, Connected, Lost, Reconnecting, Rtt, Session
+from . import Closed, Connected, Lost, Reconnecting, Rotated, Rtt, Session
 
 
 def label(text: str):
@@ -75,6 +75,11 @@ def token(args, fail):
 def describe(event) -> str:
     if isinstance(event, Connected):
         return f"connected: session {event.session_id} (ping every {event.ping_interval:g} s, timeout {event.timeout:g} s)"
+    if isinstance(event, Rotated):
+        return (
+            f"rotated: session {event.from_session_id} -> {event.to_session_id}"
+            f" (ping every {event.ping_interval:g} s, timeout {event.timeout:g} s)"
+        )
     if isinstance(event, Rtt):
         return f"rtt {event.rtt * 1000:.2f} ms (smoothed {event.smoothed * 1000:.2f} ms)"
     if isinstance(event, Lost):

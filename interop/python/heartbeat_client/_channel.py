@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import grpc
 
 
-def open_channel(target: str, credentials: Optional[grpc.ChannelCredentials]) -> grpc.aio.Channel:
+def open_channel(
+    target: str,
+    credentials: Optional[grpc.ChannelCredentials],
+    options: Sequence[Tuple[str, Any]] = (),
+) -> grpc.aio.Channel:
     """A ``grpc.aio`` channel to ``target``: TLS when ``credentials`` are given
-    (``grpc.ssl_channel_credentials(root_certificates=...)``), plaintext otherwise."""
+    (``grpc.ssl_channel_credentials(root_certificates=...)``), plaintext otherwise.
+    ``options`` are gRPC channel arguments."""
     if credentials is None:
-        return grpc.aio.insecure_channel(target)
-    return grpc.aio.secure_channel(target, credentials)
+        return grpc.aio.insecure_channel(target, options=options)
+    return grpc.aio.secure_channel(target, credentials, options=options)
 
 
 def bearer(token: Optional[str]) -> Sequence[Tuple[str, str]]:

@@ -24,6 +24,20 @@ class Connected:
 
 
 @dataclass(frozen=True)
+class Rotated:
+    """The server asked the session to rotate (``Goodbye{ROTATE}``: it reached
+    the server's maximum age), and the client moved to a successor before
+    leaving it (make-before-break): no loss, and presence never showed the
+    client id missing. The successor may be on another server; its
+    ``ping_interval`` and ``timeout`` are the ones now in force."""
+
+    from_session_id: str
+    to_session_id: str
+    ping_interval: float
+    timeout: float
+
+
+@dataclass(frozen=True)
 class Rtt:
     """The server answered the client's ``Ping{seq}``: one round-trip sample,
     and the smoothed value (as TCP's SRTT, gain 1/8)."""
@@ -62,7 +76,8 @@ class Reconnecting:
 @dataclass(frozen=True)
 class Closed:
     """The session is over for good: closed by its owner (after its goodbye),
-    or replaced by a newer session with the same client id."""
+    or replaced by a newer session with the same client id (never by its own
+    successor during a rotation)."""
 
     replaced: bool = False
 

@@ -7,6 +7,7 @@
 //! half-closes). The server's CPU and memory come from `/proc` when its pid is
 //! given, and its own lateness histogram from its metrics when their URL is.
 
+mod jitter;
 mod load;
 mod probe;
 mod report;
@@ -103,6 +104,16 @@ pub(crate) struct BenchArgs {
     #[arg(long, default_value = "bench")]
     client_id_prefix: String,
 
+    /// Measure suspicion instead: half the sessions steady (a frame every
+    /// interval ± 1 ms), half jittery (log-normal gaps around the interval
+    /// with this sigma, and stalls of 3 intervals with this probability per
+    /// gap), neither answering the server's pings. Reports false
+    /// suspicions per 1,000 session-minutes, and with --freeze N (per
+    /// population) how soon frozen sessions are suspected. Run it against a
+    /// server in each --suspicion mode.
+    #[arg(long, value_name = "SIGMA[:STALLS]", value_parser = jitter::JitterDist::parse)]
+    jitter: Option<jitter::JitterDist>,
+
     /// How the report is printed: a table for people, or one JSON object.
     #[arg(long, value_enum, default_value_t = Output::Text)]
     output: Output,
@@ -160,6 +171,23 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    if let Some(dist) = args.jitter {
+        let report = runtime.block_on(jitter::run(jitter::JitterPlan {
+            url: args.url.clone(),
+            sessions: args.sessions,
+            connections: args.connections(),
+            duration: args.duration.into(),
+            interval: args.interval.map(Duration::from),
+            freeze: args.freeze,
+            dist,
+            client_id_prefix: args.client_id_prefix.clone(),
+        }))?;
+        match args.output {
+            Output::Text => print!("{}", jitter::text(&report)),
+            Output::Json => println!("{report}"),
+        }
+        return Ok(());
+    }
     let report = runtime.block_on(bench(&args))?;
     match args.output {
         Output::Text => print!("{}", report::text(&report)),
