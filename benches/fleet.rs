@@ -35,7 +35,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let value = args.next().ok_or(format!("{flag} needs a value"))?;
         match flag.as_str() {
             "--sessions" => sessions = value.parse()?,
-            "--rate" => rate = value.parse()?,
+            "--rate" => {
+                rate = value.parse()?;
+                if rate.is_nan() || rate <= 0.0 {
+                    return Err(format!("--rate {rate} must be above 0, like 500").into());
+                }
+            }
             other => return Err(format!("unknown flag {other}: use --sessions or --rate").into()),
         }
     }

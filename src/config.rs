@@ -423,7 +423,10 @@ impl ServerConfig {
         if let Suspicion::Adaptive { phi_threshold } = self.suspicion {
             if !Suspicion::PHI_THRESHOLDS.contains(&phi_threshold.0) {
                 return Err(ConfigError::PhiThreshold {
-                    value: phi_threshold,
+                    value: phi_threshold.0.to_string(),
+                    min: Suspicion::PHI_THRESHOLDS.start().to_string(),
+                    max: Suspicion::PHI_THRESHOLDS.end().to_string(),
+                    default: Suspicion::DEFAULT_PHI_THRESHOLD.0.to_string(),
                 });
             }
         }

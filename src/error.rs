@@ -11,10 +11,16 @@ use humantime::format_duration;
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
     /// The φ threshold of adaptive suspicion is outside what is taken.
-    #[error("phi threshold {value} is out of range: use 1 to 30 (8, the default, suspects a steady client soon after it misses its rhythm)")]
+    #[error("phi threshold {value} is out of range: use {min} to {max} ({default}, the default, suspects a steady client soon after it misses its rhythm)")]
     PhiThreshold {
-        /// The configured threshold.
-        value: crate::protocol::Phi,
+        /// The configured threshold, as given.
+        value: String,
+        /// The smallest taken.
+        min: String,
+        /// The largest taken.
+        max: String,
+        /// The default.
+        default: String,
     },
     /// A browser listener is configured in a build without it.
     #[error("this build has no browser listener (the `web` feature is off): build tonic-heartbeat with features = [\"web\"], or leave ServerConfig::web unset")]

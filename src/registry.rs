@@ -524,11 +524,16 @@ impl SessionRegistry {
             // A record written twice (a retried write) is news only once.
             SessionEvent::Opened(_) if inner.sessions.contains_key(&session_id) => return,
             SessionEvent::Opened(info) => {
+                // Only into a free slot: a claimed open finds its slot freed
+                // by the claim (which closes the older holder first), while
+                // an unclaimed one (a session closed or replaced on its node
+                // before its open was written) must not unseat the holder.
                 let client_id = &info.identity.client_id;
                 if !client_id.is_empty() {
                     inner
                         .by_client
-                        .insert(client_id.clone(), session_id.clone());
+                        .entry(client_id.clone())
+                        .or_insert_with(|| session_id.clone());
                 }
                 let entry = Entry {
                     identity: info.identity.clone(),

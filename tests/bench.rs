@@ -138,11 +138,12 @@ fn freeze_all_silences_every_session_at_once() {
 /// then reported), and a malformed distribution is refused naming the fix.
 #[test]
 fn bench_jitter_accounts_for_both_populations() {
+    // A timeout well past the jittery population's stalls (3 intervals).
     let (mut child, addr) = spawn_server_process(&[
         "--ping-interval",
         "100ms",
         "--timeout",
-        "400ms",
+        "1s",
         "--min-ping-interval",
         "10ms",
         "--suspicion",

@@ -597,51 +597,73 @@ fn the_browser_client_type_checks_and_the_readme_snippet_parses() {
 /// Tests rotation in the browser client, over both subprotocols: past the
 /// server's maximum age each page moves to a successor socket (`rotated`,
 /// never `lost`), and a gRPC watcher sees the successor opened before the
-/// old session closed as REPLACED.
+/// old session closed as REPLACED; an anonymous page, which no successor
+/// replaces, leaves its old session itself (CLIENT_GOODBYE).
 #[tokio::test]
 async fn pages_rotate_before_they_break() {
     let server = Server::start(&["--max-session-age", "1s", "--rotation-grace", "5s"]);
     let mut chromium = Chromium::launch(&server).await;
     let mut watch = server.watch().await;
-    let mut firsts = Vec::new();
-    for (tab, encoding) in [("rp", "proto"), ("rj", "json")] {
-        let first = session_id(
-            &chromium
-                .open(tab, &format!("page-rotating-{tab}"), encoding)
-                .await,
-        );
-        firsts.push((tab, first));
+    let pages = [
+        ("rp", "proto", "page-rotating-rp", pb::CloseReason::Replaced),
+        ("rj", "json", "page-rotating-rj", pb::CloseReason::Replaced),
+        ("ra", "json", "", pb::CloseReason::ClientGoodbye),
+    ];
+    let mut rotations = Vec::new();
+    for (tab, encoding, client_id, expected) in pages {
+        let first = session_id(&chromium.open(tab, client_id, encoding).await);
+        rotations.push((tab, first, expected));
     }
-    for (tab, first) in firsts {
+    let mut successors = Vec::new();
+    for (tab, first, _) in &rotations {
         let rotated = chromium
             .report(&format!("{tab}: rotated or lost"), |line| {
-                line["tab"] == tab && (line["event"] == "rotated" || line["event"] == "lost")
+                line["tab"] == *tab && (line["event"] == "rotated" || line["event"] == "lost")
             })
             .await;
         assert_eq!(rotated["event"], "rotated", "{rotated}");
         assert_eq!(rotated["detail"]["from"], first.as_str(), "{rotated}");
-        let to = rotated["detail"]["to"].as_str().expect("an id").to_owned();
-        let mut successor_opened = false;
-        loop {
-            let event = within(WAIT, watch.next())
-                .await
-                .expect("watching")
-                .expect("an event");
-            match event.event {
-                Some(Event::Opened(session)) if session.session_id == to => successor_opened = true,
-                Some(Event::Closed(closed))
-                    if closed
-                        .session
-                        .as_ref()
-                        .is_some_and(|s| s.session_id == first) =>
-                {
-                    assert!(successor_opened, "{first} closed before {to} opened");
-                    assert_eq!(closed.reason(), pb::CloseReason::Replaced);
-                    break;
-                }
-                _ => {}
+        successors.push(rotated["detail"]["to"].as_str().expect("an id").to_owned());
+    }
+    // Every open and close, in the watcher's order, until each old session closed.
+    let mut seen: Vec<(&'static str, String, pb::CloseReason)> = Vec::new();
+    let closed_all = |seen: &[(&str, String, pb::CloseReason)]| {
+        rotations.iter().all(|(_, first, _)| {
+            seen.iter()
+                .any(|(kind, id, _)| *kind == "closed" && id == first)
+        })
+    };
+    while !closed_all(&seen) {
+        let event = within(WAIT, watch.next())
+            .await
+            .expect("watching")
+            .expect("an event");
+        match event.event {
+            Some(Event::Opened(session)) => {
+                seen.push(("opened", session.session_id, pb::CloseReason::Unspecified));
             }
+            Some(Event::Closed(closed)) => {
+                let reason = closed.reason();
+                let id = closed
+                    .session
+                    .map(|session| session.session_id)
+                    .unwrap_or_default();
+                seen.push(("closed", id, reason));
+            }
+            _ => {}
         }
+    }
+    for ((tab, first, expected), to) in rotations.iter().zip(&successors) {
+        let at = |kind: &str, id: &str| seen.iter().position(|(k, i, _)| *k == kind && i == id);
+        let closed = at("closed", first).expect("closed");
+        if *expected == pb::CloseReason::Replaced {
+            let opened = at("opened", to).expect("the successor opened");
+            assert!(
+                opened < closed,
+                "{tab}: {first} closed before {to} opened: {seen:?}"
+            );
+        }
+        assert_eq!(seen[closed].2, *expected, "{tab}: {seen:?}");
         assert!(!chromium.reported(tab, "lost"), "{:?}", chromium.unread);
     }
 }

@@ -352,11 +352,15 @@ fn suspicion_and_rotation_flags_name_the_value_and_the_fix() {
     for (args, expected) in [
         (
             vec!["--suspicion", "adaptive", "--phi-threshold", "0.9"],
-            "phi threshold 0.90 is out of range: use 1 to 30",
+            "phi threshold 0.9 is out of range: use 1 to 30",
         ),
         (
             vec!["--suspicion", "adaptive", "--phi-threshold", "30.1"],
-            "phi threshold 30.10 is out of range",
+            "phi threshold 30.1 is out of range",
+        ),
+        (
+            vec!["--phi-threshold", "8"],
+            "--phi-threshold applies only with --suspicion adaptive",
         ),
         (
             vec!["--max-session-age", "0s"],

@@ -179,6 +179,7 @@ in_both_languages!(
     tls_with_a_ca_file,
     the_example_names_a_bad_argument,
     rotation_is_make_before_break,
+    an_anonymous_client_leaves_its_old_session_after_rotating,
 );
 
 /// Tests Welcome's fields, the server's pings numbered from 1, and that
@@ -493,6 +494,62 @@ async fn rotation_is_make_before_break(lang: Lang) {
         "{}",
         example.transcript()
     );
+}
+
+/// Tests rotation of an anonymous client (no client id), which no
+/// successor's Hello replaces: the example moves to its successor
+/// (`rotated`) and leaves the old session itself, which closes as
+/// CLIENT_GOODBYE rather than running out the grace as ROTATED.
+async fn an_anonymous_client_leaves_its_old_session_after_rotating(lang: Lang) {
+    let server = Server::start(&["--max-session-age", "700ms", "--rotation-grace", "5s"]);
+    let label = format!("anonymous-{lang:?}");
+    let mut watch = server
+        .presence()
+        .await
+        .watch_sessions(pb::WatchSessionsRequest {
+            labels: [("run".to_owned(), label.clone())].into(),
+            ..Default::default()
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut example = lang.example(&[
+        "--target",
+        &server.target(),
+        "--label",
+        &format!("run={label}"),
+    ]);
+    let connected = example.expect("connected", is("event", "connected")).await;
+    let first = connected["session_id"].as_str().expect("an id").to_owned();
+    let rotated = example
+        .expect("rotated", |line| {
+            line["event"] == "rotated" || line["event"] == "lost"
+        })
+        .await;
+    assert_eq!(rotated["event"], "rotated", "{}", example.transcript());
+    let reason = loop {
+        let event = within(WAIT, watch.message())
+            .await
+            .expect("watching")
+            .expect("an event");
+        if let Some(pb::watch_sessions_response::Event::Closed(closed)) = event.event {
+            if closed
+                .session
+                .as_ref()
+                .is_some_and(|s| s.session_id == first)
+            {
+                break closed.reason();
+            }
+        }
+    };
+    assert_eq!(
+        reason,
+        pb::CloseReason::ClientGoodbye,
+        "{}",
+        example.transcript()
+    );
+    example.signal("-TERM");
+    assert!(example.exit().await.success(), "{}", example.transcript());
 }
 
 /// Tests that with client credentials on, a session needs a token, and the

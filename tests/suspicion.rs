@@ -1,7 +1,9 @@
 //! Adaptive suspicion (the contract's "Adaptive suspicion") against a real
 //! server: a steady client is suspected soon after it misses its rhythm, but
-//! never before a ping interval of silence; a jittery one is suspected no
-//! later than the fixed `suspect_after`; `Session.phi` and the φ histogram
+//! never before a ping interval of silence; a jittery one no later than the
+//! fixed `suspect_after`; a real client process (which both pings and
+//! answers the server's pings) frozen with SIGSTOP is suspected at its
+//! rhythm, well before `suspect_after`; `Session.phi` and the φ histogram
 //! report it. Fixed mode reports φ 0.
 
 mod support;
@@ -19,13 +21,13 @@ use tonic_heartbeat::{
     ServerConfig,
 };
 
-const PING_INTERVAL: Duration = Duration::from_millis(300);
-const SUSPECT_AFTER: Duration = Duration::from_millis(900);
+const PING_INTERVAL: Duration = Duration::from_millis(100);
+const SUSPECT_AFTER: Duration = Duration::from_millis(500);
 
 fn adaptive() -> ServerConfig {
     ServerConfig {
         ping_interval: PING_INTERVAL,
-        timeout: Duration::from_secs(3),
+        timeout: Duration::from_secs(1),
         suspect_after: Some(SUSPECT_AFTER),
         min_ping_interval: Duration::from_millis(10),
         suspicion: Suspicion::Adaptive {
@@ -61,24 +63,25 @@ async fn suspected_after(
     stopped.elapsed()
 }
 
-/// Tests the floor: a client that pinged every 50 ms for a second has a φ
-/// that reaches 8 within milliseconds of silence, yet it is suspected only
-/// once a whole ping interval passed, and well before `suspect_after`;
-/// meanwhile `Session.phi` is high and the histogram counted it.
+/// Tests the floor: a client that pinged every 60 ms for over two seconds
+/// has a φ that reaches 8 within milliseconds of silence, yet it is
+/// suspected only once a whole ping interval passed, and well before
+/// `suspect_after`; meanwhile `Session.phi` is high and the histogram counted
+/// it.
 #[tokio::test]
 async fn a_steady_client_is_suspected_at_the_interval_not_before() {
     let server = TestServer::start(adaptive()).await;
     let mut sessions = server.handle.subscribe();
     let (mut session, welcome) = RawSession::hello(server.addr, "steady").await;
-    let stopped = rhythm(&mut session, &[50; 20]).await;
+    let stopped = rhythm(&mut session, &[60; 50]).await;
     let after = suspected_after(&mut sessions, &welcome.session_id, stopped).await;
     assert!(
         after >= PING_INTERVAL,
         "suspected {after:?} after the last frame"
     );
     assert!(
-        after < SUSPECT_AFTER,
-        "suspected only at the fixed {after:?}"
+        after < SUSPECT_AFTER - Duration::from_millis(150),
+        "suspected only after {after:?}"
     );
     let listed = list_sessions(server.addr).await;
     let phi = listed.sessions[0].phi;
@@ -91,15 +94,15 @@ async fn a_steady_client_is_suspected_at_the_interval_not_before() {
     server.shutdown().await.expect("clean shutdown");
 }
 
-/// Tests the ceiling: a client whose gaps swing between 20 ms and 600 ms has
-/// a φ that would not reach 8 for seconds, yet it is suspected by the fixed
-/// `suspect_after`, and not much later.
+/// Tests the ceiling: a client whose gaps swing between 60 ms and 250 ms has
+/// a φ that would not reach 8 for 700 ms of silence, yet it is suspected by
+/// the fixed `suspect_after`, and not much later.
 #[tokio::test]
 async fn a_jittery_client_is_suspected_by_suspect_after() {
     let server = TestServer::start(adaptive()).await;
     let mut sessions = server.handle.subscribe();
     let (mut session, welcome) = RawSession::hello(server.addr, "jittery").await;
-    let stopped = rhythm(&mut session, &[20, 600, 20, 600, 20, 600, 20]).await;
+    let stopped = rhythm(&mut session, &[60, 250].repeat(17)).await;
     let after = suspected_after(&mut sessions, &welcome.session_id, stopped).await;
     assert!(
         after >= SUSPECT_AFTER,
@@ -108,6 +111,40 @@ async fn a_jittery_client_is_suspected_by_suspect_after() {
     assert!(
         after < SUSPECT_AFTER + Duration::from_millis(300),
         "suspected {after:?} after the last frame"
+    );
+    server.shutdown().await.expect("clean shutdown");
+}
+
+/// Tests a real client: `heartbeat connect` pings on its own and answers the
+/// server's pings, two messages a round. Frozen with SIGSTOP after five
+/// seconds of rhythm (the estimate needs 30 gaps), it is suspected at its
+/// rhythm, well before the fixed `suspect_after` (which fixed mode would
+/// wait for).
+#[tokio::test]
+async fn a_frozen_client_process_is_suspected_at_its_rhythm() {
+    let server = TestServer::start(adaptive()).await;
+    let mut sessions = server.handle.subscribe();
+    let mut client = std::process::Command::new(env!("CARGO_BIN_EXE_heartbeat"))
+        .args(["connect", &server.url(), "--client-id", "process"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn heartbeat connect");
+    let opened = loop {
+        if let SessionEvent::Opened(session) = next_change(&mut sessions).await.event {
+            break session.identity.session_id.clone();
+        }
+    };
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    signal(&client, "-STOP");
+    let stopped = tokio::time::Instant::now();
+    let after = suspected_after(&mut sessions, &opened, stopped).await;
+    signal(&client, "-CONT");
+    let _ = client.kill();
+    let _ = client.wait();
+    assert!(
+        after < SUSPECT_AFTER - Duration::from_millis(150),
+        "suspected {after:?} after the freeze; fixed mode would take {SUSPECT_AFTER:?} from the last frame"
     );
     server.shutdown().await.expect("clean shutdown");
 }

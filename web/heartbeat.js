@@ -30,9 +30,13 @@
  * second socket with the same Hello while the first goes on answering pings,
  * emits `rotated` (not `connected`) once the new session is welcomed, and
  * lets the old socket go. The server ends that one with `Goodbye{REPLACED}`
- * and close code 4007, the rotation's normal end, which is not reported. If
- * no successor can be opened, the old session carries on, and the end of its
- * grace (a second `ROTATE`, then the close) is an ordinary `lost`.
+ * and close code 4007, the rotation's normal end, which is not reported.
+ * The server replaces only sessions with a client id, so an anonymous
+ * session leaves the old socket itself (`Goodbye{CLIENT_SHUTDOWN}`, then
+ * close code 1000) rather than let it linger to the end of its grace and be
+ * recorded as `ROTATED`; that end is not reported either. If no successor
+ * can be opened, the old session carries on, and the end of its grace (a
+ * second `ROTATE`, then the close) is an ordinary `lost`.
  *
  * **Hidden tabs.** Browsers throttle the timers of hidden tabs (Chrome runs
  * them at most once a minute after five minutes hidden), so a ping loop
@@ -107,15 +111,17 @@ const REPLACED = 'GOODBYE_REASON_REPLACED';
  * @typedef {{
  *   readonly liveSince: number | null, readonly sessionId: string | null, readonly rotating: boolean,
  *   ended: Promise<Lost | null>, live: Promise<void>, rotate: Promise<void>,
- *   leave(): void, retire(): void, cancel(): void,
+ *   leave(): void, retire(goodbye: boolean): void, cancel(): void,
  * }} Conversation
  *   One socket, as `HeartbeatSession.converse` holds it. `ended` settles
  *   when the socket is done: with the loss, or null after a goodbye, a
  *   retirement or a cancel. `live` settles at Welcome; `rotate` when the
  *   server first asks the live session to rotate (the socket stays open).
- *   `leave()` says goodbye; `retire()` keeps only answering the server's
- *   pings until it closes the socket, at most one timeout long, and reports
- *   nothing; `cancel()` closes it.
+ *   `leave()` says goodbye; `retire(false)` keeps only answering the
+ *   server's pings until it closes the socket, at most one timeout long, and
+ *   reports nothing; `retire(true)` says goodbye and closes the socket
+ *   instead, waits at most `closeTimeoutMs`, and reports nothing either;
+ *   `cancel()` closes it.
  */
 
 /**
@@ -196,7 +202,10 @@ export class HeartbeatSession extends EventTarget {
      * during a rotation its successor's too. @type {Set<Conversation>}
      */
     this.listening = new Set();
-    /** Old sessions of rotations, answering pings until the server ends them. @type {Set<Conversation>} */
+    /**
+     * Old sessions of rotations, answering pings until the server ends them
+     * (or, for an anonymous client, saying goodbye). @type {Set<Conversation>}
+     */
     this.retiring = new Set();
     /** Ends the current backoff wait early. @type {(() => void) | null} */
     this.wake = null;
@@ -251,7 +260,7 @@ export class HeartbeatSession extends EventTarget {
       this.wake = null;
     }
     // Old sessions still retiring need no goodbye: their successor's Hello
-    // has replaced them.
+    // has replaced them, or (anonymous) they have said theirs.
     for (const conversation of this.retiring) conversation.cancel();
     this.emit('closed', { replaced });
   }
@@ -292,7 +301,10 @@ export class HeartbeatSession extends EventTarget {
       const successor = this.converse(old.sessionId);
       const handshake = await Promise.race([successor.live.then(() => null), successor.ended.then((lost) => ({ lost }))]);
       if (handshake === null) {
-        old.retire();
+        // The server replaces only sessions with a client id: nothing
+        // replaces an anonymous one, so it leaves now rather than linger to
+        // the end of its grace and close as ROTATED.
+        old.retire(this.hello.clientId === '');
         current = successor;
         continue;
       }
@@ -521,13 +533,19 @@ export class HeartbeatSession extends EventTarget {
         pause();
         arm(this.closeTimeoutMs);
       },
-      retire: () => {
+      retire: (goodbye) => {
         if (done) return;
         retiring = true;
         pause();
         unfollow();
         this.listening.delete(conversation);
         this.retiring.add(conversation);
+        if (goodbye) {
+          // Bounded by the close timeout; a goodbye a close already said
+          // keeps its own bound.
+          conversation.leave();
+          return;
+        }
         // The server closes the socket at once (REPLACED, as the successor's
         // Hello arrived) or after the grace (ROTATED): one timeout is plenty.
         arm(timeoutMs, () => finish(null));

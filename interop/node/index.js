@@ -154,14 +154,16 @@ const OWN_CONNECTION = Object.freeze({ 'grpc.use_local_subchannel_pool': 1 });
  * @typedef {{
  *   readonly liveSince: number | null, readonly sessionId: string | null, readonly rotating: boolean,
  *   ended: Promise<Lost | null>, live: Promise<void>, rotate: Promise<void>,
- *   leave(): void, retire(): void, cancel(): void,
+ *   leave(): void, retire(goodbye: boolean): void, cancel(): void,
  * }} Conversation
  *   One call, as `Session.converse` holds it. `ended` settles when the call
  *   is over: with the loss, or null after a goodbye, a retirement or a
  *   cancel. `live` settles at Welcome; `rotate` when the server first asks
  *   the live session to rotate (the call stays open). `leave()` says goodbye;
- *   `retire()` keeps only answering the server's pings until it ends the
- *   call, at most one timeout long, and reports nothing; `cancel()` ends it.
+ *   `retire(false)` keeps only answering the server's pings until it ends the
+ *   call, at most one timeout long, and reports nothing; `retire(true)` says
+ *   goodbye and half-closes instead, waits at most `closeTimeoutMs`, and
+ *   reports nothing either; `cancel()` ends it.
  */
 
 /**
@@ -177,9 +179,13 @@ const OWN_CONNECTION = Object.freeze({ 'grpc.use_local_subchannel_pool': 1 });
  * a successor on a new connection with the same Hello while the old call
  * goes on answering pings, emits `'rotated'` (not `'connected'`) once the
  * successor is welcomed, and lets the old call go. The server ends that one
- * as `REPLACED`, the rotation's normal end, which is not reported. If no
- * successor can be opened, the old session carries on, and the end of its
- * grace (a second `ROTATE`, then `UNAVAILABLE`) is an ordinary `'lost'`.
+ * as `REPLACED`, the rotation's normal end, which is not reported. The server
+ * replaces only sessions with a client id, so an anonymous session leaves the
+ * old call itself (`Goodbye{CLIENT_SHUTDOWN}` and a half-close) rather than
+ * let it linger to the end of its grace and be recorded as `ROTATED`; that
+ * end is not reported either. If no successor can be opened, the old
+ * session carries on, and the end of its grace (a second `ROTATE`, then
+ * `UNAVAILABLE`) is an ordinary `'lost'`.
  *
  * Events: `'connected'` (Connected), `'rotated'` (Rotated), `'rtt'`
  * (RoundTrip), `'lost'` (Lost), `'reconnecting'` (Reconnecting), `'closed'`
@@ -215,7 +221,10 @@ class Session extends EventEmitter {
      * a rotation its successor's too. @type {Set<Conversation>}
      */
     this.listening = new Set();
-    /** Old sessions of rotations, answering pings until the server ends them. @type {Set<Conversation>} */
+    /**
+     * Old sessions of rotations, answering pings until the server ends them
+     * (or, for an anonymous client, saying goodbye). @type {Set<Conversation>}
+     */
     this.retiring = new Set();
     /** Ends the current backoff wait early. @type {(() => void) | null} */
     this.wake = null;
@@ -267,7 +276,7 @@ class Session extends EventEmitter {
       this.wake = null;
     }
     // Old sessions still retiring need no goodbye: their successor's Hello
-    // has replaced them.
+    // has replaced them, or (anonymous) they have said theirs.
     for (const conversation of this.retiring) conversation.cancel();
     this.emit('closed', { replaced });
   }
@@ -308,7 +317,10 @@ class Session extends EventEmitter {
       const successor = this.converse(old.sessionId);
       const handshake = await Promise.race([successor.live.then(() => null), successor.ended.then((lost) => ({ lost }))]);
       if (handshake === null) {
-        old.retire();
+        // The server replaces only sessions with a client id: nothing
+        // replaces an anonymous one, so it leaves now rather than linger to
+        // the end of its grace and close as ROTATED.
+        old.retire(this.hello.clientId === '');
         current = successor;
         continue;
       }
@@ -516,12 +528,18 @@ class Session extends EventEmitter {
         clearInterval(pinger);
         arm(this.closeTimeoutMs, () => finish(null));
       },
-      retire: () => {
+      retire: (goodbye) => {
         if (done) return;
         retiring = true;
         clearInterval(pinger);
         this.listening.delete(conversation);
         this.retiring.add(conversation);
+        if (goodbye) {
+          // Bounded by the close timeout; a goodbye a close already said
+          // keeps its own bound.
+          conversation.leave();
+          return;
+        }
         // The server ends the call at once (REPLACED, as the successor's
         // Hello arrived) or after the grace (ROTATED): one timeout is plenty.
         arm(timeoutMs, () => finish(null));

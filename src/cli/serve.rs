@@ -68,9 +68,9 @@ pub(crate) struct ServeArgs {
 
     /// With --suspicion adaptive, the phi at which a session is suspect, from
     /// 1 to 30: phi 8 is a silence that this client's rhythm would produce
-    /// once in 10^8 gaps.
-    #[arg(long, env = "HEARTBEAT_PHI_THRESHOLD", default_value_t = Suspicion::DEFAULT_PHI_THRESHOLD.0, value_name = "PHI")]
-    phi_threshold: f64,
+    /// once in 10^8 gaps. Default: 8.
+    #[arg(long, env = "HEARTBEAT_PHI_THRESHOLD", value_name = "PHI")]
+    phi_threshold: Option<f64>,
 
     /// Rotation: ask sessions this old (±10 % per session) to move, with
     /// Goodbye{ROTATE}, so that long-lived streams spread over a fleet that
@@ -419,10 +419,13 @@ impl ServeArgs {
                 prefix: self.cluster_prefix.clone(),
                 lease_ttl: self.lease_ttl.into(),
             }),
-            suspicion: match self.suspicion {
-                SuspicionArg::Fixed => Suspicion::Fixed,
-                SuspicionArg::Adaptive => Suspicion::Adaptive {
-                    phi_threshold: Phi(self.phi_threshold),
+            suspicion: match (self.suspicion, self.phi_threshold) {
+                (SuspicionArg::Fixed, None) => Suspicion::Fixed,
+                (SuspicionArg::Fixed, Some(_)) => anyhow::bail!(
+                    "--phi-threshold applies only with --suspicion adaptive: add --suspicion adaptive, or leave the threshold out"
+                ),
+                (SuspicionArg::Adaptive, threshold) => Suspicion::Adaptive {
+                    phi_threshold: threshold.map_or(Suspicion::DEFAULT_PHI_THRESHOLD, Phi),
                 },
             },
             max_session_age: self.max_session_age.map(Into::into),

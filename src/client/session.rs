@@ -70,6 +70,58 @@ enum Live {
     Rotate,
 }
 
+/// The longest the old session of a rotation waits for its goodbye to be
+/// heard when the client closes mid-rotation.
+const RETIRING_GOODBYE: Duration = Duration::from_millis(500);
+
+/// Says `Goodbye{CLIENT_SHUTDOWN}` on `old`, half-closes, and waits (at most
+/// `limit`) for the server to finish the call: how an anonymous client
+/// leaves the old session of a rotation, which no successor replaces.
+async fn leave(old: Open, limit: Duration) {
+    let Open {
+        outbound,
+        mut inbound,
+        ..
+    } = old;
+    say_goodbye(outbound, &mut inbound, Instant::now() + limit).await;
+}
+
+/// Sends `Goodbye{CLIENT_SHUTDOWN}`, half-closes, and waits (until
+/// `deadline`) for the server to finish the call.
+async fn say_goodbye(
+    outbound: mpsc::Sender<pb::HeartbeatRequest>,
+    inbound: &mut Streaming<pb::HeartbeatResponse>,
+    deadline: Instant,
+) {
+    let _ = outbound.try_send(request(Out::Goodbye(pb::Goodbye {
+        reason: GoodbyeReason::ClientShutdown.into(),
+        message: "the client is closing".into(),
+        reconnect_after: None,
+    })));
+    drop(outbound);
+    let _ = tokio::time::timeout_at(deadline, async {
+        while let Ok(Some(_)) = inbound.message().await {}
+    })
+    .await;
+}
+
+/// Answers the server on `open` (pongs to its pings, its goodbye noted in
+/// `exchange`) until the stream ends; the status it ended with, if any. What
+/// the old session of a rotation does while its successor says Hello.
+async fn keep_answering(open: &mut Open, exchange: &mut Exchange) -> Option<tonic::Status> {
+    loop {
+        match open.inbound.message().await {
+            Ok(Some(response)) => {
+                if let Step::Send(frame) = exchange.on_frame(response.frame, Instant::now()) {
+                    let _ = open.outbound.try_send(request(frame));
+                }
+            }
+            Ok(None) => return None,
+            Err(status) => return Some(status),
+        }
+    }
+}
+
 /// A session that was asked to rotate and has a successor: answers its pings
 /// until the server ends it (`REPLACED` once the successor's Hello arrives, or
 /// `ROTATED` after the grace), at most `timeout` long. Its end is no loss.
@@ -186,6 +238,10 @@ impl SessionTask {
             Ok(open) => open,
             Err(end) => return end,
         };
+        // Old sessions of rotations, answering the server until it ends
+        // them; aborted when this session ends, so a closed client leaves
+        // nothing behind.
+        let mut retiring = tokio::task::JoinSet::new();
         let mut rotated_from = None;
         loop {
             let (ping_interval, timeout) = adopt(&open.welcome);
@@ -212,22 +268,54 @@ impl SessionTask {
                     Live::Ended(end) => return end,
                     Live::Rotate => {}
                 }
+                if *self.close.borrow() {
+                    let deadline = Instant::now() + self.close_timeout;
+                    say_goodbye(open.outbound, &mut open.inbound, deadline).await;
+                    return SessionEnd::Closed;
+                }
                 // Make before break: the successor's Hello replaces the old
-                // session, which meanwhile stays open.
-                match self.handshake().await {
+                // session, which meanwhile goes on answering the server.
+                let (successor, old_end) = {
+                    let handshake = self.handshake();
+                    let answering = keep_answering(&mut open, &mut exchange);
+                    tokio::pin!(handshake, answering);
+                    let mut old_end = None;
+                    let successor = loop {
+                        tokio::select! {
+                            successor = &mut handshake => break successor,
+                            end = &mut answering, if old_end.is_none() => old_end = Some(end),
+                        }
+                    };
+                    (successor, old_end)
+                };
+                match successor {
                     Ok(successor) => break std::mem::replace(&mut open, successor),
+                    // The successor heard the goodbye within the close's
+                    // budget; the old session gets a short one of its own, so
+                    // the close stays bounded as `Client::close` expects.
                     Err(SessionEnd::Closed) => {
-                        let deadline = Instant::now() + self.close_timeout;
-                        self.say_goodbye(open.outbound, &mut open.inbound, deadline)
-                            .await;
+                        let deadline =
+                            Instant::now() + (self.close_timeout / 4).min(RETIRING_GOODBYE);
+                        say_goodbye(open.outbound, &mut open.inbound, deadline).await;
                         return SessionEnd::Closed;
                     }
-                    // No successor now: carry on with the old session; the
-                    // end of its grace (a second ROTATE) is its end.
-                    Err(SessionEnd::Lost { .. }) => {}
+                    // No successor now: carry on with the old session (the end
+                    // of its grace, a second ROTATE, is its end), unless it
+                    // ended meanwhile.
+                    Err(SessionEnd::Lost { .. }) => {
+                        if let Some(status) = old_end {
+                            return exchange.lost(status);
+                        }
+                    }
                 }
             };
-            tokio::spawn(retire(old, timeout));
+            if self.hello.client_id.is_empty() {
+                // Nothing replaces an anonymous session: leave it now.
+                retiring.spawn(leave(old, self.close_timeout));
+            } else {
+                retiring.spawn(retire(old, timeout));
+            }
+            while retiring.try_join_next().is_some() {}
             rotated_from = Some(session_id);
         }
     }
@@ -252,7 +340,7 @@ impl SessionTask {
                     let deadline = Instant::now() + self.close_timeout;
                     // The sender itself, so that dropping it half-closes.
                     let outbound = std::mem::replace(&mut open.outbound, mpsc::channel(1).0);
-                    self.say_goodbye(outbound, &mut open.inbound, deadline).await;
+                    say_goodbye(outbound, &mut open.inbound, deadline).await;
                     return Live::Ended(SessionEnd::Closed);
                 }
                 () = sleep_until(deadline) => exchange.on_deadline(),
@@ -300,7 +388,7 @@ impl SessionTask {
                 // One deadline covers both waits, as `Client::close` expects.
                 let deadline = Instant::now() + self.close_timeout;
                 if let Ok(Ok(Ok(mut open))) = tokio::time::timeout_at(deadline, &mut handshake).await {
-                    self.say_goodbye(open.outbound, &mut open.inbound, deadline).await;
+                    say_goodbye(open.outbound, &mut open.inbound, deadline).await;
                 }
                 return Err(SessionEnd::Closed);
             }
@@ -359,26 +447,6 @@ impl SessionTask {
             }),
             Err(status) => Err(status_loss(status)),
         }
-    }
-
-    /// Sends `Goodbye{CLIENT_SHUTDOWN}`, half-closes, and waits (bounded) for
-    /// the server to finish the call.
-    async fn say_goodbye(
-        &self,
-        outbound: mpsc::Sender<pb::HeartbeatRequest>,
-        inbound: &mut Streaming<pb::HeartbeatResponse>,
-        deadline: Instant,
-    ) {
-        let _ = outbound.try_send(request(Out::Goodbye(pb::Goodbye {
-            reason: GoodbyeReason::ClientShutdown.into(),
-            message: "the client is closing".into(),
-            reconnect_after: None,
-        })));
-        drop(outbound);
-        let _ = tokio::time::timeout_at(deadline, async {
-            while let Ok(Some(_)) = inbound.message().await {}
-        })
-        .await;
     }
 }
 

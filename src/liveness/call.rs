@@ -136,8 +136,9 @@ pub(crate) struct CallCore {
     transitions: Mutex<()>,
     /// Who hears of suspicion, recovery and endings.
     observer: OnceLock<Arc<dyn LivenessObserver>>,
-    /// The recent gaps between messages, for adaptive suspicion only.
-    arrivals: Option<Mutex<ArrivalWindow>>,
+    /// The recent gaps between messages, for adaptive suspicion only: boxed,
+    /// so that a call without it pays one pointer, not the window.
+    arrivals: Option<Box<Mutex<ArrivalWindow>>>,
     /// A weak self-reference for timer entries.
     this: Weak<CallCore>,
 }
@@ -249,7 +250,9 @@ impl CallCore {
     /// Starts tracking a call that begins now, with its deadline entry armed.
     pub(crate) fn start(policy: Arc<LivenessPolicy>, wheel: TimerWheel) -> Arc<Self> {
         let now = Instant::now();
-        let policy_adaptive = policy.adaptive.is_some();
+        let arrivals = policy
+            .adaptive
+            .map(|adaptive| Box::new(Mutex::new(ArrivalWindow::new(adaptive.beat()))));
         let core = Arc::new_cyclic(|this| CallCore {
             last_seen: AtomicU64::new(micros_since(wheel.base(), now)),
             missed_deadline: AtomicU64::new(0),
@@ -264,7 +267,7 @@ impl CallCore {
             waker: Mutex::new(None),
             transitions: Mutex::new(()),
             observer: OnceLock::new(),
-            arrivals: policy_adaptive.then(|| Mutex::new(ArrivalWindow::new())),
+            arrivals,
             this: this.clone(),
         });
         core.arm(0, now + core.first_check());
@@ -313,25 +316,27 @@ impl CallCore {
 
     /// Marks the call suspect if no message arrived since `seen` (microseconds
     /// since the wheel's base); a message racing in takes the suspicion back.
-    fn suspect(&self, seen: u64) {
+    /// Whether the call is suspect now: false when a message raced in.
+    fn suspect(&self, seen: u64) -> bool {
         let _transition = self.transitions.lock();
         if self
             .state
             .compare_exchange(LIVE, SUSPECT, Ordering::SeqCst, Ordering::SeqCst)
             .is_err()
         {
-            return;
+            return false;
         }
         if self.last_seen.load(Ordering::SeqCst) != seen {
             // `touch` ran in between and saw LIVE; the peer is not late.
             let _ = self
                 .state
                 .compare_exchange(SUSPECT, LIVE, Ordering::SeqCst, Ordering::SeqCst);
-            return;
+            return false;
         }
         if let Some(observer) = self.observer.get() {
             observer.suspected();
         }
+        true
     }
 
     pub(crate) fn count_sent(&self, messages: u64) {
@@ -446,9 +451,14 @@ impl WheelTarget for CallCore {
         }
         match self.suspect_after() {
             Some(suspect_after) if state == LIVE && silence >= suspect_after => {
-                self.suspect(seen);
-                // Check again at the deadline; a recovery re-arms earlier.
-                Some(last_seen + policy.timeout)
+                if self.suspect(seen) {
+                    // Check again at the deadline; a recovery re-arms earlier.
+                    Some(last_seen + policy.timeout)
+                } else {
+                    // A message raced in: its own suspicion time is next.
+                    let seen = self.instant(self.last_seen.load(Ordering::SeqCst));
+                    Some(seen + self.suspect_after().unwrap_or(suspect_after))
+                }
             }
             Some(suspect_after) if state == LIVE => Some(last_seen + suspect_after),
             _ => Some(last_seen + policy.timeout),
@@ -523,7 +533,7 @@ mod tests {
             suspect_after: Some(Duration::from_millis(900)),
             adaptive: Some(super::super::policy::AdaptiveSuspicion::new(
                 8.0,
-                Duration::from_millis(300),
+                Duration::from_millis(200),
             )),
             max_message_size: 1024,
             inbound_buffer: 1024,
@@ -539,14 +549,16 @@ mod tests {
     /// Tests φ on a paused clock, message by message: gaps alternating 100
     /// and 110 ms give φ = log₁₀ 2 at the mean gap of silence and 2.8697
     /// three deviations later, the values of the paper's formula; and the
-    /// call is suspected at the floor (300 ms of silence), where φ has long
+    /// call is suspected at the floor (200 ms of silence), where φ has long
     /// passed 8, not earlier.
     #[tokio::test(flavor = "current_thread", start_paused = true)]
     async fn phi_of_a_steady_peer_and_the_floor() {
         let (core, suspicions) = adaptive_call();
         let handle = LivenessHandle { core: core.clone() };
         core.touch(1);
-        for gap in [100, 110, 100, 110, 100, 110] {
+        // Past the 30 gaps the estimate needs, and past the fixed threshold
+        // after them, so the wheel's entry has been re-armed by it.
+        for gap in [100, 110].repeat(25) {
             tokio::time::advance(Duration::from_millis(gap)).await;
             core.touch(1);
         }
@@ -562,19 +574,19 @@ mod tests {
         assert_eq!(suspected.len(), 1, "{suspected:?}");
         let after = suspected[0] - last;
         assert!(
-            after >= Duration::from_millis(300) && after <= Duration::from_millis(310),
+            after >= Duration::from_millis(200) && after <= Duration::from_millis(210),
             "suspected {after:?} after the last message"
         );
     }
 
-    /// Tests the ceiling on a paused clock: gaps swinging between 20 and
-    /// 600 ms put φ = 8 seconds away, but the call is suspected at the fixed
-    /// 900 ms.
+    /// Tests the ceiling on a paused clock: gaps swinging between 150 and
+    /// 600 ms put φ = 8 over a second away, but the call is suspected at the
+    /// fixed 900 ms.
     #[tokio::test(flavor = "current_thread", start_paused = true)]
     async fn a_jittery_peer_is_suspected_by_the_fixed_threshold() {
         let (core, suspicions) = adaptive_call();
         core.touch(1);
-        for gap in [20, 600, 20, 600, 20, 600] {
+        for gap in [150, 600].repeat(15) {
             tokio::time::advance(Duration::from_millis(gap)).await;
             core.touch(1);
         }
@@ -585,6 +597,31 @@ mod tests {
         let after = suspected[0] - last;
         assert!(
             after >= Duration::from_millis(900) && after <= Duration::from_millis(910),
+            "suspected {after:?} after the last message"
+        );
+    }
+
+    /// Tests the beat: a peer that sends two messages each round (a pong
+    /// and, 10 ms later, its own ping, as the project's clients may) has one
+    /// rhythm, the round's, so it is suspected at the floor; its gaps of 10
+    /// and 90 ms, read as one rhythm, would put suspicion at 274 ms.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn two_messages_a_round_are_one_beat() {
+        let (core, suspicions) = adaptive_call();
+        core.touch(1);
+        for _ in 0..45 {
+            tokio::time::advance(Duration::from_millis(10)).await;
+            core.touch(1);
+            tokio::time::advance(Duration::from_millis(90)).await;
+            core.touch(1);
+        }
+        let last = Instant::now();
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let suspected = suspicions.0.lock().clone();
+        assert_eq!(suspected.len(), 1, "{suspected:?}");
+        let after = suspected[0] - last;
+        assert!(
+            after >= Duration::from_millis(200) && after <= Duration::from_millis(210),
             "suspected {after:?} after the last message"
         );
     }

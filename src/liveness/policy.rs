@@ -35,11 +35,27 @@ pub(crate) struct AdaptiveSuspicion {
 }
 
 impl AdaptiveSuspicion {
+    /// The thresholds taken; others are brought into this range.
+    const THRESHOLDS: (f64, f64) = (0.1, 40.0);
+
     pub(super) fn new(threshold: f64, floor: Duration) -> Self {
+        let threshold = if threshold.is_nan() {
+            8.0
+        } else {
+            threshold.clamp(Self::THRESHOLDS.0, Self::THRESHOLDS.1)
+        };
         Self {
             z: phi::quantile(threshold),
             floor,
         }
+    }
+
+    /// The shortest gap that is a beat of the peer's rhythm: messages closer
+    /// together than half the floor count as one arrival. A client that
+    /// both pings on its own and answers the server's pings then has one
+    /// rhythm, not two interleaved ones that would read as jitter.
+    pub(super) fn beat(&self) -> Duration {
+        self.floor / 2
     }
 }
 

@@ -39,7 +39,7 @@ use super::{
 use crate::credentials::IdPermit;
 use crate::{
     config::{FrameLimits, Suspicion},
-    liveness::{EndCause, LivenessHandle, LivenessObserver, WheelTarget},
+    liveness::{EndCause, LivenessHandle, LivenessObserver, LivenessState, WheelTarget},
     protocol::{
         duration_to_proto,
         grpc::{self, Deframer},
@@ -80,6 +80,9 @@ pub(crate) struct SessionShared {
     rotate_due: AtomicBool,
     /// Whether the session came of age and holds a rotation slot.
     rotation_slot: AtomicBool,
+    /// When the session comes of age, in microseconds since the wheel's
+    /// base; `u64::MAX` without rotation (or before Hello).
+    rotate_at: AtomicU64,
     /// Where in each ping interval this session's pings fall, in microseconds:
     /// the same for every stream of one connection (see [`ping_phase`]).
     ping_phase: u64,
@@ -209,6 +212,7 @@ impl Session {
             ping_due: AtomicBool::new(false),
             rotate_due: AtomicBool::new(false),
             rotation_slot: AtomicBool::new(false),
+            rotate_at: AtomicU64::new(u64::MAX),
             ping_phase,
             permit,
             said_hello: AtomicBool::new(false),
@@ -345,10 +349,14 @@ impl Session {
         if let Some(age) = server.config.max_session_age {
             // ±10 %, drawn per session, so a fleet opened together does not
             // come of age together.
-            let age = age.mul_f64(rand::random_range(0.9..=1.1));
+            let at = now + age.mul_f64(rand::random_range(0.9..=1.1));
+            shared.rotate_at.store(
+                micros(at.saturating_duration_since(server.wheel.base())),
+                Ordering::Release,
+            );
             server
                 .wheel
-                .insert(now + age, ROTATION, Arc::downgrade(&timers));
+                .insert(shared.rotation_hop(now), ROTATION, Arc::downgrade(&timers));
         }
         Step::Reply(Out::Welcome(pb::Welcome {
             session_id: shared.id.clone(),
@@ -695,8 +703,13 @@ impl SessionLink for SessionShared {
     /// metrics record. If the layer decided first (silence, an oversized
     /// frame), this changes nothing and the observer records that cause.
     fn conclude(&self, reason: CloseReason, message: &str) {
-        let reconnect_after =
-            (reason == CloseReason::ServerShutdown).then_some(self.server.config.reconnect_after);
+        // A drain's hint is the server's setting; a rotation's is "now",
+        // at the ask and again at the end of the grace.
+        let reconnect_after = match reason {
+            CloseReason::ServerShutdown => Some(self.server.config.reconnect_after),
+            CloseReason::Rotated => Some(Duration::ZERO),
+            _ => None,
+        };
         if self
             .handle
             .end(farewell::ending_for(reason, message, reconnect_after))
@@ -707,6 +720,20 @@ impl SessionLink for SessionShared {
 }
 
 impl SessionShared {
+    /// When the rotation timer next looks: at the session's age, or one
+    /// timeout from `now` if that is sooner, so that the entry of a session
+    /// that ended early leaves the wheel within a timeout, as its deadline's
+    /// does, rather than at an age hours away.
+    fn rotation_hop(&self, now: Instant) -> Instant {
+        let hop = now + self.server.config.timeout;
+        let due = self.rotate_at.load(Ordering::Acquire);
+        self.server
+            .wheel
+            .base()
+            .checked_add(Duration::from_micros(due))
+            .map_or(hop, |due| due.min(hop))
+    }
+
     /// When the server's next ping after `now` is due: see [`next_on_grid`].
     fn next_ping(&self, now: Instant) -> Instant {
         next_on_grid(
@@ -743,6 +770,15 @@ impl WheelTarget for SessionShared {
                 None
             }
             ROTATION => {
+                let since_base = micros(now.saturating_duration_since(self.server.wheel.base()));
+                if since_base < self.rotate_at.load(Ordering::Acquire) {
+                    return Some(self.rotation_hop(now));
+                }
+                // A late client is not asked to move: its silence is for
+                // suspicion and the timeout to judge, not rotation.
+                if self.handle.state() == LivenessState::Suspect {
+                    return Some(now + config.ping_interval);
+                }
                 // Come of age: take the next slot of the server's pace, and
                 // wait for it if it is later.
                 if !self.rotation_slot.swap(true, Ordering::AcqRel) {
@@ -756,6 +792,11 @@ impl WheelTarget for SessionShared {
                 None
             }
             ROTATION_GRACE => {
+                // A client that fell silent since the ask ends by the
+                // timeout, as TIMEOUT, which is what happened to it.
+                if self.handle.state() == LivenessState::Suspect {
+                    return Some(now + config.ping_interval);
+                }
                 self.conclude(
                     CloseReason::Rotated,
                     &format!(
@@ -765,11 +806,12 @@ impl WheelTarget for SessionShared {
                 );
                 None
             }
-            _ => {
+            PING_TIMER => {
                 self.ping_due.store(true, Ordering::Release);
                 self.handle.wake();
                 Some(self.next_ping(now))
             }
+            _ => None,
         }
     }
 }

@@ -16,9 +16,13 @@ new connection, with the same Hello, while the old stream keeps answering
 pings. Once the successor is welcomed it reports ``Rotated`` instead of
 ``Connected`` and lets the old stream go; the server ends that one as
 ``REPLACED`` (the successor's Hello replaced it), which is the rotation's
-normal end and never reported. If no successor can be opened, the old session
-carries on, and the end of its grace (a second ``ROTATE``, then
-``UNAVAILABLE``) is an ordinary loss.
+normal end and never reported. The server replaces only sessions with a
+client id, so an anonymous session leaves the old stream itself: it says
+``Goodbye{CLIENT_SHUTDOWN}`` and half-closes, rather than let it linger to the
+end of its grace and be recorded as ``ROTATED``; that end is not reported
+either. If no successor can be opened, the old session carries on, and the
+end of its grace (a second ``ROTATE``, then ``UNAVAILABLE``) is an ordinary
+loss.
 
 Frames are read by a task of their own into a queue, and the session waits on
 that queue with a timeout: a frame that has arrived is always seen before the
@@ -120,7 +124,8 @@ class Session:
         # The inbound queues of the calls a close must reach: the session's,
         # and during a rotation its successor's too.
         self._listening: Set[asyncio.Queue] = set()
-        # Old sessions of rotations, answering pings until the server ends them.
+        # Old sessions of rotations, answering pings until the server ends
+        # them (or, for an anonymous client, saying goodbye).
         self._retiring: Set[asyncio.Task] = set()
         self._task: Optional[asyncio.Task] = None
         self.session_id: Optional[str] = None
@@ -169,7 +174,8 @@ class Session:
         finally:
             try:
                 # Old sessions still retiring need no goodbye: their
-                # successor's Hello has replaced them.
+                # successor's Hello has replaced them, or (anonymous) they
+                # have said theirs.
                 retiring = list(self._retiring)
                 for task in retiring:
                     task.cancel()
@@ -260,7 +266,13 @@ class Session:
             # The old session's own pings, deadline and events stop here.
             old_run.cancel()
             self._listening.discard(old.inbound)
-            task = asyncio.get_running_loop().create_task(old.retire(old_run))
+            if self._hello.client_id:
+                task = asyncio.get_running_loop().create_task(old.retire(old_run))
+            else:
+                # The server replaces only sessions with a client id: nothing
+                # replaces an anonymous one, so it leaves now rather than
+                # linger to the end of its grace and close as ROTATED.
+                task = asyncio.get_running_loop().create_task(old.leave(old_run))
             self._retiring.add(task)
             task.add_done_callback(self._retiring.discard)
             return successor, _Turn.LIVE
@@ -526,6 +538,23 @@ class _Conversation:
                     return
                 if item[0] == "frame" and item[1].WhichOneof("frame") == "ping":
                     self._send(_hb.HeartbeatRequest(pong=_hb.Pong(seq=item[1].ping.seq)))
+        finally:
+            await self.close()
+
+    async def leave(self, run: asyncio.Task) -> None:
+        """After the rotation of an anonymous session, which no successor
+        replaces: stops ``run`` (this session's pings and deadline), then says
+        ``Goodbye{CLIENT_SHUTDOWN}``, half-closes, and waits (at most
+        ``close_timeout``) for the server to end the call. Its end is no loss:
+        it is not reported."""
+        try:
+            run.cancel()
+            await asyncio.gather(run, return_exceptions=True)
+            if not run.cancelled():
+                # It ran to its end (the call ended, or a close already said
+                # goodbye, while the successor was being opened).
+                return
+            await self._say_goodbye()
         finally:
             await self.close()
 

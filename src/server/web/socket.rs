@@ -473,10 +473,15 @@ async fn write_session(
             let Ok(response) = pb::HeartbeatResponse::decode(message.clone()) else {
                 continue;
             };
+            // The goodbye that explains the end is the last frame before it:
+            // a rotation's ask is followed by pings while the grace runs.
             match &response.frame {
                 Some(Out::Goodbye(said)) => goodbye = Some(said.clone()),
-                Some(Out::Welcome(_)) => welcomed.store(true, Ordering::Release),
-                _ => {}
+                Some(Out::Welcome(_)) => {
+                    welcomed.store(true, Ordering::Release);
+                    goodbye = None;
+                }
+                _ => goodbye = None,
             }
             let message = match subprotocol {
                 Subprotocol::Proto => Message::Binary(message),
