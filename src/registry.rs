@@ -479,6 +479,18 @@ impl SessionRegistry {
         Some(info_of(&entry))
     }
 
+    /// Records that the open session `session_id` holds `client_id`, for a
+    /// mirror: in cluster mode the claim in etcd decides the holder, not the
+    /// order in which opens arrive. Does nothing if that session is not open.
+    pub fn hold(&self, client_id: &str, session_id: &str) {
+        let mut inner = self.shared.inner.lock();
+        if !client_id.is_empty() && inner.sessions.contains_key(session_id) {
+            inner
+                .by_client
+                .insert(client_id.to_owned(), session_id.to_owned());
+        }
+    }
+
     /// The open session that holds `client_id`, if any.
     pub fn holder(&self, client_id: &str) -> Option<String> {
         self.shared.inner.lock().by_client.get(client_id).cloned()

@@ -149,8 +149,9 @@ impl View {
 
 /// Tests that a session on node 1 is listed and watched on nodes 2 and 3
 /// with `node` set; that the same client id on node 2 replaces it (REPLACED
-/// there, one session cluster-wide); and that an eviction sent through node 3
-/// ends a session on node 1.
+/// there, one session cluster-wide, the newer opened before the older closed
+/// in every view); and that an eviction sent through node 3 ends a session
+/// on node 1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_presence_with_replace_and_evict_across_nodes() {
     let etcd = TestEtcd::start("presence");
@@ -194,6 +195,18 @@ async fn one_presence_with_replace_and_evict_across_nodes() {
     assert_eq!(
         closed.map(|change| change.3),
         Some(pb::CloseReason::Replaced as i32)
+    );
+    // The newer session opened before the older closed: the client id was
+    // never missing from node 3's presence.
+    let at = |kind: &str, session: &str| {
+        view.changes
+            .iter()
+            .position(|change| change.1 == kind && change.2 == session)
+    };
+    assert!(
+        at("opened", &newer_id) < at("closed", &id),
+        "{:?}",
+        view.changes
     );
     for node in &nodes {
         eventually("one session for the id on every node", || async {

@@ -176,7 +176,19 @@ pub(super) async fn follow(
                         .iter()
                         .filter_map(|event| event.kv.as_ref().map(|kv| kv.mod_revision))
                         .max();
-                    for event in response.events {
+                    let mut events = response.events;
+                    // Within one etcd revision, sessions before client ids: a
+                    // replacing open's txn claims the id, then writes the
+                    // session, but every view shows the newer session opened
+                    // before the older closed, so the id is never missing.
+                    events.sort_by_key(|event| {
+                        let kv = event.kv.as_ref();
+                        let client_key = kv.is_some_and(|kv| {
+                            matches!(follower.node.keys.parse(&kv.key), Key::Client(_))
+                        });
+                        (kv.map_or(0, |kv| kv.mod_revision), client_key)
+                    });
+                    for event in events {
                         follower.apply(event);
                     }
                     follower.applied = follower.applied.max(newest.unwrap_or(progress));
@@ -268,6 +280,9 @@ impl Follower {
             let link = RemoteSession::link(change.session(), &self.evictions);
             self.view.apply(revision, change, link);
         }
+        // The claim decides the holder (an open written without one never
+        // takes it).
+        self.view.hold(client_id, newer);
         // Claims are recorded here, in watch order, so this node's own
         // claim is always known before a later one is judged against it.
         let replace = {
