@@ -74,10 +74,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         let mut every = tokio::time::interval(Duration::from_secs(1));
         let mut stop = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let interrupt = tokio::signal::ctrl_c();
+        tokio::pin!(interrupt);
         loop {
             tokio::select! {
                 _ = every.tick() => {}
-                _ = tokio::signal::ctrl_c() => break,
+                _ = &mut interrupt => break,
                 _ = stop.recv() => break,
             }
             let live = clients

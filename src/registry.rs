@@ -482,7 +482,7 @@ impl SessionRegistry {
     /// Records that the open session `session_id` holds `client_id`, for a
     /// mirror: in cluster mode the claim in etcd decides the holder, not the
     /// order in which opens arrive. Does nothing if that session is not open.
-    pub fn hold(&self, client_id: &str, session_id: &str) {
+    pub(crate) fn hold(&self, client_id: &str, session_id: &str) {
         let mut inner = self.shared.inner.lock();
         if !client_id.is_empty() && inner.sessions.contains_key(session_id) {
             inner
@@ -536,10 +536,11 @@ impl SessionRegistry {
             // A record written twice (a retried write) is news only once.
             SessionEvent::Opened(_) if inner.sessions.contains_key(&session_id) => return,
             SessionEvent::Opened(info) => {
-                // Only into a free slot: a claimed open finds its slot freed
-                // by the claim (which closes the older holder first), while
-                // an unclaimed one (a session closed or replaced on its node
-                // before its open was written) must not unseat the holder.
+                // Only into a free slot. A claimed open that replaces a holder
+                // is applied before its claim, which then closes the holder
+                // and hands the slot over (`hold`); an unclaimed open (a
+                // session closed or replaced on its node before its open was
+                // written) must not unseat the holder.
                 let client_id = &info.identity.client_id;
                 if !client_id.is_empty() {
                     inner
@@ -1224,5 +1225,54 @@ mod tests {
         assert!(slow.next().await.expect("queued").is_some());
         assert!(slow.next().await.expect("queued").is_some());
         assert_eq!(slow.next().await, Err(Lagged { queue: 2 }));
+    }
+
+    /// Tests a mirror's client-id holders: an open takes only a free slot,
+    /// so an unclaimed open (a session closed on its node before its open
+    /// was written) neither unseats the holder nor frees the slot when it
+    /// closes; `hold` hands the slot over, and only to an open session.
+    #[test]
+    fn a_mirror_holder_is_decided_by_claims() {
+        let mirror = SessionRegistry::mirror(7, 100, 2, 10, Arc::new(Metrics::new(&[], &[])));
+        let link = recording(&mirror, "a");
+        let opened = |id: &str| {
+            SessionEvent::Opened(SessionInfo {
+                identity: Arc::new(identity(id, "x")),
+                last_seen: SystemTime::now(),
+                rtt: None,
+                state: SessionState::Live,
+                frames_in: 0,
+                frames_out: 0,
+                phi: Phi::default(),
+            })
+        };
+        mirror.apply(101, opened("a"), link.clone());
+        assert_eq!(mirror.holder("x").as_deref(), Some("a"));
+        mirror.apply(102, opened("u"), link.clone());
+        assert_eq!(
+            mirror.holder("x").as_deref(),
+            Some("a"),
+            "unseated by an unclaimed open"
+        );
+        let closed = SessionEvent::Closed {
+            session: mirror.session("u").expect("open"),
+            reason: CloseReason::ClientGoodbye,
+            message: String::new(),
+        };
+        mirror.apply(103, closed, link.clone());
+        assert_eq!(
+            mirror.holder("x").as_deref(),
+            Some("a"),
+            "freed by another's close"
+        );
+        mirror.hold("x", "gone");
+        assert_eq!(
+            mirror.holder("x").as_deref(),
+            Some("a"),
+            "handed to no session"
+        );
+        mirror.apply(104, opened("b"), link);
+        mirror.hold("x", "b");
+        assert_eq!(mirror.holder("x").as_deref(), Some("b"));
     }
 }

@@ -74,18 +74,6 @@ enum Live {
 /// heard when the client closes mid-rotation.
 const RETIRING_GOODBYE: Duration = Duration::from_millis(500);
 
-/// Says `Goodbye{CLIENT_SHUTDOWN}` on `old`, half-closes, and waits (at most
-/// `limit`) for the server to finish the call: how an anonymous client
-/// leaves the old session of a rotation, which no successor replaces.
-async fn leave(old: Open, limit: Duration) {
-    let Open {
-        outbound,
-        mut inbound,
-        ..
-    } = old;
-    say_goodbye(outbound, &mut inbound, Instant::now() + limit).await;
-}
-
 /// Sends `Goodbye{CLIENT_SHUTDOWN}`, half-closes, and waits (until
 /// `deadline`) for the server to finish the call.
 async fn say_goodbye(
@@ -93,12 +81,21 @@ async fn say_goodbye(
     inbound: &mut Streaming<pb::HeartbeatResponse>,
     deadline: Instant,
 ) {
+    say_goodbye_now(outbound);
+    drained(inbound, deadline).await;
+}
+
+/// Queues `Goodbye{CLIENT_SHUTDOWN}` and half-closes (dropping the sender).
+fn say_goodbye_now(outbound: mpsc::Sender<pb::HeartbeatRequest>) {
     let _ = outbound.try_send(request(Out::Goodbye(pb::Goodbye {
         reason: GoodbyeReason::ClientShutdown.into(),
         message: "the client is closing".into(),
         reconnect_after: None,
     })));
-    drop(outbound);
+}
+
+/// Reads `inbound` to its end, or until `deadline`.
+async fn drained(inbound: &mut Streaming<pb::HeartbeatResponse>, deadline: Instant) {
     let _ = tokio::time::timeout_at(deadline, async {
         while let Ok(Some(_)) = inbound.message().await {}
     })
@@ -310,8 +307,17 @@ impl SessionTask {
                 }
             };
             if self.hello.client_id.is_empty() {
-                // Nothing replaces an anonymous session: leave it now.
-                retiring.spawn(leave(old, self.close_timeout));
+                // Nothing replaces an anonymous session: leave it now. The
+                // goodbye goes out here; only the wait for the server's
+                // answer is a task, which a close may cut short.
+                let Open {
+                    outbound,
+                    mut inbound,
+                    ..
+                } = old;
+                let deadline = Instant::now() + self.close_timeout;
+                say_goodbye_now(outbound);
+                retiring.spawn(async move { drained(&mut inbound, deadline).await });
             } else {
                 retiring.spawn(retire(old, timeout));
             }

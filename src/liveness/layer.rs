@@ -67,8 +67,12 @@ impl LivenessLayer {
     /// always by [`suspect_after`](Self::suspect_after), which must be set.
     /// A steady peer is then suspected soon after it misses its rhythm, a
     /// jittery one not for its usual jitter. Each call keeps a window of its
-    /// last 100 gaps (about 450 bytes). [`LivenessHandle::phi`] reads a
-    /// call's φ. Default: off.
+    /// last 100 gaps (about 450 bytes); messages closer together than half
+    /// of `floor` count as one beat of its rhythm, so a peer that sends two
+    /// messages a round (a reply and its own ping) has one rhythm, not two.
+    /// The estimate waits for 30 gaps; until then, `suspect_after` applies.
+    /// `threshold` is kept within 0.1 to 40 (a NaN reads as 8).
+    /// [`LivenessHandle::phi`] reads a call's φ. Default: off.
     ///
     /// [`LivenessHandle::phi`]: super::LivenessHandle::phi
     #[must_use]

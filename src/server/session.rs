@@ -720,6 +720,15 @@ impl SessionLink for SessionShared {
 }
 
 impl SessionShared {
+    /// When a suspect session's silence will have been judged (its timeout,
+    /// counted from its last frame), if it is suspect and that is later than
+    /// `now`: rotation waits for it, once, rather than ask a silent client
+    /// to move or end it as `ROTATED`.
+    fn silence_judged_at(&self, now: Instant) -> Option<Instant> {
+        let judged = self.handle.last_seen() + self.server.config.timeout;
+        (self.handle.state() == LivenessState::Suspect && judged > now).then_some(judged)
+    }
+
     /// When the rotation timer next looks: at the session's age, or one
     /// timeout from `now` if that is sooner, so that the entry of a session
     /// that ended early leaves the wheel within a timeout, as its deadline's
@@ -776,15 +785,18 @@ impl WheelTarget for SessionShared {
                 }
                 // A late client is not asked to move: its silence is for
                 // suspicion and the timeout to judge, not rotation.
-                if self.handle.state() == LivenessState::Suspect {
-                    return Some(now + config.ping_interval);
+                if let Some(judged) = self.silence_judged_at(now) {
+                    return Some(judged);
                 }
                 // Come of age: take the next slot of the server's pace, and
-                // wait for it if it is later.
+                // wait for it (in hops) if it is later.
                 if !self.rotation_slot.swap(true, Ordering::AcqRel) {
                     let slot = self.server.rotations.reserve(now);
                     if slot > now {
-                        return Some(slot);
+                        let slot_micros =
+                            micros(slot.saturating_duration_since(self.server.wheel.base()));
+                        self.rotate_at.store(slot_micros, Ordering::Release);
+                        return Some(self.rotation_hop(now));
                     }
                 }
                 self.rotate_due.store(true, Ordering::Release);
@@ -794,8 +806,8 @@ impl WheelTarget for SessionShared {
             ROTATION_GRACE => {
                 // A client that fell silent since the ask ends by the
                 // timeout, as TIMEOUT, which is what happened to it.
-                if self.handle.state() == LivenessState::Suspect {
-                    return Some(now + config.ping_interval);
+                if let Some(judged) = self.silence_judged_at(now) {
+                    return Some(judged);
                 }
                 self.conclude(
                     CloseReason::Rotated,

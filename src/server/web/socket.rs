@@ -477,10 +477,7 @@ async fn write_session(
             // a rotation's ask is followed by pings while the grace runs.
             match &response.frame {
                 Some(Out::Goodbye(said)) => goodbye = Some(said.clone()),
-                Some(Out::Welcome(_)) => {
-                    welcomed.store(true, Ordering::Release);
-                    goodbye = None;
-                }
+                Some(Out::Welcome(_)) => welcomed.store(true, Ordering::Release),
                 _ => goodbye = None,
             }
             let message = match subprotocol {
@@ -505,11 +502,13 @@ async fn write_session(
 /// anything else, 1011.
 fn close_frame(goodbye: Option<&pb::Goodbye>, status: Option<&Status>) -> CloseFrame {
     let (code, reason) = match (goodbye, status) {
+        // An OK status is the client's own end, whatever the server said
+        // before it (a rotation's ask, say): no goodbye explains it.
+        (_, Some(status)) if status.code() == Code::Ok => (CloseCode::Normal, ""),
         (Some(goodbye), _) => (
             CloseCode::from(4000 + u16::try_from(goodbye.reason).unwrap_or(0).min(999)),
             goodbye.message.as_str(),
         ),
-        (None, Some(status)) if status.code() == Code::Ok => (CloseCode::Normal, ""),
         (None, Some(status)) if status.code() == Code::PermissionDenied => {
             (CloseCode::Policy, status.message())
         }
