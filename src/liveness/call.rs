@@ -527,6 +527,20 @@ mod tests {
         }
     }
 
+    impl Suspicions {
+        /// Asserts one suspicion, `after` the last message (within the
+        /// wheel's 10 ms of rounding), and never before.
+        fn once_at(&self, last: Instant, after: Duration) {
+            let suspected = self.0.lock().clone();
+            assert_eq!(suspected.len(), 1, "{suspected:?}");
+            let took = suspected[0] - last;
+            assert!(
+                took >= after && took <= after + Duration::from_millis(10),
+                "suspected {took:?} after the last message, not {after:?}"
+            );
+        }
+    }
+
     fn adaptive_call() -> (Arc<CallCore>, Arc<Suspicions>) {
         let policy = LivenessPolicy {
             timeout: Duration::from_millis(2000),
@@ -570,13 +584,7 @@ mod tests {
         let phi = handle.phi();
         assert!((phi - 2.869_699).abs() < 1e-3, "φ {phi}");
         tokio::time::sleep(Duration::from_millis(400)).await;
-        let suspected = suspicions.0.lock().clone();
-        assert_eq!(suspected.len(), 1, "{suspected:?}");
-        let after = suspected[0] - last;
-        assert!(
-            after >= Duration::from_millis(150) && after <= Duration::from_millis(160),
-            "suspected {after:?} after the last message"
-        );
+        suspicions.once_at(last, Duration::from_millis(150));
     }
 
     /// Tests the ceiling on a paused clock: gaps swinging between 150 and
@@ -594,13 +602,7 @@ mod tests {
         assert!(LivenessHandle { core: core.clone() }.phi() > 0.0);
         let last = Instant::now();
         tokio::time::sleep(Duration::from_millis(1200)).await;
-        let suspected = suspicions.0.lock().clone();
-        assert_eq!(suspected.len(), 1, "{suspected:?}");
-        let after = suspected[0] - last;
-        assert!(
-            after >= Duration::from_millis(900) && after <= Duration::from_millis(910),
-            "suspected {after:?} after the last message"
-        );
+        suspicions.once_at(last, Duration::from_millis(900));
     }
 
     /// Tests the beat: a peer that sends two messages each round (a pong
@@ -620,12 +622,6 @@ mod tests {
         }
         let last = Instant::now();
         tokio::time::sleep(Duration::from_millis(1000)).await;
-        let suspected = suspicions.0.lock().clone();
-        assert_eq!(suspected.len(), 1, "{suspected:?}");
-        let after = suspected[0] - last;
-        assert!(
-            after >= Duration::from_millis(150) && after <= Duration::from_millis(160),
-            "suspected {after:?} after the last message"
-        );
+        suspicions.once_at(last, Duration::from_millis(150));
     }
 }

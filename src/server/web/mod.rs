@@ -93,14 +93,10 @@ impl WebEndpoint {
         match (request.method(), path) {
             (&Method::GET, HEARTBEAT_PATH) => socket::upgrade(self, request, peer).await,
             (&Method::GET, "/heartbeat.js") => {
-                let mut response = text(StatusCode::OK, CLIENT_JS);
-                let headers = response.headers_mut();
-                headers.insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("text/javascript; charset=utf-8"),
-                );
+                let mut response =
+                    typed(StatusCode::OK, "text/javascript; charset=utf-8", CLIENT_JS);
                 // A public, static module: any page may import it.
-                headers.insert(
+                response.headers_mut().insert(
                     header::ACCESS_CONTROL_ALLOW_ORIGIN,
                     HeaderValue::from_static("*"),
                 );
@@ -198,13 +194,19 @@ fn http_status(code: Code) -> StatusCode {
 
 /// A plain-text response.
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<WebBody> {
+    typed(status, "text/plain; charset=utf-8", body)
+}
+
+/// A response of `content_type`, which browsers are told not to second-guess.
+fn typed(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<WebBody> {
     let mut response = Response::new(full(body));
     *response.status_mut() = status;
     let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     headers.insert(
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),

@@ -24,7 +24,7 @@ use hyper::body::Incoming;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{metadata::MetadataValue, Status};
 
-use super::{full, http_status, text, WebBody, WebEndpoint};
+use super::{full, http_status, text, typed, WebBody, WebEndpoint};
 use crate::{
     protocol::{
         json,
@@ -49,14 +49,11 @@ const MAX_EVICT_BODY: usize = 16 * 1024;
 
 /// `GET /`: the page.
 pub(super) fn page() -> Response<WebBody> {
-    let mut response = text(StatusCode::OK, PAGE_HTML);
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/html; charset=utf-8"),
-    );
+    let mut response = typed(StatusCode::OK, "text/html; charset=utf-8", PAGE_HTML);
     if let Ok(policy) = HeaderValue::try_from(content_security_policy()) {
-        headers.insert(header::CONTENT_SECURITY_POLICY, policy);
+        response
+            .headers_mut()
+            .insert(header::CONTENT_SECURITY_POLICY, policy);
     }
     response
 }
