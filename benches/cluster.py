@@ -18,7 +18,6 @@ import argparse
 import os
 import queue
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,31 +31,9 @@ sys.path.insert(0, os.path.join(ROOT, "interop", "python"))
 import grpc  # noqa: E402
 
 from heartbeat_client import pb  # noqa: E402
+from loopback import free_port, start  # noqa: E402
 
 HB = pb.heartbeat
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_for_port(port, seconds=20):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    sys.exit(f"nothing listened on port {port} within {seconds} s")
-
-
-def start(args, port):
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for_port(port)
-    return process
 
 
 def revision(target):

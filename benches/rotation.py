@@ -25,7 +25,6 @@ import json
 import os
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,30 +39,7 @@ sys.path.insert(0, os.path.join(ROOT, "interop", "python"))
 import grpc  # noqa: E402
 
 from heartbeat_client import pb  # noqa: E402
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_for_port(port, seconds=30):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    sys.exit(f"nothing listened on port {port} within {seconds} s")
-
-
-def start(args, port=None, **kwargs):
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kwargs)
-    if port:
-        wait_for_port(port)
-    return process
+from loopback import free_port, start  # noqa: E402
 
 
 class Balancer:

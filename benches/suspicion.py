@@ -16,40 +16,21 @@ Prints a Markdown table for BENCHMARKS.md.
 import argparse
 import json
 import os
-import socket
 import subprocess
-import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEARTBEAT = os.path.join(ROOT, "target", "release", "heartbeat")
 
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_for_port(port, seconds=20):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    sys.exit(f"nothing listened on port {port} within {seconds} s")
+from loopback import free_port, start  # noqa: E402
 
 
 def run(mode, args):
     port = free_port()
-    server = subprocess.Popen(
+    server = start(
         [HEARTBEAT, "serve", "--listen", f"127.0.0.1:{port}", "--ping-interval", args.interval,
          "--timeout", args.timeout, "--min-ping-interval", "100ms", "--suspicion", mode],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        port)
     try:
-        wait_for_port(port)
         bench = subprocess.run(
             [HEARTBEAT, "bench", f"http://127.0.0.1:{port}", "--jitter", args.jitter,
              "--sessions", str(args.sessions), "--duration", args.duration,

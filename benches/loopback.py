@@ -1,0 +1,36 @@
+"""What the bench scripts share: ports on loopback, and processes that
+listen on them. (`run.py` keeps its own wait, which also watches the
+process it started.)"""
+
+import socket
+import subprocess
+import sys
+import time
+
+
+def free_port():
+    """A port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for_port(port, seconds=30):
+    """Waits until something accepts on `port`, or exits saying nothing did."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    sys.exit(f"nothing listened on port {port} within {seconds} s")
+
+
+def start(args, port=None, **kwargs):
+    """Starts `args` with its output discarded, and waits for it to listen on
+    `port` when one is given."""
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kwargs)
+    if port:
+        wait_for_port(port)
+    return process
