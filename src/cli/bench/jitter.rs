@@ -125,6 +125,8 @@ struct Book {
     stories: HashMap<String, Story>,
     /// (session id, when) of each suspicion.
     suspicions: Vec<(String, Instant)>,
+    /// (session id, when) of each recovery.
+    recoveries: Vec<(String, Instant)>,
 }
 
 /// Runs the bench; the report as JSON.
@@ -300,7 +302,7 @@ fn request(frame: Out) -> pb::HeartbeatRequest {
     pb::HeartbeatRequest { frame: Some(frame) }
 }
 
-/// Follows presence and records every suspicion, until aborted.
+/// Follows presence and records every suspicion and recovery, until aborted.
 async fn watch_suspicions(mut presence: PresenceServiceClient<Channel>, book: Arc<Mutex<Book>>) {
     let Ok(response) = presence
         .watch_sessions(pb::WatchSessionsRequest::default())
@@ -310,12 +312,16 @@ async fn watch_suspicions(mut presence: PresenceServiceClient<Channel>, book: Ar
     };
     let mut events = response.into_inner();
     while let Ok(Some(event)) = events.message().await {
-        if let Some(Event::Suspected(suspected)) = event.event {
-            if let Some(session) = suspected.session {
-                book.lock()
-                    .suspicions
-                    .push((session.session_id, Instant::now()));
-            }
+        let now = Instant::now();
+        let mut book = book.lock();
+        match event.event {
+            Some(Event::Suspected(pb::SessionSuspected {
+                session: Some(session),
+            })) => book.suspicions.push((session.session_id, now)),
+            Some(Event::Recovered(pb::SessionRecovered {
+                session: Some(session),
+            })) => book.recoveries.push((session.session_id, now)),
+            _ => {}
         }
     }
 }
@@ -361,6 +367,22 @@ fn report(plan: &JitterPlan, book: &Book, frozen_at: Instant) -> Value {
             .iter()
             .filter(|(_, story)| story.frozen_at.is_some())
             .count();
+        // A session that was suspect (in a stall) when it froze is never
+        // suspected again: it is counted apart, not timed.
+        let last_before = |events: &[(String, Instant)], id: &str, at: Instant| {
+            events
+                .iter()
+                .filter(|(event_id, when)| event_id == id && *when < at)
+                .map(|(_, when)| *when)
+                .max()
+        };
+        let already_suspect = stories
+            .iter()
+            .filter_map(|(id, story)| story.frozen_at.map(|at| (id, at)))
+            .filter(|(id, at)| {
+                last_before(&book.suspicions, id, *at) > last_before(&book.recoveries, id, *at)
+            })
+            .count();
         let ms = |duration: Duration| (duration.as_secs_f64() * 1e6).round() / 1e3;
         let quantile = |q: f64| {
             if after_freeze.is_empty() {
@@ -395,6 +417,7 @@ fn report(plan: &JitterPlan, book: &Book, frozen_at: Instant) -> Value {
                 },
                 "frozen": frozen,
                 "frozen_suspected": after_freeze.len(),
+                "frozen_already_suspect": already_suspect,
                 "suspected_after_freeze_ms": {
                     "mean": mean,
                     "p50": quantile(0.5),
