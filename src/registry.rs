@@ -299,6 +299,13 @@ impl Subscription {
         }
     }
 
+    /// The next change if one is already queued, without waiting; `None`
+    /// otherwise (a consumer batching what has queued up, which learns of
+    /// an end or a lag from [`next`](Self::next)).
+    pub fn try_next(&mut self) -> Option<Arc<Change>> {
+        self.changes.try_recv().ok()
+    }
+
     /// Completes once the registry has cut this subscriber off for lagging,
     /// so an owner blocked on something else (a slow consumer) learns it at once.
     pub async fn lagged(&self) -> Lagged {

@@ -27,8 +27,13 @@ impl std::ops::Deref for Node {
 impl Node {
     /// Node `id` of the cluster in `etcd`, with a lease of `ttl` seconds.
     fn start(etcd: &TestEtcd, id: &str, ttl: u64) -> Self {
+        Self::start_with(etcd, id, ttl, &[])
+    }
+
+    /// Like [`Node::start`], with more flags.
+    fn start_with(etcd: &TestEtcd, id: &str, ttl: u64, more: &[&str]) -> Self {
         let ttl = format!("{ttl}s");
-        Self(ServerProcess::start(&[
+        let mut args = vec![
             "--cluster",
             &etcd.url,
             "--node-id",
@@ -41,7 +46,9 @@ impl Node {
             "10s",
             "--timeout",
             "30s",
-        ]))
+        ];
+        args.extend_from_slice(more);
+        Self(ServerProcess::start(&args))
     }
 
     /// Every open session, with the epoch and revision of the view.
@@ -384,6 +391,49 @@ async fn a_drained_nodes_sessions_close_as_server_shutdown_everywhere() {
     );
     let status = exit_of(&mut leaving.0.child).await;
     assert!(status.success(), "a drained node exits 0");
+}
+
+/// Tests that a drain of thousands of sessions reaches every node as
+/// SERVER_SHUTDOWN within a short shutdown grace: the closes are written
+/// many to a transaction, where one transaction each would take longer than
+/// the grace and leave the rest to be reported NODE_LOST.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_drain_is_written_in_batches_within_the_grace() {
+    const SESSIONS: usize = 3_000;
+    let etcd = TestEtcd::start("large-drain");
+    let mut leaving = Node::start_with(&etcd, "n1", 10, &["--shutdown-grace", "1s"]);
+    let staying = Node::start_with(&etcd, "n2", 10, &["--watch-queue", "10000"]);
+    let mut watch = staying.watch(0, 0).await;
+    let mut view = View::default();
+    view.until(&mut watch, "synced", |view| view.epoch != 0)
+        .await;
+    let mut client = pb::heartbeat_service_client::HeartbeatServiceClient::connect(format!(
+        "http://{}",
+        leaving.addr
+    ))
+    .await
+    .expect("connect");
+    let mut sessions = Vec::new();
+    for n in 0..SESSIONS {
+        let mut session = RawSession::open_with(&mut client).await.expect("admitted");
+        session.say_hello(&format!("drained-{n}")).await;
+        sessions.push(session);
+    }
+    view.until(&mut watch, "every open", |view| view.open.len() == SESSIONS)
+        .await;
+    signal(&leaving.child, "-TERM");
+    view.until(&mut watch, "every close", |view| view.open.is_empty())
+        .await;
+    let lost = view
+        .changes
+        .iter()
+        .filter(|change| change.1 == "closed")
+        .filter(|change| change.3 != pb::CloseReason::ServerShutdown as i32)
+        .count();
+    assert_eq!(lost, 0, "every drained session closes as SERVER_SHUTDOWN");
+    let status = exit_of(&mut leaving.0.child).await;
+    assert!(status.success(), "a drained node exits 0");
+    drop(sessions);
 }
 
 /// Tests that a watch dropped on node 2 resumes by revision on node 2 and on

@@ -184,6 +184,9 @@ pub(crate) struct Cluster {
     tasks: Vec<JoinHandle<()>>,
     /// Set when the local registry's changes have all been written.
     flushed: Option<watch::Receiver<bool>>,
+    /// How many local changes may wait for etcd: a backlog, and one close
+    /// for every session a drain ends at once.
+    write_queue: usize,
 }
 
 impl Cluster {
@@ -248,6 +251,7 @@ impl Cluster {
             fenced,
             tasks: vec![keeper],
             flushed: None,
+            write_queue: replicate::QUEUE.saturating_add(server.max_sessions),
         })
     }
 
@@ -266,7 +270,7 @@ impl Cluster {
     pub(crate) fn start(&mut self, local: SessionRegistry) {
         let node = &self.node;
         // Subscribed before the server serves: no session opens unwritten.
-        let changes = local.subscribe_with_queue(replicate::QUEUE);
+        let changes = local.subscribe_with_queue(self.write_queue);
         self.tasks.push(tokio::spawn(mirror::follow(
             node.clone(),
             self.view.clone(),

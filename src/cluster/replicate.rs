@@ -1,12 +1,18 @@
-//! This node's sessions, written to etcd: one transaction per open,
-//! suspicion, recovery and close, and none per heartbeat.
+//! This node's sessions, written to etcd: one write per open, suspicion,
+//! recovery and close, and none per heartbeat.
 //!
-//! The writer follows the local registry's changes in order. An open that
-//! names a client id takes the id's key in the same transaction, on the
-//! condition that the key's `mod_revision` is still the one just read: the
-//! session it replaces, on whatever node, is the one its node then sees
-//! replaced. A close overwrites the session's key with the close (on a short
-//! tombstone lease) and frees the client id if it still points here.
+//! The writer follows the local registry's changes in order, and puts the
+//! changes that have queued up meanwhile into one transaction (a *batch*),
+//! so a burst (a drain's closes, a reconnect storm's opens) costs one etcd
+//! round trip per batch instead of one per session.
+//!
+//! An open that names a client id takes the id's key, on the condition that
+//! the key's `mod_revision` is still the one just read: the session it
+//! replaces, on whatever node, is the one its node then sees replaced. A
+//! close overwrites the session's key with the close (on a short tombstone
+//! lease) and frees the client id if it still points here. Both conditions
+//! are nested transactions, each deciding for its own session, so one lost
+//! race does not undo the rest of the batch.
 
 use std::{collections::HashSet, sync::Arc, time::Duration};
 
@@ -19,7 +25,9 @@ use super::{
         self,
         pb::{
             compare::{CompareResult, TargetUnion},
-            TxnRequest,
+            request_op::Request,
+            response_op::Response,
+            RangeRequest, RequestOp, TxnRequest, TxnResponse,
         },
     },
     Node,
@@ -29,9 +37,19 @@ use crate::{
     registry::{Change, SessionEvent, SessionRegistry, Subscription},
 };
 
-/// Local changes that may wait for etcd before the node fences itself: far
-/// more than a burst of opens, bounded so a stuck etcd cannot grow it.
+/// Local changes that may wait for etcd, besides one close for every
+/// session a drain ends at once: far more than a burst of opens, bounded so
+/// a stuck etcd cannot grow it.
 pub(super) const QUEUE: usize = 1 << 16;
+
+/// The most operations a batch puts at the top of its transaction. etcd
+/// refuses more than `--max-txn-ops` (128 by default) at one level, and a
+/// nested transaction may only use what its parent left.
+const BATCH_OPS: usize = 96;
+
+/// The most record bytes in one batch: well below etcd's default
+/// `--max-request-bytes` of 1.5 MiB, at any record size the contract allows.
+const BATCH_BYTES: usize = 512 * 1024;
 
 /// How long a failed write waits before it is tried again.
 const RETRY: Duration = Duration::from_millis(200);
@@ -52,132 +70,334 @@ pub(super) async fn sessions(
     fenced: watch::Sender<Option<String>>,
     flushed: watch::Sender<bool>,
 ) {
-    // Sessions whose open is in etcd: only they have a state or a close to write.
-    let mut written = HashSet::new();
+    let mut writer = Writer {
+        node,
+        local,
+        written: HashSet::new(),
+    };
+    // A change that did not fit the last batch: the next one starts with it.
+    let mut carried = None;
     loop {
-        let change = match changes.next().await {
-            Ok(Some(change)) => change,
-            Ok(None) => break,
-            Err(lagged) => {
-                fenced.send_replace(Some(format!(
-                    "this node's session changes outran etcd ({lagged})"
-                )));
-                return;
-            }
+        let first = match carried.take() {
+            Some(change) => change,
+            None => match changes.next().await {
+                Ok(Some(change)) => change,
+                Ok(None) => break,
+                Err(lagged) => {
+                    fenced.send_replace(Some(format!(
+                        "this node's session changes outran etcd ({lagged})"
+                    )));
+                    return;
+                }
+            },
         };
-        while let Err(status) = write(&node, &local, &mut written, &change).await {
+        let mut batch = Batch::default();
+        writer.add(&mut batch, &first);
+        while let Some(change) = changes.try_next() {
+            if !writer.add(&mut batch, &change) {
+                carried = Some(change);
+                break;
+            }
+        }
+        while let Err(status) = writer.write(&batch).await {
             if fenced.borrow().is_some() {
                 return;
             }
-            warn!(%status, revision = change.revision, "writing a session change to etcd failed; retrying");
+            warn!(%status, changes = batch.writes.len(), "writing session changes to etcd failed; retrying");
             tokio::time::sleep(RETRY).await;
         }
     }
     flushed.send_replace(true);
 }
 
-/// One change as one transaction (or none, for a session never written).
-async fn write(
-    node: &Node,
-    local: &SessionRegistry,
-    written: &mut HashSet<String>,
-    change: &Change,
-) -> Result<(), tonic::Status> {
-    let session = change.event.session();
-    let session_key = node.keys.session(&session.identity.session_id);
-    let record = pb::WatchSessionsResponse::from(&Change {
-        revision: 0,
-        event: change.event.clone(),
-    })
-    .encode_to_vec();
-    let client_id = &session.identity.client_id;
-    let session_id = &session.identity.session_id;
-    match &change.event {
-        // A session that still holds its client id here claims the id in
-        // etcd with its open. One closed or replaced here before its open
-        // was written (the writer was behind, or etcd away) claims nothing:
-        // its open and then its close are written plainly below, so every
-        // watcher in the cluster, this node's own included, still sees it
-        // open and close.
-        SessionEvent::Opened(_)
-            if !client_id.is_empty() && local.holder(client_id).as_ref() == Some(session_id) =>
-        {
-            let client_key = node.keys.client(client_id);
-            let claim = session_id.as_bytes().to_vec();
-            for _ in 0..CLIENT_ID_ATTEMPTS {
-                let (held, _) = node.etcd.get(&client_key).await?;
-                let seen = held.map_or(0, |kv| kv.mod_revision);
-                let txn = etcd::txn(
-                    vec![
-                        etcd::compare(
-                            client_key.clone(),
-                            CompareResult::Equal,
-                            TargetUnion::ModRevision(seen),
-                        ),
-                        // Not written yet: a retry after a lost answer must
-                        // not take the id back from a later session.
-                        etcd::absent(session_key.clone()),
-                    ],
-                    vec![
-                        etcd::put(client_key.clone(), claim.clone(), node.lease),
-                        etcd::put(session_key.clone(), record.clone(), node.lease),
-                    ],
-                );
-                let answer = node.etcd.txn(txn).await?;
-                let revision = if answer.succeeded {
-                    answer.header.map_or(0, |header| header.revision)
-                } else {
-                    match node.etcd.get(&session_key).await? {
-                        // Written by an attempt whose answer was lost.
-                        (Some(kv), _) => kv.create_revision,
-                        (None, _) => continue,
-                    }
-                };
-                let mut claims = node.claims.lock();
-                let claimed = claims.entry(session_id.clone()).or_insert(revision);
-                *claimed = (*claimed).max(revision);
-                written.insert(session_id.clone());
-                return Ok(());
-            }
-            Err(tonic::Status::aborted(format!(
-                "client id {client_id:?} kept changing hands"
-            )))
-        }
-        SessionEvent::Opened(_) | SessionEvent::Suspected(_) | SessionEvent::Recovered(_) => {
-            if !matches!(change.event, SessionEvent::Opened(_)) && !written.contains(session_id) {
-                return Ok(());
-            }
-            let txn = etcd::txn(Vec::new(), vec![etcd::put(session_key, record, node.lease)]);
-            node.etcd.txn(txn).await?;
-            written.insert(session_id.clone());
-            Ok(())
-        }
-        SessionEvent::Closed { .. } => {
-            node.claims.lock().remove(session_id);
-            if !written.contains(session_id) {
-                return Ok(());
-            }
-            let tombstone = node.tombstones.lease(&node.etcd).await?;
-            let put = etcd::put(session_key, record, tombstone);
-            let txn = if client_id.is_empty() {
-                etcd::txn(Vec::new(), vec![put])
-            } else {
-                let client_key = node.keys.client(client_id);
-                TxnRequest {
-                    compare: vec![etcd::compare(
-                        client_key.clone(),
-                        CompareResult::Equal,
-                        TargetUnion::Value(session_id.as_bytes().to_vec()),
-                    )],
-                    success: vec![put.clone(), etcd::delete(client_key)],
-                    failure: vec![put],
+/// What one change asks of etcd.
+enum Write {
+    /// Put the session's record.
+    Record,
+    /// Put the session's record and take its client id.
+    Claim { client_id: String },
+    /// Put the session's close on a tombstone lease, freeing its client id
+    /// (if any) when the id still names it.
+    Close { client_id: Option<String> },
+}
+
+/// Consecutive changes written in one transaction: no key twice (etcd
+/// refuses that), within etcd's limits.
+#[derive(Default)]
+struct Batch {
+    /// Each change's session id, write and record.
+    writes: Vec<(String, Write, Vec<u8>)>,
+    sessions: HashSet<String>,
+    client_ids: HashSet<String>,
+    ops: usize,
+    bytes: usize,
+}
+
+/// The writer's state: which sessions have their open in etcd, since only
+/// they have a state or a close to write.
+struct Writer {
+    node: Arc<Node>,
+    local: SessionRegistry,
+    written: HashSet<String>,
+}
+
+impl Writer {
+    /// Adds `change` to `batch`; false (and nothing added) if it must wait
+    /// for the next batch. A change with nothing to write always fits.
+    fn add(&self, batch: &mut Batch, change: &Change) -> bool {
+        let session = change.event.session();
+        let session_id = &session.identity.session_id;
+        let client_id = &session.identity.client_id;
+        let write = match &change.event {
+            // A session that still holds its client id here claims the id in
+            // etcd with its open. One closed or replaced here before its open
+            // was written (the writer was behind, or etcd away) claims
+            // nothing: its open and then its close are written plainly, so
+            // every watcher in the cluster, this node's own included, still
+            // sees it open and close.
+            SessionEvent::Opened(_)
+                if !client_id.is_empty()
+                    && self.local.holder(client_id).as_ref() == Some(session_id) =>
+            {
+                Write::Claim {
+                    client_id: client_id.clone(),
                 }
-            };
-            node.etcd.txn(txn).await?;
-            written.remove(session_id);
-            Ok(())
+            }
+            SessionEvent::Opened(_) => Write::Record,
+            SessionEvent::Suspected(_) | SessionEvent::Recovered(_) => {
+                if !self.written.contains(session_id) && !batch.sessions.contains(session_id) {
+                    return true;
+                }
+                Write::Record
+            }
+            SessionEvent::Closed { .. } => {
+                if !self.written.contains(session_id) && !batch.sessions.contains(session_id) {
+                    // Never written: nothing to close, and no claim to forget.
+                    self.node.claims.lock().remove(session_id);
+                    return true;
+                }
+                Write::Close {
+                    client_id: (!client_id.is_empty()).then(|| client_id.clone()),
+                }
+            }
+        };
+        let record = pb::WatchSessionsResponse::from(&Change {
+            revision: 0,
+            event: change.event.clone(),
+        })
+        .encode_to_vec();
+        let (ops, id_taken) = match &write {
+            Write::Record => (1, None),
+            Write::Claim { client_id } => (1, Some(client_id)),
+            Write::Close { client_id } => {
+                (1 + usize::from(client_id.is_some()), client_id.as_ref())
+            }
+        };
+        let full = !batch.writes.is_empty()
+            && (batch.ops + ops > BATCH_OPS || batch.bytes + record.len() > BATCH_BYTES);
+        if full
+            || batch.sessions.contains(session_id)
+            || id_taken.is_some_and(|id| batch.client_ids.contains(id))
+        {
+            return false;
+        }
+        batch.sessions.insert(session_id.clone());
+        if let Some(id) = id_taken {
+            batch.client_ids.insert(id.clone());
+        }
+        batch.ops += ops;
+        batch.bytes += record.len();
+        batch.writes.push((session_id.clone(), write, record));
+        true
+    }
+
+    /// Writes `batch` in one transaction, then each claim that lost a race
+    /// on its own; notes what is now in etcd.
+    async fn write(&mut self, batch: &Batch) -> Result<(), tonic::Status> {
+        if batch.writes.is_empty() {
+            return Ok(());
+        }
+        let node = &self.node;
+        let claims: Vec<&String> = batch
+            .writes
+            .iter()
+            .filter_map(|(_, write, _)| match write {
+                Write::Claim { client_id } => Some(client_id),
+                _ => None,
+            })
+            .collect();
+        let mut seen = read_mod_revisions(node, &claims).await?.into_iter();
+        let closes = batch
+            .writes
+            .iter()
+            .any(|(_, write, _)| matches!(write, Write::Close { .. }));
+        let tombstone = match closes {
+            true => node.tombstones.lease(&node.etcd).await?,
+            false => 0,
+        };
+        let mut ops = Vec::with_capacity(batch.ops);
+        for (session_id, write, record) in &batch.writes {
+            let session_key = node.keys.session(session_id);
+            match write {
+                Write::Record => ops.push(etcd::put(session_key, record.clone(), node.lease)),
+                Write::Claim { client_id } => ops.push(nested(claim(
+                    node,
+                    client_id,
+                    session_id,
+                    record,
+                    seen.next().unwrap_or(0),
+                ))),
+                Write::Close { client_id } => {
+                    ops.push(etcd::put(session_key, record.clone(), tombstone));
+                    if let Some(client_id) = client_id {
+                        ops.push(nested(release(node, client_id, session_id)));
+                    }
+                }
+            }
+        }
+        let answer = node.etcd.txn(etcd::txn(Vec::new(), ops)).await?;
+        let revision = answer.header.as_ref().map_or(0, |header| header.revision);
+        let mut answers = answer.responses.iter();
+        for (session_id, write, record) in &batch.writes {
+            let answer = answers.next();
+            match write {
+                Write::Record => {
+                    self.written.insert(session_id.clone());
+                }
+                Write::Claim { client_id } => {
+                    let claimed = match nested_succeeded(answer) {
+                        true => revision,
+                        false => claim_alone(node, client_id, session_id, record).await?,
+                    };
+                    let mut claims = node.claims.lock();
+                    let at = claims.entry(session_id.clone()).or_insert(claimed);
+                    *at = (*at).max(claimed);
+                    self.written.insert(session_id.clone());
+                }
+                Write::Close { client_id } => {
+                    if client_id.is_some() {
+                        answers.next();
+                    }
+                    node.claims.lock().remove(session_id);
+                    self.written.remove(session_id);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The `mod_revision` of each of `client_ids`' keys (0 for a free id), in
+/// one read.
+async fn read_mod_revisions(
+    node: &Node,
+    client_ids: &[&String],
+) -> Result<Vec<i64>, tonic::Status> {
+    if client_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let reads = client_ids
+        .iter()
+        .map(|client_id| RequestOp {
+            request: Some(Request::RequestRange(RangeRequest {
+                key: node.keys.client(client_id),
+                ..RangeRequest::default()
+            })),
+        })
+        .collect();
+    let answer = node.etcd.txn(etcd::txn(Vec::new(), reads)).await?;
+    Ok(answer
+        .responses
+        .iter()
+        .map(|response| match &response.response {
+            Some(Response::ResponseRange(range)) => {
+                range.kvs.first().map_or(0, |kv| kv.mod_revision)
+            }
+            _ => 0,
+        })
+        .collect())
+}
+
+/// Takes `client_id` for `session_id` and writes the session's open, if the
+/// id's key is still at `seen` and the session is not written yet (a retry
+/// after a lost answer must not take the id back from a later session).
+fn claim(node: &Node, client_id: &str, session_id: &str, record: &[u8], seen: i64) -> TxnRequest {
+    let client_key = node.keys.client(client_id);
+    let session_key = node.keys.session(session_id);
+    etcd::txn(
+        vec![
+            etcd::compare(
+                client_key.clone(),
+                CompareResult::Equal,
+                TargetUnion::ModRevision(seen),
+            ),
+            etcd::absent(session_key.clone()),
+        ],
+        vec![
+            etcd::put(client_key, session_id.as_bytes().to_vec(), node.lease),
+            etcd::put(session_key, record.to_vec(), node.lease),
+        ],
+    )
+}
+
+/// Frees `client_id` if it still names `session_id`.
+fn release(node: &Node, client_id: &str, session_id: &str) -> TxnRequest {
+    let client_key = node.keys.client(client_id);
+    etcd::txn(
+        vec![etcd::compare(
+            client_key.clone(),
+            CompareResult::Equal,
+            TargetUnion::Value(session_id.as_bytes().to_vec()),
+        )],
+        vec![etcd::delete(client_key)],
+    )
+}
+
+/// A transaction as one operation of another.
+fn nested(txn: TxnRequest) -> RequestOp {
+    RequestOp {
+        request: Some(Request::RequestTxn(txn)),
+    }
+}
+
+fn nested_succeeded(answer: Option<&etcd::pb::ResponseOp>) -> bool {
+    matches!(
+        answer.and_then(|answer| answer.response.as_ref()),
+        Some(Response::ResponseTxn(TxnResponse {
+            succeeded: true,
+            ..
+        }))
+    )
+}
+
+/// Takes a client id that changed hands between a batch's read and its
+/// write: reads the key again and retries; the etcd revision of the claim.
+async fn claim_alone(
+    node: &Node,
+    client_id: &str,
+    session_id: &str,
+    record: &[u8],
+) -> Result<i64, tonic::Status> {
+    let client_key = node.keys.client(client_id);
+    let session_key = node.keys.session(session_id);
+    for _ in 0..CLIENT_ID_ATTEMPTS {
+        let (held, _) = node.etcd.get(&client_key).await?;
+        let seen = held.map_or(0, |kv| kv.mod_revision);
+        let answer = node
+            .etcd
+            .txn(claim(node, client_id, session_id, record, seen))
+            .await?;
+        if answer.succeeded {
+            return Ok(answer.header.map_or(0, |header| header.revision));
+        }
+        if let (Some(kv), _) = node.etcd.get(&session_key).await? {
+            // Written by an attempt whose answer was lost.
+            return Ok(kv.create_revision);
         }
     }
+    Err(tonic::Status::aborted(format!(
+        "client id {client_id:?} kept changing hands"
+    )))
 }
 
 /// Writes each eviction asked through this node's view, for the node that
