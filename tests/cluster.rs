@@ -396,13 +396,36 @@ async fn a_drained_nodes_sessions_close_as_server_shutdown_everywhere() {
 /// Tests that a drain of thousands of sessions reaches every node as
 /// SERVER_SHUTDOWN within a short shutdown grace: the closes are written
 /// many to a transaction, where one transaction each would take longer than
-/// the grace and leave the rest to be reported NODE_LOST.
+/// the grace and leave the rest to be reported NODE_LOST. Also tests that a
+/// watcher of the cluster that cannot keep up with the burst is counted as
+/// lagged in its node's metrics.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_drain_is_written_in_batches_within_the_grace() {
     const SESSIONS: usize = 3_000;
     let etcd = TestEtcd::start("large-drain");
     let mut leaving = Node::start_with(&etcd, "n1", 10, &["--shutdown-grace", "1s"]);
     let staying = Node::start_with(&etcd, "n2", 10, &["--watch-queue", "10000"]);
+    let metrics = free_port().to_string();
+    let lagging = Node::start_with(
+        &etcd,
+        "n3",
+        10,
+        &["--watch-queue", "64", "--metrics-listen", &metrics],
+    );
+    let metrics = metrics.parse().expect("an address");
+    assert_eq!(
+        metric(metrics, "heartbeat_watchers_lagged_total ").await,
+        0.0
+    );
+    // Opened on a small window, and never read.
+    let small_windows = small_window_endpoint(&format!("http://{}", lagging.addr))
+        .connect()
+        .await
+        .expect("connect");
+    let _deaf = pb::presence_service_client::PresenceServiceClient::new(small_windows)
+        .watch_sessions(pb::WatchSessionsRequest::default())
+        .await
+        .expect("WatchSessions");
     let mut watch = staying.watch(0, 0).await;
     let mut view = View::default();
     view.until(&mut watch, "synced", |view| view.epoch != 0)
@@ -421,6 +444,10 @@ async fn a_large_drain_is_written_in_batches_within_the_grace() {
     }
     view.until(&mut watch, "every open", |view| view.open.len() == SESSIONS)
         .await;
+    eventually("the deaf watcher is counted as lagged", || async {
+        metric(metrics, "heartbeat_watchers_lagged_total ").await == 1.0
+    })
+    .await;
     signal(&leaving.child, "-TERM");
     view.until(&mut watch, "every close", |view| view.open.is_empty())
         .await;

@@ -132,19 +132,7 @@ impl Target {
 
     /// One sample of a metric family, by its full line prefix.
     async fn metric(&self, prefix: &str) -> f64 {
-        let mut stream = TcpStream::connect(self.metrics).await.expect("metrics");
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .expect("scrape");
-        let mut text = String::new();
-        tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut text)
-            .await
-            .expect("answer");
-        text.lines()
-            .find_map(|line| line.strip_prefix(prefix))
-            .and_then(|value| value.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no {prefix} in the metrics"))
+        metric(self.metrics, prefix).await
     }
 
     fn url(&self) -> String {

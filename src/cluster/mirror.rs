@@ -14,19 +14,18 @@
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use prost::Message;
-use tokio::{
-    sync::{mpsc, watch},
-    time::Instant,
-};
+use tokio::{sync::watch, time::Instant};
 use tracing::warn;
 
 use super::{
     etcd::pb::{event::EventType, Event, KeyValue},
     keys::{self, Key},
-    uncounted, ClusterError, Node,
+    replicate::Evictions,
+    ClusterError, Node,
 };
 use crate::{
     config::ServerConfig,
+    metrics::Metrics,
     presence::wire::session_event,
     protocol::{pb, CloseReason},
     registry::{SessionEvent, SessionInfo, SessionLink, SessionRegistry, SessionStats},
@@ -35,9 +34,6 @@ use crate::{
 /// How long a broken watch waits before it is opened again.
 const RETRY: Duration = Duration::from_millis(250);
 
-/// Evictions asked through the view: `(session id, message)`.
-type Evictions = mpsc::UnboundedSender<(String, String)>;
-
 /// Reads every session into a new view; returns it with the etcd revision
 /// it was read at.
 pub(super) async fn read_view(
@@ -45,6 +41,7 @@ pub(super) async fn read_view(
     epoch: u64,
     server: &ServerConfig,
     evictions: Evictions,
+    metrics: Arc<Metrics>,
 ) -> Result<(SessionRegistry, i64), ClusterError> {
     let (records, revision) = read_records(node)
         .await
@@ -54,7 +51,7 @@ pub(super) async fn read_view(
         keys::revision(revision, 0),
         server.watch_history,
         server.watch_queue,
-        uncounted(),
+        metrics,
     );
     for event in records.into_values() {
         if let SessionEvent::Opened(info)
@@ -386,9 +383,7 @@ impl SessionLink for RemoteSession {
     fn conclude(&self, reason: CloseReason, message: &str) {
         // Only an eviction travels: every other end is the holder's to decide.
         if reason == CloseReason::Evicted {
-            let _ = self
-                .evictions
-                .send((self.session_id.clone(), message.to_owned()));
+            self.evictions.ask(&self.session_id, message);
         }
     }
 }

@@ -34,10 +34,7 @@ mod replicate;
 
 use std::{sync::Arc, time::Duration};
 
-use tokio::{
-    sync::{mpsc, watch},
-    task::JoinHandle,
-};
+use tokio::{sync::watch, task::JoinHandle};
 use tracing::{info, warn};
 
 use crate::{
@@ -178,8 +175,7 @@ pub(crate) struct Cluster {
     /// The etcd revision the view was read at.
     start_revision: i64,
     /// Evictions asked through the view, on their way to etcd.
-    evictions: Option<mpsc::UnboundedReceiver<(String, String)>>,
-    evict_sender: mpsc::UnboundedSender<(String, String)>,
+    evictions: replicate::Evictions,
     fenced: watch::Sender<Option<String>>,
     tasks: Vec<JoinHandle<()>>,
     /// Set when the local registry's changes have all been written.
@@ -193,9 +189,13 @@ impl Cluster {
     /// Joins the cluster: connects to etcd, agrees on the epoch, takes a
     /// lease and starts renewing it, registers the node (waiting out a
     /// previous holder of its id), and reads every session into the view.
+    ///
+    /// The view counts its watchers that lag in `metrics` (the server's);
+    /// only a node's own registry counts sessions, so none counts twice.
     pub(crate) async fn join(
         config: &ClusterConfig,
         server: &ServerConfig,
+        metrics: Arc<Metrics>,
     ) -> Result<Self, ClusterError> {
         let etcd = Etcd::connect(&config.endpoints)?;
         let keys = Keys::new(&config.prefix);
@@ -222,13 +222,13 @@ impl Cluster {
         let keeper = tokio::spawn(lease::keep_alive(node.clone(), fenced.clone(), granted));
         let joined = async {
             register(&node.etcd, &node.keys, &node.id, lease, config.lease_ttl).await?;
-            let (evict_sender, evictions) = mpsc::unbounded_channel();
+            let evictions = replicate::Evictions::default();
             let (view, start_revision) =
-                mirror::read_view(&node, epoch, server, evict_sender.clone()).await?;
-            Ok::<_, ClusterError>((view, start_revision, evict_sender, evictions))
+                mirror::read_view(&node, epoch, server, evictions.clone(), metrics).await?;
+            Ok::<_, ClusterError>((view, start_revision, evictions))
         }
         .await;
-        let (view, start_revision, evict_sender, evictions) = match joined {
+        let (view, start_revision, evictions) = match joined {
             Ok(joined) => joined,
             Err(error) => {
                 keeper.abort();
@@ -246,8 +246,7 @@ impl Cluster {
             node,
             view,
             start_revision,
-            evictions: Some(evictions),
-            evict_sender,
+            evictions,
             fenced,
             tasks: vec![keeper],
             flushed: None,
@@ -276,13 +275,13 @@ impl Cluster {
             self.view.clone(),
             local.clone(),
             self.start_revision,
-            self.evict_sender.clone(),
+            self.evictions.clone(),
             self.fenced.clone(),
         )));
-        if let Some(evictions) = self.evictions.take() {
-            self.tasks
-                .push(tokio::spawn(replicate::evictions(node.clone(), evictions)));
-        }
+        self.tasks.push(tokio::spawn(replicate::evictions(
+            node.clone(),
+            self.evictions.clone(),
+        )));
         let (flushed_tx, flushed) = watch::channel(false);
         self.flushed = Some(flushed);
         self.tasks.push(tokio::spawn(replicate::sessions(
@@ -404,10 +403,4 @@ async fn register(
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-}
-
-/// A metrics registry for the view: its sessions are counted by the nodes
-/// that hold them, not again here.
-fn uncounted() -> Arc<Metrics> {
-    Arc::new(Metrics::new(&[], &[]))
 }

@@ -14,10 +14,14 @@
 //! are nested transactions, each deciding for its own session, so one lost
 //! race does not undo the rest of the batch.
 
-use std::{collections::HashSet, sync::Arc, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
 
 use prost::Message;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{watch, Notify};
 use tracing::warn;
 
 use super::{
@@ -400,33 +404,69 @@ async fn claim_alone(
     )))
 }
 
+/// Evictions asked through this node's view, on their way to etcd: one per
+/// session at most (asking again replaces the message), so however often an
+/// operator asks, it never holds more than the view has sessions.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Evictions {
+    inner: Arc<PendingEvictions>,
+}
+
+#[derive(Debug, Default)]
+struct PendingEvictions {
+    /// Message by session id.
+    pending: parking_lot::Mutex<HashMap<String, String>>,
+    notify: Notify,
+}
+
+impl Evictions {
+    /// Asks for session `session_id` (of another node) to be evicted.
+    pub(super) fn ask(&self, session_id: &str, message: &str) {
+        self.inner
+            .pending
+            .lock()
+            .insert(session_id.to_owned(), message.to_owned());
+        self.inner.notify.notify_one();
+    }
+
+    /// Every eviction asked since the last call; waits for one.
+    async fn take(&self) -> HashMap<String, String> {
+        loop {
+            let pending = std::mem::take(&mut *self.inner.pending.lock());
+            if !pending.is_empty() {
+                return pending;
+            }
+            self.inner.notify.notified().await;
+        }
+    }
+}
+
 /// Writes each eviction asked through this node's view, for the node that
 /// holds the session to carry out.
-pub(super) async fn evictions(
-    node: Arc<Node>,
-    mut requests: mpsc::UnboundedReceiver<(String, String)>,
-) {
-    while let Some((session_id, message)) = requests.recv().await {
-        let write = || async {
-            let lease = node.tombstones.lease(&node.etcd).await?;
-            let txn = etcd::txn(
-                Vec::new(),
-                vec![etcd::put(
-                    node.keys.evict(&session_id),
-                    message.clone().into_bytes(),
-                    lease,
-                )],
-            );
-            node.etcd.txn(txn).await
-        };
-        let mut attempts = 0;
-        while let Err(status) = write().await {
-            attempts += 1;
-            if attempts == EVICTION_ATTEMPTS {
-                warn!(%status, %session_id, "could not pass an eviction on to etcd; giving up");
-                break;
+pub(super) async fn evictions(node: Arc<Node>, requests: Evictions) {
+    loop {
+        for (session_id, message) in requests.take().await {
+            let write = || async {
+                let lease = node.tombstones.lease(&node.etcd).await?;
+                let txn = etcd::txn(
+                    Vec::new(),
+                    vec![etcd::put(
+                        node.keys.evict(&session_id),
+                        message.clone().into_bytes(),
+                        lease,
+                    )],
+                );
+                node.etcd.txn(txn).await
+            };
+            let mut attempts = 0;
+            while let Err(status) = write().await {
+                attempts += 1;
+                if attempts == EVICTION_ATTEMPTS {
+                    warn!(%status, %session_id, "could not pass an eviction on to etcd; giving up");
+                    break;
+                }
+                tokio::time::sleep(RETRY).await;
             }
-            tokio::time::sleep(RETRY).await;
         }
     }
 }

@@ -77,6 +77,14 @@ pub struct HeartbeatServer {
     inner: Liveness<HeartbeatMethod>,
 }
 
+/// The metrics of one server, labelled with every close reason and refusal.
+fn server_metrics() -> Arc<Metrics> {
+    Arc::new(Metrics::new(
+        &CloseReason::ALL.map(CloseReason::as_str),
+        &Refusal::ALL.map(Refusal::as_str),
+    ))
+}
+
 /// A cloneable handle to a running heartbeat server's sessions.
 #[derive(Clone)]
 pub struct HeartbeatHandle {
@@ -95,7 +103,7 @@ impl HeartbeatServer {
                 "HeartbeatServer::new serves one server alone; run cluster mode with server::serve, which joins etcd first".into(),
             ));
         }
-        Self::build(config, None, String::new())
+        Self::build(config, None, String::new(), server_metrics())
     }
 
     /// The service and its handle, with presence answering from `view` (the
@@ -104,13 +112,10 @@ impl HeartbeatServer {
         config: ServerConfig,
         view: Option<SessionRegistry>,
         node: String,
+        metrics: Arc<Metrics>,
     ) -> Result<(HeartbeatHandle, HeartbeatServer), ConfigError> {
         config.validate()?;
         let wheel = TimerWheel::new();
-        let metrics = Arc::new(Metrics::new(
-            &CloseReason::ALL.map(CloseReason::as_str),
-            &Refusal::ALL.map(Refusal::as_str),
-        ));
         let shared = Arc::new(ServerShared {
             registry: SessionRegistry::new(
                 config.watch_history,
@@ -261,17 +266,22 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
     on_ready: impl FnOnce(HeartbeatHandle),
 ) -> Result<(), ServeError> {
+    let metrics = server_metrics();
     let mut cluster = match &config.cluster {
         Some(settings) => {
             config.validate()?;
-            Some(Cluster::join(settings, &config).await?)
+            // The view counts its lagging watchers in the server's metrics.
+            Some(Cluster::join(settings, &config, metrics.clone()).await?)
         }
         None => None,
     };
     let (handle, heartbeat) = match &cluster {
-        Some(cluster) => {
-            HeartbeatServer::build(config, Some(cluster.view()), cluster.node_id().to_owned())?
-        }
+        Some(cluster) => HeartbeatServer::build(
+            config,
+            Some(cluster.view()),
+            cluster.node_id().to_owned(),
+            metrics,
+        )?,
         None => HeartbeatServer::new(config)?,
     };
     if let Some(cluster) = &mut cluster {

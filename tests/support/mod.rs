@@ -545,3 +545,20 @@ impl Drop for ServerProcess {
         let _ = self.child.wait();
     }
 }
+
+/// One sample of a metric family, by its full line prefix, scraped from
+/// `GET /metrics` at `addr`.
+pub async fn metric(addr: SocketAddr, prefix: &str) -> f64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("metrics");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("scrape");
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await.expect("answer");
+    text.lines()
+        .find_map(|line| line.strip_prefix(prefix))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {prefix} in the metrics"))
+}
