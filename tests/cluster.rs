@@ -32,10 +32,15 @@ impl Node {
 
     /// Like [`Node::start`], with more flags.
     fn start_with(etcd: &TestEtcd, id: &str, ttl: u64, more: &[&str]) -> Self {
+        Self::start_at(&etcd.url, id, ttl, more)
+    }
+
+    /// Like [`Node::start_with`], reaching etcd at `url`.
+    fn start_at(url: &str, id: &str, ttl: u64, more: &[&str]) -> Self {
         let ttl = format!("{ttl}s");
         let mut args = vec![
             "--cluster",
-            &etcd.url,
+            url,
             "--node-id",
             id,
             "--lease-ttl",
@@ -552,6 +557,75 @@ async fn mirrors_rewatch_after_an_etcd_restart() {
         let opened = view.changes.iter().filter(|c| c.1 == "opened").count();
         assert_eq!(opened, 63, "every open seen once");
     }
+}
+
+/// Tests that a node whose watch comes back after etcd compacted the
+/// revisions it missed reads the sessions again and reports the difference
+/// as changes: its watcher sees the sessions that closed meanwhile closed,
+/// with the reasons their node wrote, and the one that opened opened,
+/// without a reset; and it lists what the other node lists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_behind_a_compaction_reads_the_sessions_again() {
+    let etcd = TestEtcd::start("compaction");
+    let proxy = proxy::CutProxy::start(etcd.client).await;
+    // A lease long enough to outlive the partition.
+    let behind = Node::start_at(&format!("http://{}", proxy.addr), "n1", 15, &[]);
+    let direct = Node::start(&etcd, "n2", 15);
+    let mut watch = behind.watch(0, 0).await;
+    let mut view = View::default();
+    view.until(&mut watch, "synced", |view| view.epoch != 0)
+        .await;
+    let mut sessions = Vec::new();
+    for name in ["goodbye", "half-close", "kept"] {
+        sessions.push(RawSession::hello(direct.addr, name).await);
+    }
+    let [(mut goodbye, said_goodbye), (mut half_closed, was_half_closed), (_kept, kept)] =
+        <[_; 3]>::try_from(sessions).unwrap_or_else(|_| unreachable!());
+    view.until(&mut watch, "every open", |view| view.open.len() == 3)
+        .await;
+
+    proxy.pause();
+    goodbye
+        .send(pb::heartbeat_request::Frame::Goodbye(pb::Goodbye {
+            reason: pb::GoodbyeReason::ClientShutdown.into(),
+            ..Default::default()
+        }))
+        .await;
+    goodbye.half_close();
+    goodbye.ended().await;
+    half_closed.half_close();
+    half_closed.ended().await;
+    let (_opened, welcome) = RawSession::hello(direct.addr, "opened").await;
+    let expected = BTreeSet::from([kept.session_id.clone(), welcome.session_id.clone()]);
+    eventually("the other node lists the change", || async {
+        direct.ids().await == expected
+    })
+    .await;
+    let compacted = etcd.compact().await;
+    let changes_before = view.changes.len();
+    proxy.resume();
+
+    view.until(&mut watch, "the difference", |view| view.open == expected)
+        .await;
+    assert_eq!(view.resets, 0, "a resync is changes, not a reset");
+    let closed = |id: &str| {
+        view.changes[changes_before..]
+            .iter()
+            .find(|change| change.1 == "closed" && change.2 == id)
+            .map(|change| change.3)
+    };
+    assert_eq!(
+        closed(&said_goodbye.session_id),
+        Some(pb::CloseReason::ClientGoodbye as i32)
+    );
+    assert_eq!(
+        closed(&was_half_closed.session_id),
+        Some(pb::CloseReason::ClientHalfClose as i32)
+    );
+    assert!(view.changes[changes_before..]
+        .iter()
+        .all(|change| change.0 >= compacted << 20));
+    assert_eq!(behind.ids().await, expected);
 }
 
 /// Tests that a node cut off from etcd ends its sessions with

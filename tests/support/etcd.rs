@@ -18,7 +18,8 @@ pub struct TestEtcd {
     child: Option<Child>,
     /// The client URL.
     pub url: String,
-    client: SocketAddr,
+    /// The client address.
+    pub client: SocketAddr,
     peer: SocketAddr,
     data: PathBuf,
 }
@@ -92,6 +93,39 @@ impl TestEtcd {
         if let Some(child) = &self.child {
             signal(child, "-STOP");
         }
+    }
+}
+
+impl TestEtcd {
+    /// Compacts etcd's history up to its current revision, through its JSON
+    /// gateway; returns that revision.
+    pub async fn compact(&self) -> u64 {
+        let answer = self.gateway("/v3/kv/range", r#"{"key":"AA=="}"#).await;
+        let revision = answer
+            .split_once(r#""revision":""#)
+            .and_then(|(_, rest)| rest.split_once('"'))
+            .and_then(|(revision, _)| revision.parse().ok())
+            .unwrap_or_else(|| panic!("no revision in {answer}"));
+        let body = format!(r#"{{"revision":"{revision}","physical":true}}"#);
+        let answer = self.gateway("/v3/kv/compaction", &body).await;
+        assert!(answer.contains("200 OK"), "compaction refused: {answer}");
+        revision
+    }
+
+    /// POSTs `body` to the gateway's `path`; the whole HTTP answer.
+    async fn gateway(&self, path: &str, body: &str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(self.client)
+            .await
+            .expect("etcd");
+        let request = format!(
+            "POST {path} HTTP/1.1\r\nHost: etcd\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).await.expect("request");
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await.expect("answer");
+        answer
     }
 }
 

@@ -1,10 +1,15 @@
 //! A TCP proxy whose connections can all be cut at once, as a restarting
 //! load balancer or a network fault would: both sides see their connection
-//! end, and new connections through the proxy work again at once.
+//! end, and new connections through the proxy work again at once. It can
+//! also be paused, a partition: connections are cut and new ones closed at
+//! once until it resumes.
 
 use std::{
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
 };
 
 use tokio::{
@@ -17,6 +22,7 @@ pub struct CutProxy {
     /// Where clients connect.
     pub addr: SocketAddr,
     connections: Arc<Mutex<Vec<AbortHandle>>>,
+    paused: Arc<AtomicBool>,
     accept: JoinHandle<()>,
 }
 
@@ -27,8 +33,13 @@ impl CutProxy {
         let addr = listener.local_addr().expect("address");
         let connections = Arc::new(Mutex::new(Vec::<AbortHandle>::new()));
         let open = connections.clone();
+        let paused = Arc::new(AtomicBool::new(false));
+        let refusing = paused.clone();
         let accept = tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
+                if refusing.load(Ordering::SeqCst) {
+                    continue;
+                }
                 let pipe = tokio::spawn(async move {
                     if let Ok(mut outbound) = TcpStream::connect(upstream).await {
                         let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
@@ -42,8 +53,20 @@ impl CutProxy {
         Self {
             addr,
             connections,
+            paused,
             accept,
         }
+    }
+
+    /// Cuts every connection and closes new ones until [`Self::resume`].
+    pub fn pause(&self) {
+        self.paused.store(true, Ordering::SeqCst);
+        self.cut();
+    }
+
+    /// Forwards new connections again.
+    pub fn resume(&self) {
+        self.paused.store(false, Ordering::SeqCst);
     }
 
     /// Closes every connection open now; returns how many there were.
