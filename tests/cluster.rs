@@ -560,12 +560,14 @@ async fn mirrors_rewatch_after_an_etcd_restart() {
 }
 
 /// Tests that a node whose watch comes back after etcd compacted the
-/// revisions it missed reads the sessions again and reports the difference
-/// as changes: its watcher sees the sessions that closed meanwhile closed,
-/// with the reasons their node wrote, and the one that opened opened,
-/// without a reset; and it lists what the other node lists.
+/// revisions it missed reads the cluster again and catches up by changes,
+/// without a reset: its watcher sees the sessions that closed meanwhile
+/// closed (with the reasons their node wrote) and the one that opened
+/// opened; it lists what the other node lists; and it carries out what it
+/// missed for its own sessions: one whose client id was taken on the other
+/// node is replaced, one evicted through the other node is evicted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_mirror_behind_a_compaction_reads_the_sessions_again() {
+async fn a_mirror_behind_a_compaction_reads_the_cluster_again() {
     let etcd = TestEtcd::start("compaction");
     let proxy = proxy::CutProxy::start(etcd.client).await;
     // A lease long enough to outlive the partition.
@@ -575,14 +577,17 @@ async fn a_mirror_behind_a_compaction_reads_the_sessions_again() {
     let mut view = View::default();
     view.until(&mut watch, "synced", |view| view.epoch != 0)
         .await;
-    let mut sessions = Vec::new();
-    for name in ["goodbye", "half-close", "kept"] {
-        sessions.push(RawSession::hello(direct.addr, name).await);
-    }
-    let [(mut goodbye, said_goodbye), (mut half_closed, was_half_closed), (_kept, kept)] =
-        <[_; 3]>::try_from(sessions).unwrap_or_else(|_| unreachable!());
-    view.until(&mut watch, "every open", |view| view.open.len() == 3)
+    let (mut goodbye, said_goodbye) = RawSession::hello(direct.addr, "goodbye").await;
+    let (mut half_closed, was_half_closed) = RawSession::hello(direct.addr, "half-close").await;
+    let (_kept, kept) = RawSession::hello(direct.addr, "kept").await;
+    let (mut replaced, _) = RawSession::hello(behind.addr, "moves").await;
+    let (mut evicted, doomed) = RawSession::hello(behind.addr, "doomed").await;
+    view.until(&mut watch, "every open", |view| view.open.len() == 5)
         .await;
+    eventually("the other node lists them", || async {
+        direct.ids().await.len() == 5
+    })
+    .await;
 
     proxy.pause();
     goodbye
@@ -595,9 +600,24 @@ async fn a_mirror_behind_a_compaction_reads_the_sessions_again() {
     goodbye.ended().await;
     half_closed.half_close();
     half_closed.ended().await;
-    let (_opened, welcome) = RawSession::hello(direct.addr, "opened").await;
-    let expected = BTreeSet::from([kept.session_id.clone(), welcome.session_id.clone()]);
-    eventually("the other node lists the change", || async {
+    let (_opened, opened) = RawSession::hello(direct.addr, "opened").await;
+    let (_moved, moved) = RawSession::hello(direct.addr, "moves").await;
+    direct
+        .presence()
+        .await
+        .evict_session(pb::EvictSessionRequest {
+            session_id: doomed.session_id.clone(),
+            message: "while cut off".into(),
+        })
+        .await
+        .expect("evict through the other node");
+    let expected = BTreeSet::from([
+        kept.session_id.clone(),
+        opened.session_id.clone(),
+        moved.session_id.clone(),
+        doomed.session_id.clone(),
+    ]);
+    eventually("the other node lists the changes", || async {
         direct.ids().await == expected
     })
     .await;
@@ -605,11 +625,24 @@ async fn a_mirror_behind_a_compaction_reads_the_sessions_again() {
     let changes_before = view.changes.len();
     proxy.resume();
 
-    view.until(&mut watch, "the difference", |view| view.open == expected)
+    replaced
+        .expect_end(pb::GoodbyeReason::Replaced, Code::Aborted)
+        .await;
+    let ended = evicted
+        .expect_end(pb::GoodbyeReason::Evicted, Code::Aborted)
+        .await;
+    assert_eq!(ended.goodbye.expect("a goodbye").message, "while cut off");
+    let after: BTreeSet<String> = expected
+        .iter()
+        .filter(|id| **id != doomed.session_id)
+        .cloned()
+        .collect();
+    view.until(&mut watch, "the difference", |view| view.open == after)
         .await;
     assert_eq!(view.resets, 0, "a resync is changes, not a reset");
+    let caught_up = &view.changes[changes_before..];
     let closed = |id: &str| {
-        view.changes[changes_before..]
+        caught_up
             .iter()
             .find(|change| change.1 == "closed" && change.2 == id)
             .map(|change| change.3)
@@ -622,10 +655,11 @@ async fn a_mirror_behind_a_compaction_reads_the_sessions_again() {
         closed(&was_half_closed.session_id),
         Some(pb::CloseReason::ClientHalfClose as i32)
     );
-    assert!(view.changes[changes_before..]
-        .iter()
-        .all(|change| change.0 >= compacted << 20));
-    assert_eq!(behind.ids().await, expected);
+    assert!(caught_up.iter().all(|change| change.0 >= compacted << 20));
+    eventually("both nodes list the same", || async {
+        behind.ids().await == after && direct.ids().await == after
+    })
+    .await;
 }
 
 /// Tests that a node cut off from etcd ends its sessions with

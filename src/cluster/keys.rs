@@ -94,6 +94,10 @@ impl Keys {
         format!("{}/clients/{client_id}", self.prefix).into_bytes()
     }
 
+    pub(crate) fn evictions(&self) -> Vec<u8> {
+        format!("{}/evict/", self.prefix).into_bytes()
+    }
+
     pub(crate) fn evict(&self, session_id: &str) -> Vec<u8> {
         format!("{}/evict/{session_id}", self.prefix).into_bytes()
     }

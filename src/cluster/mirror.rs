@@ -43,7 +43,9 @@ pub(super) async fn read_view(
     evictions: Evictions,
     metrics: Arc<Metrics>,
 ) -> Result<(SessionRegistry, i64), ClusterError> {
-    let (records, revision) = read_records(node)
+    let Reading {
+        records, revision, ..
+    } = read_records(node)
         .await
         .map_err(ClusterError::etcd("read the sessions"))?;
     let view = SessionRegistry::mirror(
@@ -65,26 +67,58 @@ pub(super) async fn read_view(
     Ok((view, revision))
 }
 
-/// Every session record (open or closed) by session id, in order, and the
-/// revision: every node applies a difference in the same order.
+/// The cluster as read in full at one etcd revision.
+struct Reading {
+    revision: i64,
+    /// Every session record (open or closed) by session id, in order: every
+    /// node applies a difference in the same order.
+    records: BTreeMap<String, SessionEvent>,
+    /// Each client id taken: (client id, holder, etcd revision of the claim).
+    holders: Vec<(String, String, i64)>,
+    /// Evictions still on record: (session id, message).
+    evictions: Vec<(String, String)>,
+}
+
+/// Reads every session record, client id and eviction at one revision.
 ///
 /// An open record whose client id's key names another session was replaced
 /// (its node has not written its close yet): it reads as closed, as the
 /// views that followed the replacement have it.
-async fn read_records(node: &Node) -> Result<(BTreeMap<String, SessionEvent>, i64), tonic::Status> {
+async fn read_records(node: &Node) -> Result<Reading, tonic::Status> {
     let response = node.etcd.range_prefix(&node.keys.sessions(), 0).await?;
     let revision = response.header.map_or(0, |header| header.revision);
-    let holders = node
+    let holders: Vec<(String, String, i64)> = node
         .etcd
         .range_prefix(&node.keys.clients(), revision)
-        .await?;
-    let holders: BTreeMap<&str, &[u8]> = holders
+        .await?
         .kvs
         .iter()
         .filter_map(|kv| match node.keys.parse(&kv.key) {
-            Key::Client(client_id) => Some((client_id, kv.value.as_slice())),
+            Key::Client(client_id) => Some((
+                client_id.to_owned(),
+                String::from_utf8(kv.value.clone()).ok()?,
+                kv.mod_revision,
+            )),
             _ => None,
         })
+        .collect();
+    let evictions = node
+        .etcd
+        .range_prefix(&node.keys.evictions(), revision)
+        .await?
+        .kvs
+        .iter()
+        .filter_map(|kv| match node.keys.parse(&kv.key) {
+            Key::Evict(session_id) => Some((
+                session_id.to_owned(),
+                String::from_utf8_lossy(&kv.value).into_owned(),
+            )),
+            _ => None,
+        })
+        .collect();
+    let holder: BTreeMap<&str, &str> = holders
+        .iter()
+        .map(|(client_id, session_id, _)| (client_id.as_str(), session_id.as_str()))
         .collect();
     let records = response
         .kvs
@@ -98,7 +132,7 @@ async fn read_records(node: &Node) -> Result<(BTreeMap<String, SessionEvent>, i6
             let client_id = session.identity.client_id.as_str();
             let replaced = !client_id.is_empty()
                 && !matches!(record, SessionEvent::Closed { .. })
-                && holders.get(client_id).copied() != Some(id.as_bytes());
+                && holder.get(client_id).copied() != Some(id);
             let record = match replaced {
                 true => SessionEvent::Closed {
                     session: session.clone(),
@@ -110,7 +144,12 @@ async fn read_records(node: &Node) -> Result<(BTreeMap<String, SessionEvent>, i6
             Some((id.to_owned(), record))
         })
         .collect();
-    Ok((records, revision))
+    Ok(Reading {
+        revision,
+        records,
+        holders,
+        evictions,
+    })
 }
 
 /// A session record: the session's last change.
@@ -299,9 +338,15 @@ impl Follower {
     }
 
     /// After a compaction: reads the sessions again and applies the
-    /// difference from the view as changes.
+    /// difference from the view as changes, then acts on what this node
+    /// missed: a client id taken from one of its sessions, an eviction.
     async fn resync(&mut self) {
-        let (records, revision) = loop {
+        let Reading {
+            revision,
+            records,
+            holders,
+            evictions,
+        } = loop {
             match read_records(&self.node).await {
                 Ok(read) => break read,
                 Err(status) => {
@@ -343,6 +388,14 @@ impl Follower {
                     self.view.apply(revision, SessionEvent::Opened(info), link);
                 }
             }
+        }
+        // The view already shows every holder's rivals closed; this sets
+        // the holders, and replaces a local session that lost its id.
+        for (client_id, holder, claimed) in holders {
+            self.client_taken(&client_id, &holder, claimed);
+        }
+        for (session_id, message) in evictions {
+            self.local.evict(&session_id, &message);
         }
         self.applied = revision;
     }
