@@ -468,9 +468,10 @@ async fn a_large_drain_is_written_in_batches_within_the_grace() {
     drop(sessions);
 }
 
-/// Tests that a watch dropped on node 2 resumes by revision on node 2 and on
-/// node 3 alike: the same changes, nothing missed or repeated, no reset, and
-/// a view equal to ListSessions on every node.
+/// Tests that a watch dropped on node 2 resumes by revision on node 2, on
+/// node 3, and on a node 4 that joined after that revision alike: the same
+/// changes, nothing missed or repeated, no reset, and a view equal to
+/// ListSessions on every node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watch_resumes_by_revision_on_any_node() {
     let etcd = TestEtcd::start("resume");
@@ -491,8 +492,9 @@ async fn a_watch_resumes_by_revision_on_any_node() {
 
     churn(&nodes, "after", &mut kept).await;
     let (_, revision, _) = nodes[0].list().await;
+    let joined = Node::start(&etcd, "n4", 10);
     let mut replays = Vec::new();
-    for node in &nodes[1..] {
+    for node in [&nodes[1], &nodes[2], &joined] {
         let mut watch = node.watch(epoch, after).await;
         let mut view = View {
             open: before.open.clone(),
@@ -512,6 +514,10 @@ async fn a_watch_resumes_by_revision_on_any_node() {
     assert_eq!(
         replays[0], replays[1],
         "node 2 and node 3 replay the same changes"
+    );
+    assert_eq!(
+        replays[0], replays[2],
+        "a node that joined later replays the same changes"
     );
     assert!(!replays[0].is_empty());
     drop(kept);
@@ -565,7 +571,9 @@ async fn mirrors_rewatch_after_an_etcd_restart() {
 /// closed (with the reasons their node wrote) and the one that opened
 /// opened; it lists what the other node lists; and it carries out what it
 /// missed for its own sessions: one whose client id was taken on the other
-/// node is replaced, one evicted through the other node is evicted.
+/// node is replaced, one evicted through the other node is evicted. A node
+/// that joins after the compaction, with no history left to replay, lists
+/// the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mirror_behind_a_compaction_reads_the_cluster_again() {
     let etcd = TestEtcd::start("compaction");
@@ -660,6 +668,9 @@ async fn a_mirror_behind_a_compaction_reads_the_cluster_again() {
         behind.ids().await == after && direct.ids().await == after
     })
     .await;
+    // Joining after the compaction: no history to replay, the same list.
+    let late = Node::start(&etcd, "n3", 15);
+    assert_eq!(late.ids().await, after);
 }
 
 /// Tests that a node cut off from etcd ends its sessions with

@@ -1,7 +1,9 @@
 //! Every node's sessions, read from etcd into this node's view.
 //!
 //! The view starts from one read of the session keys at etcd revision R, then
-//! follows a watch from R + 1. The watch does not resume by itself: when it
+//! follows a watch from R + 1. A joining node takes R up to `--watch-history`
+//! revisions in the past and replays the changes since before it serves, so
+//! its history, like every other node's, lets a watch resume here. The watch does not resume by itself: when it
 //! breaks (etcd restarted, a network blip) it is opened again from the
 //! revision after the last one applied, so nothing is missed or applied
 //! twice. If etcd compacted that revision away, the view is read again and
@@ -15,10 +17,11 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use prost::Message;
 use tokio::{sync::watch, time::Instant};
+use tonic::Streaming;
 use tracing::warn;
 
 use super::{
-    etcd::pb::{event::EventType, Event, KeyValue},
+    etcd::pb::{event::EventType, Event, KeyValue, WatchResponse},
     keys::{self, Key},
     replicate::Evictions,
     ClusterError, Node,
@@ -34,37 +37,41 @@ use crate::{
 /// How long a broken watch waits before it is opened again.
 const RETRY: Duration = Duration::from_millis(250);
 
-/// Reads every session into a new view; returns it with the etcd revision
-/// it was read at.
+/// How long a joining node may take to replay the recent history before it
+/// starts without it.
+const CATCH_UP: Duration = Duration::from_secs(10);
+
+/// Builds the view of the cluster as of etcd revision `registered` (this
+/// node's registration, under the prefix): a follower to keep it current.
+///
+/// So that a watch resumes here as on the nodes that were up before, the
+/// view's history is filled too: the cluster is read as it was up to
+/// `--watch-history` etcd revisions earlier, and the changes since are
+/// replayed from etcd's own history, numbered as every other node numbered
+/// them. If etcd compacted that far back, the view starts from `registered`
+/// with an empty history (a resume from before gets a reset).
 pub(super) async fn read_view(
-    node: &Node,
+    node: Arc<Node>,
     epoch: u64,
     server: &ServerConfig,
     evictions: Evictions,
     metrics: Arc<Metrics>,
-) -> Result<(SessionRegistry, i64), ClusterError> {
-    let Reading {
-        records, revision, ..
-    } = read_records(node)
-        .await
-        .map_err(ClusterError::etcd("read the sessions"))?;
-    let view = SessionRegistry::mirror(
-        epoch,
-        keys::revision(revision, 0),
-        server.watch_history,
-        server.watch_queue,
-        metrics,
-    );
-    for event in records.into_values() {
-        if let SessionEvent::Opened(info)
-        | SessionEvent::Suspected(info)
-        | SessionEvent::Recovered(info) = event
-        {
-            let link = RemoteSession::link(&info, &evictions);
-            view.seed(info, link);
+    registered: i64,
+) -> Result<Follower, ClusterError> {
+    let history = i64::try_from(server.watch_history).unwrap_or(i64::MAX);
+    let from = registered.saturating_sub(history).max(1);
+    if from < registered {
+        let follower = Follower::read(&node, epoch, server, &evictions, &metrics, from).await;
+        if let Ok(mut follower) = follower {
+            let caught_up = tokio::time::timeout(CATCH_UP, follower.catch_up(registered)).await;
+            if let Ok(Ok(())) = caught_up {
+                return Ok(follower);
+            }
         }
     }
-    Ok((view, revision))
+    Follower::read(&node, epoch, server, &evictions, &metrics, registered)
+        .await
+        .map_err(ClusterError::etcd("read the sessions"))
 }
 
 /// The cluster as read in full at one etcd revision.
@@ -79,14 +86,19 @@ struct Reading {
     evictions: Vec<(String, String)>,
 }
 
-/// Reads every session record, client id and eviction at one revision.
+/// Reads every session record, client id and eviction at etcd revision
+/// `at` (0: now).
 ///
 /// An open record whose client id's key names another session was replaced
 /// (its node has not written its close yet): it reads as closed, as the
 /// views that followed the replacement have it.
-async fn read_records(node: &Node) -> Result<Reading, tonic::Status> {
-    let response = node.etcd.range_prefix(&node.keys.sessions(), 0).await?;
-    let revision = response.header.map_or(0, |header| header.revision);
+async fn read_records(node: &Node, at: i64) -> Result<Reading, tonic::Status> {
+    let response = node.etcd.range_prefix(&node.keys.sessions(), at).await?;
+    // The header's revision is etcd's now, also for a read of the past.
+    let revision = match at {
+        0 => response.header.map_or(0, |header| header.revision),
+        at => at,
+    };
     let holders: Vec<(String, String, i64)> = node
         .etcd
         .range_prefix(&node.keys.clients(), revision)
@@ -158,91 +170,14 @@ fn decode(kv: &KeyValue) -> Option<SessionEvent> {
     session_event(record.event?).ok().flatten()
 }
 
-/// Follows the watch until the task is stopped: applies each session change
-/// to the view with its revision, and carries out replacements and
-/// evictions of this node's sessions.
-pub(super) async fn follow(
+/// Keeps the view current: applies each session change of the watch to the
+/// view with its revision, and carries out replacements and evictions of
+/// this node's sessions.
+#[derive(Debug)]
+pub(super) struct Follower {
     node: Arc<Node>,
     view: SessionRegistry,
-    local: SessionRegistry,
-    start_revision: i64,
-    evictions: Evictions,
-    fenced: watch::Sender<Option<String>>,
-) {
-    let mut follower = Follower {
-        node,
-        view,
-        local,
-        evictions,
-        applied: start_revision,
-        position: (start_revision, 0),
-    };
-    while fenced.borrow().is_none() {
-        let watch = follower
-            .node
-            .etcd
-            .watch_prefix(&follower.node.keys.all(), follower.applied + 1)
-            .await;
-        let (_open, mut responses) = match watch {
-            Ok(watch) => watch,
-            Err(status) => {
-                warn!(%status, "could not watch the cluster's sessions; retrying");
-                tokio::time::sleep(RETRY).await;
-                continue;
-            }
-        };
-        loop {
-            match responses.message().await {
-                Ok(Some(response)) if response.canceled => {
-                    if response.compact_revision > 0 {
-                        follower.resync().await;
-                    }
-                    break;
-                }
-                Ok(Some(response)) => {
-                    // A progress notification (no events, after creation)
-                    // promises every event up to its header's revision was
-                    // sent; the creation's header promises nothing yet.
-                    let progress = match response.created {
-                        true => 0,
-                        false => response.header.map_or(0, |header| header.revision),
-                    };
-                    let newest = response
-                        .events
-                        .iter()
-                        .filter_map(|event| event.kv.as_ref().map(|kv| kv.mod_revision))
-                        .max();
-                    let mut events = response.events;
-                    // Within one etcd revision, sessions before client ids: a
-                    // replacing open's txn claims the id, then writes the
-                    // session, but every view shows the newer session opened
-                    // before the older closed, so the id is never missing.
-                    events.sort_by_key(|event| {
-                        let kv = event.kv.as_ref();
-                        let client_key = kv.is_some_and(|kv| {
-                            matches!(follower.node.keys.parse(&kv.key), Key::Client(_))
-                        });
-                        (kv.map_or(0, |kv| kv.mod_revision), client_key)
-                    });
-                    for event in events {
-                        follower.apply(event);
-                    }
-                    follower.applied = follower.applied.max(newest.unwrap_or(progress));
-                }
-                Ok(None) => break,
-                Err(status) => {
-                    warn!(%status, "the cluster watch broke; resuming");
-                    break;
-                }
-            }
-        }
-        tokio::time::sleep(RETRY).await;
-    }
-}
-
-struct Follower {
-    node: Arc<Node>,
-    view: SessionRegistry,
+    /// This node's sessions (an empty registry until the node serves).
     local: SessionRegistry,
     evictions: Evictions,
     /// The last etcd revision whose events were all applied.
@@ -252,7 +187,155 @@ struct Follower {
     position: (i64, u64),
 }
 
+/// Why a watch stopped.
+enum Ended {
+    /// etcd compacted the revisions it was to start from.
+    Compacted,
+    /// It broke, or etcd ended it.
+    Broken,
+}
+
 impl Follower {
+    /// A new view of the cluster as it was at etcd revision `at`.
+    async fn read(
+        node: &Arc<Node>,
+        epoch: u64,
+        server: &ServerConfig,
+        evictions: &Evictions,
+        metrics: &Arc<Metrics>,
+        at: i64,
+    ) -> Result<Self, tonic::Status> {
+        let Reading {
+            records, revision, ..
+        } = read_records(node, at).await?;
+        let view = SessionRegistry::mirror(
+            epoch,
+            keys::revision(revision, 0),
+            server.watch_history,
+            server.watch_queue,
+            metrics.clone(),
+        );
+        for event in records.into_values() {
+            if let SessionEvent::Opened(info)
+            | SessionEvent::Suspected(info)
+            | SessionEvent::Recovered(info) = event
+            {
+                let link = RemoteSession::link(&info, evictions);
+                view.seed(info, link);
+            }
+        }
+        Ok(Self {
+            node: node.clone(),
+            view,
+            local: SessionRegistry::new(0, 1, metrics.clone()),
+            evictions: evictions.clone(),
+            applied: revision,
+            position: (revision, 0),
+        })
+    }
+
+    /// The view this follower keeps.
+    pub(super) fn view(&self) -> &SessionRegistry {
+        &self.view
+    }
+
+    /// Replays the changes up to etcd revision `until` (one with a change
+    /// under the prefix), before this node has sessions of its own.
+    async fn catch_up(&mut self, until: i64) -> Result<(), Ended> {
+        let (_open, mut responses) = self
+            .node
+            .etcd
+            .watch_prefix(&self.node.keys.all(), self.applied + 1)
+            .await
+            .map_err(|_| Ended::Broken)?;
+        while self.applied < until {
+            self.absorb(&mut responses).await?;
+        }
+        Ok(())
+    }
+
+    /// Follows the watch with `local` as this node's sessions until the
+    /// task is stopped or the node fenced.
+    pub(super) async fn follow(
+        mut self,
+        local: SessionRegistry,
+        fenced: watch::Sender<Option<String>>,
+    ) {
+        self.local = local;
+        while fenced.borrow().is_none() {
+            let watch = self
+                .node
+                .etcd
+                .watch_prefix(&self.node.keys.all(), self.applied + 1)
+                .await;
+            let (_open, mut responses) = match watch {
+                Ok(watch) => watch,
+                Err(status) => {
+                    warn!(%status, "could not watch the cluster's sessions; retrying");
+                    tokio::time::sleep(RETRY).await;
+                    continue;
+                }
+            };
+            loop {
+                match self.absorb(&mut responses).await {
+                    Ok(()) => {}
+                    Err(Ended::Compacted) => {
+                        self.resync().await;
+                        break;
+                    }
+                    Err(Ended::Broken) => break,
+                }
+            }
+            tokio::time::sleep(RETRY).await;
+        }
+    }
+
+    /// Applies the watch's next response.
+    async fn absorb(&mut self, responses: &mut Streaming<WatchResponse>) -> Result<(), Ended> {
+        let response = match responses.message().await {
+            Ok(Some(response)) => response,
+            Ok(None) => return Err(Ended::Broken),
+            Err(status) => {
+                warn!(%status, "the cluster watch broke; resuming");
+                return Err(Ended::Broken);
+            }
+        };
+        if response.canceled {
+            return Err(match response.compact_revision > 0 {
+                true => Ended::Compacted,
+                false => Ended::Broken,
+            });
+        }
+        // A progress notification (no events, after creation) promises every
+        // event up to its header's revision was sent; the creation's header
+        // promises nothing yet.
+        let progress = match response.created {
+            true => 0,
+            false => response.header.map_or(0, |header| header.revision),
+        };
+        let newest = response
+            .events
+            .iter()
+            .filter_map(|event| event.kv.as_ref().map(|kv| kv.mod_revision))
+            .max();
+        let mut events = response.events;
+        // Within one etcd revision, sessions before client ids: a replacing
+        // open's txn claims the id, then writes the session, but every view
+        // shows the newer session opened before the older closed, so the id
+        // is never missing.
+        events.sort_by_key(|event| {
+            let kv = event.kv.as_ref();
+            let client_key =
+                kv.is_some_and(|kv| matches!(self.node.keys.parse(&kv.key), Key::Client(_)));
+            (kv.map_or(0, |kv| kv.mod_revision), client_key)
+        });
+        for event in events {
+            self.apply(event);
+        }
+        self.applied = self.applied.max(newest.unwrap_or(progress));
+        Ok(())
+    }
+
     /// The contract's revision for the next session change of `etcd_revision`.
     fn next_revision(&mut self, etcd_revision: i64) -> u64 {
         if self.position.0 != etcd_revision {
@@ -347,7 +430,7 @@ impl Follower {
             holders,
             evictions,
         } = loop {
-            match read_records(&self.node).await {
+            match read_records(&self.node, 0).await {
                 Ok(read) => break read,
                 Err(status) => {
                     warn!(%status, "could not read the cluster's sessions again; retrying");

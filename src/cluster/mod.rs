@@ -172,8 +172,8 @@ struct Node {
 pub(crate) struct Cluster {
     node: Arc<Node>,
     view: SessionRegistry,
-    /// The etcd revision the view was read at.
-    start_revision: i64,
+    /// What keeps the view current, until [`Cluster::start`] runs it.
+    follower: Option<mirror::Follower>,
     /// Evictions asked through the view, on their way to etcd.
     evictions: replicate::Evictions,
     fenced: watch::Sender<Option<String>>,
@@ -188,7 +188,8 @@ pub(crate) struct Cluster {
 impl Cluster {
     /// Joins the cluster: connects to etcd, agrees on the epoch, takes a
     /// lease and starts renewing it, registers the node (waiting out a
-    /// previous holder of its id), and reads every session into the view.
+    /// previous holder of its id), and reads every session into the view,
+    /// with the recent history of changes.
     ///
     /// The view counts its watchers that lag in `metrics` (the server's);
     /// only a node's own registry counts sessions, so none counts twice.
@@ -221,14 +222,22 @@ impl Cluster {
         let (fenced, _) = watch::channel(None);
         let keeper = tokio::spawn(lease::keep_alive(node.clone(), fenced.clone(), granted));
         let joined = async {
-            register(&node.etcd, &node.keys, &node.id, lease, config.lease_ttl).await?;
+            let registered =
+                register(&node.etcd, &node.keys, &node.id, lease, config.lease_ttl).await?;
             let evictions = replicate::Evictions::default();
-            let (view, start_revision) =
-                mirror::read_view(&node, epoch, server, evictions.clone(), metrics).await?;
-            Ok::<_, ClusterError>((view, start_revision, evictions))
+            let follower = mirror::read_view(
+                node.clone(),
+                epoch,
+                server,
+                evictions.clone(),
+                metrics,
+                registered,
+            )
+            .await?;
+            Ok::<_, ClusterError>((follower, evictions))
         }
         .await;
-        let (view, start_revision, evictions) = match joined {
+        let (follower, evictions) = match joined {
             Ok(joined) => joined,
             Err(error) => {
                 keeper.abort();
@@ -236,6 +245,7 @@ impl Cluster {
                 return Err(error);
             }
         };
+        let view = follower.view().clone();
         info!(
             node = %node.id,
             epoch,
@@ -245,7 +255,7 @@ impl Cluster {
         Ok(Self {
             node,
             view,
-            start_revision,
+            follower: Some(follower),
             evictions,
             fenced,
             tasks: vec![keeper],
@@ -270,14 +280,11 @@ impl Cluster {
         let node = &self.node;
         // Subscribed before the server serves: no session opens unwritten.
         let changes = local.subscribe_with_queue(self.write_queue);
-        self.tasks.push(tokio::spawn(mirror::follow(
-            node.clone(),
-            self.view.clone(),
-            local.clone(),
-            self.start_revision,
-            self.evictions.clone(),
-            self.fenced.clone(),
-        )));
+        if let Some(follower) = self.follower.take() {
+            self.tasks.push(tokio::spawn(
+                follower.follow(local.clone(), self.fenced.clone()),
+            ));
+        }
         self.tasks.push(tokio::spawn(replicate::evictions(
             node.clone(),
             self.evictions.clone(),
@@ -370,13 +377,14 @@ async fn agree_on_epoch(etcd: &Etcd, keys: &Keys) -> Result<u64, ClusterError> {
 
 /// Registers the node's id under its lease; a previous holder (this node
 /// before a restart) is waited out, for at most one lease TTL and a second.
+/// Returns the etcd revision of the registration.
 async fn register(
     etcd: &Etcd,
     keys: &Keys,
     node: &str,
     lease: i64,
     ttl: Duration,
-) -> Result<(), ClusterError> {
+) -> Result<i64, ClusterError> {
     let start = tokio::time::Instant::now();
     let limit = ttl + Duration::from_secs(1);
     loop {
@@ -389,7 +397,7 @@ async fn register(
             .await
             .map_err(ClusterError::etcd("register"))?;
         if response.succeeded {
-            return Ok(());
+            return Ok(response.header.map_or(0, |header| header.revision));
         }
         if start.elapsed() >= limit {
             return Err(ClusterError::NodeIdTaken {
