@@ -21,13 +21,35 @@
 /// one etcd revision) still gives one revision per change.
 pub(crate) const CHANGES_PER_REVISION: u64 = 1 << 20;
 
-/// The contract's revision of the `index`th session change of etcd revision
-/// `etcd_revision`.
-pub(crate) fn revision(etcd_revision: i64, index: u64) -> u64 {
-    u64::try_from(etcd_revision)
-        .unwrap_or(0)
-        .saturating_mul(CHANGES_PER_REVISION)
-        .saturating_add(index.min(CHANGES_PER_REVISION - 1))
+/// How the contract's revisions are counted from etcd's: from the etcd
+/// revision at which the cluster's epoch began (its epoch key was written),
+/// so they stay below 2^53, exact in JavaScript numbers and JSON doubles,
+/// for the first 2^33 etcd revisions of the epoch, however many revisions
+/// an etcd shared with other users had already counted.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Revisions {
+    base: i64,
+}
+
+impl Revisions {
+    /// Revisions counted from etcd revision `base`.
+    pub(crate) fn from_base(base: i64) -> Self {
+        Self { base }
+    }
+
+    /// The contract's revision of the `index`th session change of etcd
+    /// revision `etcd_revision`.
+    pub(crate) fn of(self, etcd_revision: i64, index: u64) -> u64 {
+        u64::try_from(etcd_revision.saturating_sub(self.base))
+            .unwrap_or(0)
+            .saturating_mul(CHANGES_PER_REVISION)
+            .saturating_add(index.min(CHANGES_PER_REVISION - 1))
+    }
+
+    /// The first etcd revision of the epoch.
+    pub(crate) fn base(self) -> i64 {
+        self.base
+    }
 }
 
 /// The cluster's epoch from etcd's cluster id and the epoch key's value:
@@ -143,12 +165,21 @@ mod tests {
         assert_eq!(keys.parse(b"/other/sessions/s1"), Key::Other);
     }
 
-    /// Tests that revisions keep etcd's order and give each change of one etcd
-    /// revision its own number, and that epochs stay in range.
+    /// Tests that revisions keep etcd's order, give each change of one etcd
+    /// revision its own number, and count from the epoch's start; and that
+    /// epochs stay in range.
     #[test]
     fn revisions_and_epochs() {
+        let revisions = Revisions::from_base(1_000_000_000_000);
+        let revision = |etcd: i64, index| revisions.of(1_000_000_000_000 + etcd, index);
         assert!(revision(7, 0) < revision(7, 1));
         assert!(revision(7, CHANGES_PER_REVISION + 5) < revision(8, 0));
+        assert_eq!(
+            revision(1 << 32, 0),
+            1 << 52,
+            "below 2^53 however old etcd is"
+        );
+        assert_eq!(revisions.of(5, 0), 0, "before the epoch: nothing");
         for (cluster, key) in [(0, 0), (u64::MAX, 1), (12345, u64::MAX)] {
             let epoch = epoch(cluster, key);
             assert!((1..crate::registry::EPOCH_LIMIT).contains(&epoch));

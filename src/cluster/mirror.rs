@@ -22,7 +22,7 @@ use tracing::warn;
 
 use super::{
     etcd::pb::{event::EventType, Event, KeyValue, WatchResponse},
-    keys::{self, Key},
+    keys::Key,
     replicate::Evictions,
     ClusterError, Node,
 };
@@ -59,7 +59,10 @@ pub(super) async fn read_view(
     registered: i64,
 ) -> Result<Follower, ClusterError> {
     let history = i64::try_from(server.watch_history).unwrap_or(i64::MAX);
-    let from = registered.saturating_sub(history).max(1);
+    let from = registered
+        .saturating_sub(history)
+        .max(node.revisions.base())
+        .max(1);
     if from < registered {
         let follower = Follower::read(&node, epoch, server, &evictions, &metrics, from).await;
         if let Ok(mut follower) = follower {
@@ -210,7 +213,7 @@ impl Follower {
         } = read_records(node, at).await?;
         let view = SessionRegistry::mirror(
             epoch,
-            keys::revision(revision, 0),
+            node.revisions.of(revision, 0),
             server.watch_history,
             server.watch_queue,
             metrics.clone(),
@@ -341,7 +344,7 @@ impl Follower {
         if self.position.0 != etcd_revision {
             self.position = (etcd_revision, 0);
         }
-        let revision = keys::revision(etcd_revision, self.position.1);
+        let revision = self.node.revisions.of(etcd_revision, self.position.1);
         self.position.1 += 1;
         revision
     }

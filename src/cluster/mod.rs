@@ -44,7 +44,10 @@ use crate::{
     registry::{SessionRegistry, EPOCH_LIMIT},
 };
 
-use self::{etcd::Etcd, keys::Keys};
+use self::{
+    etcd::Etcd,
+    keys::{Keys, Revisions},
+};
 
 /// Settings of cluster mode.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,6 +142,9 @@ pub enum ClusterError {
         /// How long this node waited for the other's lease.
         waited: Duration,
     },
+    /// The cluster's epoch key under the prefix is unusable.
+    #[error("cluster epoch: {0}")]
+    Epoch(String),
     /// The node lost etcd (or its lease) and drained its sessions.
     #[error("fenced: {0}; the node's sessions were ended with SERVER_SHUTDOWN so that none is reported live on two nodes")]
     Fenced(String),
@@ -155,6 +161,8 @@ impl ClusterError {
 struct Node {
     etcd: Etcd,
     keys: Keys,
+    /// How etcd's revisions become the contract's.
+    revisions: Revisions,
     id: String,
     lease: i64,
     ttl: Duration,
@@ -200,7 +208,7 @@ impl Cluster {
     ) -> Result<Self, ClusterError> {
         let etcd = Etcd::connect(&config.endpoints)?;
         let keys = Keys::new(&config.prefix);
-        let epoch = agree_on_epoch(&etcd, &keys).await?;
+        let (epoch, revisions) = agree_on_epoch(&etcd, &keys).await?;
         let ttl = i64::try_from(config.lease_ttl.as_secs()).unwrap_or(i64::MAX);
         let granted = tokio::time::Instant::now();
         let (lease, ttl) = etcd
@@ -211,6 +219,7 @@ impl Cluster {
             tombstones: lease::Tombstones::new(config.lease_ttl),
             etcd,
             keys,
+            revisions,
             id: config.node_id.clone(),
             lease,
             // etcd may raise a short TTL to its minimum.
@@ -346,8 +355,9 @@ impl Drop for Cluster {
 }
 
 /// The epoch: from etcd's cluster id and a random number that the first node
-/// writes under the prefix, so every node derives the same one.
-async fn agree_on_epoch(etcd: &Etcd, keys: &Keys) -> Result<u64, ClusterError> {
+/// writes under the prefix, so every node derives the same one; and the
+/// revisions, counted from that key's creation.
+async fn agree_on_epoch(etcd: &Etcd, keys: &Keys) -> Result<(u64, Revisions), ClusterError> {
     let proposal = rand::random::<u64>() % EPOCH_LIMIT;
     let txn = etcd::txn(
         vec![etcd::absent(keys.epoch())],
@@ -357,22 +367,31 @@ async fn agree_on_epoch(etcd: &Etcd, keys: &Keys) -> Result<u64, ClusterError> {
             0,
         )],
     );
-    etcd.txn(txn).await.map_err(ClusterError::etcd("epoch"))?;
-    let response = etcd
-        .range_prefix(&keys.epoch(), 0)
+    let answer = etcd.txn(txn).await.map_err(ClusterError::etcd("epoch"))?;
+    let cluster_id = answer.header.map_or(0, |header| header.cluster_id);
+    let (epoch_key, _) = etcd
+        .get(&keys.epoch())
         .await
         .map_err(ClusterError::etcd("epoch"))?;
-    let cluster_id = response
-        .header
-        .as_ref()
-        .map_or(0, |header| header.cluster_id);
-    let written = response
-        .kvs
-        .iter()
-        .find(|kv| kv.key == keys.epoch())
-        .and_then(|kv| std::str::from_utf8(&kv.value).ok()?.parse::<u64>().ok())
-        .unwrap_or(proposal);
-    Ok(keys::epoch(cluster_id, written))
+    let key = String::from_utf8_lossy(&keys.epoch()).into_owned();
+    let Some(epoch_key) = epoch_key else {
+        return Err(ClusterError::Epoch(format!(
+            "the epoch key {key} was deleted while this node joined; start it again"
+        )));
+    };
+    let written = std::str::from_utf8(&epoch_key.value)
+        .ok()
+        .and_then(|value| value.parse::<u64>().ok())
+        .ok_or_else(|| {
+            ClusterError::Epoch(format!(
+                "the epoch key {key} holds {:?}, not a number; delete it (the cluster starts a new epoch)",
+                String::from_utf8_lossy(&epoch_key.value)
+            ))
+        })?;
+    Ok((
+        keys::epoch(cluster_id, written),
+        Revisions::from_base(epoch_key.create_revision),
+    ))
 }
 
 /// Registers the node's id under its lease; a previous holder (this node
