@@ -1,13 +1,17 @@
 #!/usr/bin/env python3
 """Measures what cluster mode costs: etcd writes per session, Welcome's
-latency beside a single server, and how soon another node lists a session.
+latency beside a single server, and how soon another node lists a session;
+then the same for bursts, where changes share transactions.
 
 Builds the release binary, starts a real etcd (Debian's etcd-server) and two
 cluster nodes and one single server on loopback, and drives them with the
-Python client's generated stubs, one session at a time:
+Python client's generated stubs, one session at a time. The bursts are
+`heartbeat bench` opening --burst sessions on node 1 at 5,000 a second,
+then dropping them all at once (killed), then opening them again and
+draining node 1 (SIGTERM):
 
     pip install -r interop/python/requirements.txt
-    python3 benches/cluster.py [--sessions 300]
+    python3 benches/cluster.py [--sessions 300] [--burst 10000]
 
 Prints a Markdown table for BENCHMARKS.md. etcd writes are counted from the
 revision presence reports (etcd's revision is the contract's revision
@@ -37,9 +41,33 @@ HB = pb.heartbeat
 
 
 def revision(target):
+    """etcd's revision as `target` last applied it, and its sessions (up to
+    10,000, one page)."""
     with grpc.insecure_channel(target) as channel:
-        page = pb.presence_grpc.PresenceServiceStub(channel).ListSessions(pb.presence.ListSessionsRequest())
+        request = pb.presence.ListSessionsRequest(page_size=10_000)
+        page = pb.presence_grpc.PresenceServiceStub(channel).ListSessions(request)
     return page.revision >> 20, {session.session_id for session in page.sessions}
+
+
+def until_listed(target, count, limit=120):
+    """Seconds until `target` lists exactly `count` sessions."""
+    started = time.perf_counter()
+    while len(revision(target)[1]) != count:
+        if time.perf_counter() - started > limit:
+            sys.exit(f"{target} did not list {count} sessions within {limit} s")
+        time.sleep(0.01)
+    return time.perf_counter() - started
+
+
+def burst(target, watcher, sessions):
+    """`heartbeat bench` opening `sessions` on `target` at 5,000 a second:
+    the process, and the seconds until `watcher` lists them all."""
+    bench = subprocess.Popen(
+        [HEARTBEAT, "bench", f"http://{target}", "--sessions", str(sessions), "--rate", "5000", "--duration", "1h"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    return bench, until_listed(watcher, sessions)
 
 
 def session(target, client_id, listed_on=None):
@@ -83,6 +111,7 @@ def settle(target, seconds=1.0):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sessions", type=int, default=300, help="sessions per measurement (default 300)")
+    parser.add_argument("--burst", type=int, default=10_000, help="sessions per burst (default 10000, at most 10000)")
     args = parser.parse_args()
     if shutil.which("etcd") is None:
         sys.exit("needs etcd on the PATH: apt-get install etcd-server")
@@ -104,9 +133,11 @@ def main():
     ]
     try:
         ports = {name: free_port() for name in ("single", "n1", "n2")}
+        servers = {}
         for name, port in ports.items():
             cluster = [] if name == "single" else ["--cluster", f"http://127.0.0.1:{client}", "--node-id", name]
-            processes.append(start([HEARTBEAT, "serve", "--listen", f"127.0.0.1:{port}", *cluster], port))
+            servers[name] = start([HEARTBEAT, "serve", "--listen", f"127.0.0.1:{port}", *cluster], port)
+            processes.append(servers[name])
         target = {name: f"127.0.0.1:{port}" for name, port in ports.items()}
         n = args.sessions
         rows = []
@@ -123,6 +154,32 @@ def main():
             print(f"| {what} | {p50:.2f} ms | {p99:.2f} ms |")
         print()
         print(f"etcd writes per session (Hello with a client id, then goodbye): {(after - before) / n:.2f}")
+        print()
+
+        m = min(args.burst, 10_000)
+        bursts = []
+        before = settle(target["n2"])
+        bench, opened = burst(target["n1"], target["n2"], m)
+        after = settle(target["n2"])
+        bursts.append((f"{m:,} opens at 5,000/s: all listed on node 2", opened, after - before))
+        bench.kill()
+        bench.wait()
+        dropped = until_listed(target["n2"], 0)
+        before, after = after, settle(target["n2"])
+        bursts.append((f"{m:,} connections dropped at once: all closed on node 2", dropped, after - before))
+        bench, _ = burst(target["n1"], target["n2"], m)
+        before = settle(target["n2"])
+        servers["n1"].terminate()
+        drained = until_listed(target["n2"], 0)
+        after = settle(target["n2"])
+        servers["n1"].wait()
+        bench.kill()
+        bench.wait()
+        bursts.append((f"node 1 drained with {m:,} sessions: all closed on node 2", drained, after - before))
+        print("| burst | time | etcd writes | per session |")
+        print("| --- | --- | --- | --- |")
+        for what, seconds, writes in bursts:
+            print(f"| {what} | {seconds:.2f} s | {writes:,} | {writes / m:.3f} |")
     finally:
         for process in reversed(processes):
             process.terminate()
