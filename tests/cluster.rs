@@ -252,6 +252,98 @@ async fn one_presence_with_replace_and_evict_across_nodes() {
     .await;
 }
 
+/// Tests that Hellos racing with one client id on three nodes at once leave
+/// exactly one session with it, the same on every node, and that the
+/// others end with Goodbye{REPLACED}: the client id's key is taken by
+/// comparing its `mod_revision`, so of any two claims the later replaces
+/// the earlier, whichever nodes they came through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_hellos_leave_one_session_per_client_id() {
+    const ROUNDS: usize = 10;
+    let etcd = TestEtcd::start("race");
+    let nodes = [1, 2, 3].map(|n| Node::start(&etcd, &format!("n{n}"), 10));
+    let mut watch = nodes[0].watch(0, 0).await;
+    let mut view = View::default();
+    view.until(&mut watch, "synced", |view| view.epoch != 0)
+        .await;
+    let mut rounds = Vec::new();
+    for round in 0..ROUNDS {
+        let client_id = format!("racer-{round}");
+        let hellos: Vec<_> = nodes
+            .iter()
+            .map(|node| {
+                let (addr, client_id) = (node.addr, client_id.clone());
+                tokio::spawn(async move { RawSession::hello(addr, &client_id).await })
+            })
+            .collect();
+        let mut racers = Vec::new();
+        for hello in hellos {
+            let (session, welcome) = hello.await.expect("a Hello");
+            racers.push((session, welcome.session_id));
+        }
+        rounds.push((client_id, racers));
+    }
+    // Settled once every racer opened and all but one per round closed.
+    let racers: BTreeSet<String> = rounds
+        .iter()
+        .flat_map(|(_, racers)| racers.iter().map(|(_, id)| id.clone()))
+        .collect();
+    view.until(&mut watch, "every race decided", |view| {
+        let seen = |kind| {
+            view.changes
+                .iter()
+                .filter(|change| change.1 == kind && racers.contains(&change.2))
+                .count()
+        };
+        seen("opened") == racers.len() && seen("closed") == 2 * ROUNDS
+    })
+    .await;
+    for (client_id, racers) in &mut rounds {
+        let open: Vec<&String> = racers
+            .iter()
+            .map(|(_, id)| id)
+            .filter(|id| view.open.contains(*id))
+            .collect();
+        assert_eq!(open.len(), 1, "{client_id}: one racer left open");
+        let winner = open[0].clone();
+        eventually("every node lists the winner alone", || async {
+            sole_holder(&nodes, client_id).await.as_ref() == Some(&winner)
+        })
+        .await;
+        for (session, _) in racers.iter_mut().filter(|(_, id)| *id != winner) {
+            session
+                .expect_end(pb::GoodbyeReason::Replaced, Code::Aborted)
+                .await;
+        }
+    }
+    let closes_replaced = view
+        .changes
+        .iter()
+        .filter(|change| change.1 == "closed" && racers.contains(&change.2))
+        .all(|change| change.3 == pb::CloseReason::Replaced as i32);
+    assert!(closes_replaced, "every loser closed as REPLACED");
+}
+
+/// The one session every node lists with `client_id`, if they agree on one.
+async fn sole_holder(nodes: &[Node], client_id: &str) -> Option<String> {
+    let mut holders = BTreeSet::new();
+    for node in nodes {
+        let of_id: Vec<String> = node
+            .list()
+            .await
+            .2
+            .into_iter()
+            .filter(|session| session.client_id == client_id)
+            .map(|session| session.session_id)
+            .collect();
+        if of_id.len() != 1 {
+            return None;
+        }
+        holders.extend(of_id);
+    }
+    holders.pop_first().filter(|_| holders.is_empty())
+}
+
 /// Tests that a node joining while a replaced session's node is frozen (so
 /// its close is never written) lists only the newer session, as the nodes
 /// that saw the replacement do.
