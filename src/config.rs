@@ -322,6 +322,10 @@ impl Default for FrameLimits {
 }
 
 impl ServerConfig {
+    /// The most sessions one server may be configured to hold: far beyond
+    /// what one process serves, and within what its queues can be sized for.
+    pub const MAX_SESSIONS: usize = 100_000_000;
+
     /// The suspicion threshold in force: the configured one, or the default
     /// derived from the interval and the timeout.
     pub fn effective_suspect_after(&self) -> Duration {
@@ -337,6 +341,21 @@ impl ServerConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if let Some(cluster) = &self.cluster {
             cluster.validate()?;
+            let size = self.limits.max_message_size;
+            if size > crate::cluster::ClusterConfig::MAX_MESSAGE_SIZE {
+                return Err(ConfigError::Cluster(format!(
+                    "max_message_size {size} is over {}, the most a session record can carry to etcd in one request (etcd refuses requests over 1.5 MiB by default): lower --max-message-size",
+                    crate::cluster::ClusterConfig::MAX_MESSAGE_SIZE
+                )));
+            }
+        }
+        if self.max_sessions > Self::MAX_SESSIONS {
+            return Err(ConfigError::OutOfRange {
+                name: "max_sessions",
+                value: self.max_sessions as u64,
+                min: 1,
+                max: Self::MAX_SESSIONS as u64,
+            });
         }
         if let Some(web) = &self.web {
             if cfg!(not(feature = "web")) {

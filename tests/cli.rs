@@ -87,11 +87,16 @@ fn min_ping_interval_must_be_below_interval() {
     );
 }
 
-/// Tests that a zero session capacity is refused.
+/// Tests that a session capacity of zero, or just over the largest, is refused.
 #[test]
 fn zero_capacity_is_refused() {
     let line = serve_error(&["--max-sessions", "0"], &[]);
     assert!(line.contains("max_sessions must be at least 1"), "{line}");
+    let line = serve_error(&["--max-sessions", "100000001"], &[]);
+    assert!(
+        line.contains("max_sessions 100000001 is out of range: use 1 to 100000000"),
+        "{line}"
+    );
 }
 
 /// Tests that an out-of-range frame limit is refused with its range.
@@ -236,7 +241,7 @@ fn bench_flags_name_the_flag_and_the_fix() {
 fn cluster_flags_name_the_value_and_the_fix() {
     let etcd = ["--cluster", "http://127.0.0.1:1"];
     let long_id = "n".repeat(64);
-    let cases: [(Vec<&str>, &str); 6] = [
+    let cases: [(Vec<&str>, &str); 7] = [
         (
             vec!["--cluster", "127.0.0.1:2379", "--node-id", "n1"],
             "is not an http:// URL",
@@ -260,6 +265,14 @@ fn cluster_flags_name_the_value_and_the_fix() {
         (
             [&etcd[..], &["--node-id", "n1", "--lease-ttl", "2500ms"]].concat(),
             "must be whole seconds",
+        ),
+        (
+            [
+                &etcd[..],
+                &["--node-id", "n1", "--max-message-size", "1048577"],
+            ]
+            .concat(),
+            "max_message_size 1048577 is over 1048576",
         ),
     ];
     for (args, expected) in cases {

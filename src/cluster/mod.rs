@@ -70,6 +70,10 @@ impl ClusterConfig {
     pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
     /// The longest node id.
     pub const MAX_NODE_ID: usize = 63;
+    /// The largest `--max-message-size` in cluster mode: a session's record
+    /// (its Hello, and what the server adds) must fit one etcd request,
+    /// which etcd limits to 1.5 MiB by default.
+    pub const MAX_MESSAGE_SIZE: u32 = 1024 * 1024;
 
     /// Checks every setting; the error names the value and the fix.
     pub fn validate(&self) -> Result<(), ConfigError> {
