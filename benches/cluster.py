@@ -14,8 +14,9 @@ draining node 1 (SIGTERM):
     python3 benches/cluster.py [--sessions 300] [--burst 10000]
 
 Prints a Markdown table for BENCHMARKS.md. etcd writes are counted from the
-revision presence reports (etcd's revision is the contract's revision
-divided by 2^20): every write to etcd is one revision.
+revision presence reports (etcd's revision, counted from the cluster's
+epoch, is the contract's revision divided by 2^20): every write to etcd is
+one revision.
 """
 
 import argparse

@@ -229,6 +229,8 @@ pub struct Subscription {
     changes: mpsc::Receiver<Arc<Change>>,
     /// Set and notified when the registry cuts this subscriber off.
     lag: Arc<LagSignal>,
+    /// The bound of `changes`.
+    queue: usize,
     /// Where a replay has got to.
     missed: Option<MissedCursor>,
     /// The registry, for reading a replay from its history.
@@ -319,9 +321,7 @@ impl Subscription {
     }
 
     fn lagged_error(&self) -> Lagged {
-        Lagged {
-            queue: self.registry.shared.queue,
-        }
+        Lagged { queue: self.queue }
     }
 }
 
@@ -403,6 +403,17 @@ impl Entry {
 struct Subscriber {
     changes: mpsc::Sender<Arc<Change>>,
     lag: Arc<LagSignal>,
+    delivery: Delivery,
+}
+
+/// What a subscriber that overflows its queue is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Delivery {
+    /// A watcher: cut off and counted as lagging, except in a shutdown's
+    /// burst of closes, where it just ends like every other watch.
+    Watcher,
+    /// A consumer of every change: cut off as lagging, whenever it happens.
+    Every,
 }
 
 /// Epochs are drawn below this, so that a JavaScript number or a JSON decoder
@@ -480,6 +491,15 @@ impl SessionRegistry {
         inner.sessions.insert(identity.session_id.clone(), entry);
     }
 
+    /// Forgets the history of a [mirror](Self::mirror): a resume from any
+    /// revision up to now gets a reset and a snapshot. For a mirror that
+    /// caught up by a difference rather than by the changes themselves.
+    pub(crate) fn forget_history(&self) {
+        let mut inner = self.shared.inner.lock();
+        inner.history.clear();
+        inner.dropped_through = inner.revision;
+    }
+
     /// The open session `session_id`, as it is now.
     pub fn session(&self, session_id: &str) -> Option<SessionInfo> {
         let entry = self.shared.inner.lock().sessions.get(session_id)?.share();
@@ -505,7 +525,8 @@ impl SessionRegistry {
 
     /// Another server's session `newer` took `client_id`: ends the session
     /// here that holds it, if any and if it is not `newer`, as
-    /// [`CloseReason::Replaced`]. Returns whether one was asked to end.
+    /// [`CloseReason::Replaced`]. `newer` is empty when that session is no
+    /// longer known. Returns whether one was asked to end.
     pub fn replaced_elsewhere(&self, client_id: &str, newer: &str) -> bool {
         let link = {
             let inner = self.shared.inner.lock();
@@ -518,10 +539,11 @@ impl SessionRegistry {
         };
         match link {
             Some(link) => {
-                link.conclude(
-                    CloseReason::Replaced,
-                    &format!("replaced by session {newer}"),
-                );
+                let message = match newer {
+                    "" => "replaced by a session on another node".to_owned(),
+                    newer => format!("replaced by session {newer}"),
+                };
+                link.conclude(CloseReason::Replaced, &message);
                 true
             }
             None => false,
@@ -793,11 +815,14 @@ impl SessionRegistry {
             |subscriber| match subscriber.changes.try_send(change.clone()) {
                 Ok(()) => true,
                 Err(mpsc::error::TrySendError::Full(_)) => {
-                    // During a shutdown the burst of closes is not the
+                    // During a shutdown the burst of closes is not a
                     // watcher's fault: it just ends, like every other watch.
-                    if !inner.shut_down {
+                    let watcher = subscriber.delivery == Delivery::Watcher;
+                    if !(watcher && inner.shut_down) {
                         subscriber.lag.lagged.store(true, Ordering::Release);
                         subscriber.lag.notify.notify_one();
+                    }
+                    if watcher && !inner.shut_down {
                         self.shared.metrics.watcher_lagged();
                     }
                     false
@@ -874,20 +899,28 @@ impl SessionRegistry {
     }
 
     /// Like [`Self::subscribe`], with a queue of `queue` changes instead of
-    /// the registry's watcher bound (for a consumer that must not lag, such
-    /// as a cluster node writing its sessions out).
+    /// the registry's watcher bound, for a consumer that must not lag, such
+    /// as a cluster node writing its sessions out. Unlike a watcher's, its
+    /// overflow is an error also during a shutdown: it is not counted as a
+    /// lagging watcher, but it never just ends with changes unread.
     pub fn subscribe_with_queue(&self, queue: usize) -> Subscription {
-        self.start_subscription(0, 0, queue.max(1))
+        self.start_subscription(0, 0, queue.max(1), Delivery::Every)
     }
 
     /// Resumes after `revision` of `epoch`: the missed changes if this server's
     /// history still holds all of them, otherwise a reset and a snapshot.
     /// `epoch` 0 asks for a fresh snapshot without a reset.
     pub fn resume(&self, epoch: u64, revision: u64) -> Subscription {
-        self.start_subscription(epoch, revision, self.shared.queue)
+        self.start_subscription(epoch, revision, self.shared.queue, Delivery::Watcher)
     }
 
-    fn start_subscription(&self, epoch: u64, revision: u64, queue: usize) -> Subscription {
+    fn start_subscription(
+        &self,
+        epoch: u64,
+        revision: u64,
+        queue: usize,
+        delivery: Delivery,
+    ) -> Subscription {
         let (sender, receiver) = mpsc::channel(queue);
         let lag = Arc::new(LagSignal::default());
         let start = {
@@ -901,6 +934,7 @@ impl SessionRegistry {
                 inner.subscribers.push(Subscriber {
                     changes: sender,
                     lag: lag.clone(),
+                    delivery,
                 });
             }
             start
@@ -927,6 +961,7 @@ impl SessionRegistry {
             start,
             changes: receiver,
             lag,
+            queue,
             missed,
             registry: self.clone(),
         }
@@ -1232,6 +1267,28 @@ mod tests {
         assert!(slow.next().await.expect("queued").is_some());
         assert!(slow.next().await.expect("queued").is_some());
         assert_eq!(slow.next().await, Err(Lagged { queue: 2 }));
+    }
+
+    /// Tests that a shutdown's burst of closes just ends a watcher that
+    /// cannot hold it, but cuts off a consumer of every change as lagging,
+    /// so that it never mistakes the end for having read everything.
+    #[tokio::test]
+    async fn a_shutdown_overflow_ends_watchers_but_fails_every_change_consumers() {
+        let registry = registry(100, 2);
+        for id in ["a", "b", "c", "d"] {
+            open(&registry, id, "");
+        }
+        let mut watcher = registry.subscribe();
+        let mut writer = registry.subscribe_with_queue(3);
+        registry.shut_down("bye");
+        for _ in 0..2 {
+            assert!(watcher.next().await.expect("queued").is_some());
+        }
+        assert_eq!(watcher.next().await, Ok(None), "a watch just ends");
+        for _ in 0..3 {
+            assert!(writer.next().await.expect("queued").is_some());
+        }
+        assert_eq!(writer.next().await, Err(Lagged { queue: 3 }));
     }
 
     /// Tests a mirror's client-id holders: an open takes only a free slot,

@@ -663,9 +663,10 @@ async fn mirrors_rewatch_after_an_etcd_restart() {
 /// closed (with the reasons their node wrote) and the one that opened
 /// opened; it lists what the other node lists; and it carries out what it
 /// missed for its own sessions: one whose client id was taken on the other
-/// node is replaced, one evicted through the other node is evicted. A node
-/// that joins after the compaction, with no history left to replay, lists
-/// the same.
+/// node is replaced (also when that node's session let the id go again),
+/// one evicted through the other node is evicted. A watch resumed from
+/// before the resync gets a reset, and a node that joins after the
+/// compaction, with no history left to replay, lists the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mirror_behind_a_compaction_reads_the_cluster_again() {
     let etcd = TestEtcd::start("compaction");
@@ -682,10 +683,11 @@ async fn a_mirror_behind_a_compaction_reads_the_cluster_again() {
     let (_kept, kept) = RawSession::hello(direct.addr, "kept").await;
     let (mut replaced, _) = RawSession::hello(behind.addr, "moves").await;
     let (mut evicted, doomed) = RawSession::hello(behind.addr, "doomed").await;
-    view.until(&mut watch, "every open", |view| view.open.len() == 5)
+    let (mut lent, lent_id) = RawSession::hello(behind.addr, "borrowed").await;
+    view.until(&mut watch, "every open", |view| view.open.len() == 6)
         .await;
     eventually("the other node lists them", || async {
-        direct.ids().await.len() == 5
+        direct.ids().await.len() == 6
     })
     .await;
 
@@ -702,6 +704,16 @@ async fn a_mirror_behind_a_compaction_reads_the_cluster_again() {
     half_closed.ended().await;
     let (_opened, opened) = RawSession::hello(direct.addr, "opened").await;
     let (_moved, moved) = RawSession::hello(direct.addr, "moves").await;
+    // Taken (once the claim is in etcd) and let go again: no key names a
+    // holder of it any more.
+    let (mut borrower, borrower_id) = RawSession::hello(direct.addr, "borrowed").await;
+    eventually("the other node shows the id taken", || async {
+        let ids = direct.ids().await;
+        ids.contains(&borrower_id.session_id) && !ids.contains(&lent_id.session_id)
+    })
+    .await;
+    borrower.half_close();
+    borrower.ended().await;
     direct
         .presence()
         .await
@@ -727,6 +739,8 @@ async fn a_mirror_behind_a_compaction_reads_the_cluster_again() {
 
     replaced
         .expect_end(pb::GoodbyeReason::Replaced, Code::Aborted)
+        .await;
+    lent.expect_end(pb::GoodbyeReason::Replaced, Code::Aborted)
         .await;
     let ended = evicted
         .expect_end(pb::GoodbyeReason::Evicted, Code::Aborted)
@@ -760,6 +774,18 @@ async fn a_mirror_behind_a_compaction_reads_the_cluster_again() {
         behind.ids().await == after && direct.ids().await == after
     })
     .await;
+    // A resume from before the resync: the history has only the
+    // difference, not the changes themselves, so it is a reset.
+    let mut resumed = behind.watch(view.epoch, revision_before).await;
+    let mut again = View {
+        revision: revision_before,
+        ..View::default()
+    };
+    again
+        .until(&mut resumed, "synced", |view| view.epoch != 0)
+        .await;
+    assert_eq!(again.resets, 1, "a resume across a resync is a reset");
+    assert_eq!(again.open, after);
     // Joining after the compaction: no history to replay, the same list.
     let late = Node::start(&etcd, "n3", 15);
     assert_eq!(late.ids().await, after);

@@ -13,7 +13,11 @@
 //! session elsewhere (the local holder is replaced) and an eviction asked
 //! through any node (the local session is evicted).
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
 
 use prost::Message;
 use tokio::{sync::watch, time::Instant};
@@ -22,7 +26,7 @@ use tracing::warn;
 
 use super::{
     etcd::pb::{event::EventType, Event, KeyValue, WatchResponse},
-    keys::Key,
+    keys::{self, Key},
     replicate::Evictions,
     ClusterError, Node,
 };
@@ -31,7 +35,9 @@ use crate::{
     metrics::Metrics,
     presence::wire::session_event,
     protocol::{pb, CloseReason},
-    registry::{SessionEvent, SessionInfo, SessionLink, SessionRegistry, SessionStats},
+    registry::{
+        SessionEvent, SessionInfo, SessionLink, SessionRegistry, SessionState, SessionStats,
+    },
 };
 
 /// How long a broken watch waits before it is opened again.
@@ -41,14 +47,14 @@ const RETRY: Duration = Duration::from_millis(250);
 /// starts without it.
 const CATCH_UP: Duration = Duration::from_secs(10);
 
-/// Builds the view of the cluster as of etcd revision `registered` (this
-/// node's registration, under the prefix): a follower to keep it current.
+/// Builds the view of the cluster, current as of this node's registration
+/// at etcd revision `registered` (or later): a follower to keep it current.
 ///
 /// So that a watch resumes here as on the nodes that were up before, the
 /// view's history is filled too: the cluster is read as it was up to
 /// `--watch-history` etcd revisions earlier, and the changes since are
 /// replayed from etcd's own history, numbered as every other node numbered
-/// them. If etcd compacted that far back, the view starts from `registered`
+/// them. If etcd compacted that far back, the view is read as it is now,
 /// with an empty history (a resume from before gets a reset).
 pub(super) async fn read_view(
     node: Arc<Node>,
@@ -72,7 +78,14 @@ pub(super) async fn read_view(
             }
         }
     }
-    Follower::read(&node, epoch, server, &evictions, &metrics, registered)
+    if from < registered {
+        warn!(
+            from,
+            "could not replay the cluster's recent changes (compacted?); \
+             watches from before this node joined will get a reset"
+        );
+    }
+    Follower::read(&node, epoch, server, &evictions, &metrics, 0)
         .await
         .map_err(ClusterError::etcd("read the sessions"))
 }
@@ -211,9 +224,11 @@ impl Follower {
         let Reading {
             records, revision, ..
         } = read_records(node, at).await?;
+        // Past every change of that etcd revision, which the read holds: a
+        // resume from within it gets a reset, not a replay without them.
         let view = SessionRegistry::mirror(
             epoch,
-            node.revisions.of(revision, 0),
+            node.revisions.of(revision, keys::CHANGES_PER_REVISION - 1),
             server.watch_history,
             server.watch_queue,
             metrics.clone(),
@@ -441,27 +456,32 @@ impl Follower {
                 }
             }
         };
-        let viewed = self.view.snapshot().sessions;
-        for session in viewed {
+        // The difference, as changes: closes, state changes, then opens.
+        let mut changes = Vec::new();
+        for session in self.view.snapshot().sessions {
             let id = session.identity.session_id.clone();
-            let (reason, message) = match records.get(&id) {
+            match records.get(&id) {
                 Some(SessionEvent::Closed {
                     reason, message, ..
-                }) => (*reason, message.clone()),
-                Some(_) => continue,
-                None => (
-                    CloseReason::NodeLost,
-                    format!("node {} was lost", session.identity.node),
-                ),
-            };
-            let revision = self.next_revision(revision);
-            let change = SessionEvent::Closed {
-                session,
-                reason,
-                message,
-            };
-            let link = RemoteSession::link(change.session(), &self.evictions);
-            self.view.apply(revision, change, link);
+                }) => changes.push(SessionEvent::Closed {
+                    session,
+                    reason: *reason,
+                    message: message.clone(),
+                }),
+                Some(record) if record.session().state != session.state => {
+                    let info = record.session().clone();
+                    changes.push(match info.state {
+                        SessionState::Suspect => SessionEvent::Suspected(info),
+                        SessionState::Live => SessionEvent::Recovered(info),
+                    });
+                }
+                Some(_) => {}
+                None => changes.push(SessionEvent::Closed {
+                    message: format!("node {} was lost", session.identity.node),
+                    session,
+                    reason: CloseReason::NodeLost,
+                }),
+            }
         }
         for record in records.into_values() {
             if let SessionEvent::Opened(info)
@@ -469,21 +489,55 @@ impl Follower {
             | SessionEvent::Recovered(info) = record
             {
                 if self.view.session(&info.identity.session_id).is_none() {
-                    let revision = self.next_revision(revision);
-                    let link = RemoteSession::link(&info, &self.evictions);
-                    self.view.apply(revision, SessionEvent::Opened(info), link);
+                    changes.push(SessionEvent::Opened(info));
                 }
             }
         }
+        // Numbered at the top of etcd revision R, above the changes other
+        // nodes numbered from its bottom: a watcher that saw the whole
+        // difference holds the state at R and may resume anywhere after it.
+        let top = keys::CHANGES_PER_REVISION - 1;
+        self.position = (revision, top.saturating_sub(changes.len() as u64));
+        for change in changes {
+            let revision = self.next_revision(revision);
+            let link = RemoteSession::link(change.session(), &self.evictions);
+            self.view.apply(revision, change, link);
+        }
+        // The history lacks the changes themselves: a resume from before
+        // gets a reset rather than this difference.
+        self.view.forget_history();
         // The view already shows every holder's rivals closed; this sets
         // the holders, and replaces a local session that lost its id.
-        for (client_id, holder, claimed) in holders {
-            self.client_taken(&client_id, &holder, claimed);
+        let held: HashSet<&str> = holders
+            .iter()
+            .map(|(client_id, _, _)| client_id.as_str())
+            .collect();
+        self.released_elsewhere(&held, revision);
+        for (client_id, holder, claimed) in &holders {
+            self.client_taken(client_id, holder, *claimed);
         }
         for (session_id, message) in evictions {
             self.local.evict(&session_id, &message);
         }
         self.applied = revision;
+    }
+
+    /// After a resync at etcd revision `revision`: ends each local session
+    /// whose client id, claimed before that revision, no longer names it nor
+    /// anyone (`held` are the ids etcd names a holder for). Another session
+    /// took the id and let it go while this node was not watching.
+    fn released_elsewhere(&self, held: &HashSet<&str>, revision: i64) {
+        let claims = self.node.claims.lock();
+        for session in self.local.snapshot().sessions {
+            let identity = &session.identity;
+            let client_id = identity.client_id.as_str();
+            let claimed_before = claims
+                .get(&identity.session_id)
+                .is_some_and(|claimed| *claimed <= revision);
+            if !client_id.is_empty() && claimed_before && !held.contains(client_id) {
+                self.local.replaced_elsewhere(client_id, "");
+            }
+        }
     }
 }
 

@@ -7,9 +7,10 @@
 //! Each node keeps its own sessions exactly as a single server does (the local
 //! [`SessionRegistry`] decides their ends), and:
 //!
-//! - **writes each transition** of its sessions to etcd: one transaction per
-//!   open, suspicion, recovery and close, never one per heartbeat
-//!   (`replicate`). Session keys live on the node's lease.
+//! - **writes each transition** of its sessions to etcd: one write per open,
+//!   suspicion, recovery and close, never one per heartbeat, and those that
+//!   queue up share a transaction (`replicate`). Session keys live on the
+//!   node's lease.
 //! - **mirrors** every node's sessions into a second registry, the *view*, by
 //!   reading the session keys at one etcd revision and watching from the next
 //!   (`mirror`). Presence (`ListSessions`, `WatchSessions`) answers from the
@@ -392,9 +393,13 @@ async fn agree_on_epoch(etcd: &Etcd, keys: &Keys) -> Result<(u64, Revisions), Cl
                 String::from_utf8_lossy(&epoch_key.value)
             ))
         })?;
+    // The base goes into the epoch too: nodes that count revisions from
+    // different bases (another version) never share an epoch, so a watch
+    // moving between them gets a reset, never a wrong replay.
+    let base = epoch_key.create_revision;
     Ok((
-        keys::epoch(cluster_id, written),
-        Revisions::from_base(epoch_key.create_revision),
+        keys::epoch(cluster_id, written ^ base.unsigned_abs()),
+        Revisions::from_base(base),
     ))
 }
 
