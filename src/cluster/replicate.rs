@@ -51,9 +51,14 @@ pub(super) const QUEUE: usize = 1 << 16;
 /// nested transaction may only use what its parent left.
 const BATCH_OPS: usize = 96;
 
-/// The most record bytes in one batch: well below etcd's default
-/// `--max-request-bytes` of 1.5 MiB, at any record size the contract allows.
+/// The most bytes in one batch's request: well below etcd's default
+/// `--max-request-bytes` of 1.5 MiB. A single change may be larger (up to
+/// cluster mode's largest message, 1 MiB, and its keys): it goes alone.
 const BATCH_BYTES: usize = 512 * 1024;
+
+/// What an operation adds to a request besides its keys and value: its
+/// framing, a lease id, a compare's target.
+const OP_OVERHEAD: usize = 32;
 
 /// How long a failed write waits before it is tried again.
 const RETRY: Duration = Duration::from_millis(200);
@@ -197,8 +202,15 @@ impl Writer {
                 (1 + usize::from(client_id.is_some()), client_id.as_ref())
             }
         };
+        // The request's size: the record, the session's key, and the client
+        // id's key as a compare and a put or delete (client ids may be long).
+        let keys = &self.node.keys;
+        let bytes = record.len()
+            + keys.session(session_id).len()
+            + id_taken.map_or(0, |id| 2 * keys.client(id).len())
+            + OP_OVERHEAD * ops;
         let full = !batch.writes.is_empty()
-            && (batch.ops + ops > BATCH_OPS || batch.bytes + record.len() > BATCH_BYTES);
+            && (batch.ops + ops > BATCH_OPS || batch.bytes + bytes > BATCH_BYTES);
         if full
             || batch.sessions.contains(session_id)
             || id_taken.is_some_and(|id| batch.client_ids.contains(id))
@@ -210,7 +222,7 @@ impl Writer {
             batch.client_ids.insert(id.clone());
         }
         batch.ops += ops;
-        batch.bytes += record.len();
+        batch.bytes += bytes;
         batch.writes.push((session_id.clone(), write, record));
         true
     }
