@@ -348,6 +348,13 @@ impl ServerConfig {
                     crate::cluster::ClusterConfig::MAX_MESSAGE_SIZE
                 )));
             }
+            let most = crate::cluster::ClusterConfig::MAX_SESSIONS;
+            if self.max_sessions > most {
+                return Err(ConfigError::Cluster(format!(
+                    "max_sessions {} is over {most}, the most one cluster node may hold (a lost node's sessions all close in one etcd revision, which numbers at most 2^20 changes): lower --max-sessions, or run more nodes",
+                    self.max_sessions
+                )));
+            }
         }
         if self.max_sessions > Self::MAX_SESSIONS {
             return Err(ConfigError::OutOfRange {

@@ -491,19 +491,36 @@ impl SessionRegistry {
         inner.sessions.insert(identity.session_id.clone(), entry);
     }
 
-    /// Forgets the history of a [mirror](Self::mirror): a resume from any
-    /// revision up to now gets a reset and a snapshot. For a mirror that
-    /// caught up by a difference rather than by the changes themselves.
-    pub(crate) fn forget_history(&self) {
+    /// Moves a [mirror](Self::mirror) that caught up by a difference rather
+    /// than by the changes themselves to `revision`: applies `changes`
+    /// without publishing them, forgets the history, and ends every
+    /// subscription. Each watcher then resumes from the last revision it
+    /// saw: here it gets a reset and a snapshot, since the history is gone;
+    /// on a mirror that saw the changes, a replay.
+    pub(crate) fn resynchronize(
+        &self,
+        revision: u64,
+        changes: Vec<(SessionEvent, Arc<dyn SessionLink>)>,
+    ) {
         let mut inner = self.shared.inner.lock();
-        inner.history.clear();
+        for (event, link) in changes {
+            Self::change_locked(&mut inner, &event, link);
+        }
+        inner.revision = inner.revision.max(revision);
         inner.dropped_through = inner.revision;
+        inner.history.clear();
+        inner.subscribers.clear();
     }
 
     /// The open session `session_id`, as it is now.
     pub fn session(&self, session_id: &str) -> Option<SessionInfo> {
         let entry = self.shared.inner.lock().sessions.get(session_id)?.share();
         Some(info_of(&entry))
+    }
+
+    /// Whether [`shut_down`](Self::shut_down) has begun.
+    pub(crate) fn is_shut_down(&self) -> bool {
+        self.shared.inner.lock().shut_down
     }
 
     /// Records that the open session `session_id` holds `client_id`, for a
@@ -557,13 +574,17 @@ impl SessionRegistry {
     /// mirror does not hold, and revisions not above the last, are ignored.
     pub fn apply(&self, revision: u64, event: SessionEvent, link: Arc<dyn SessionLink>) {
         let mut inner = self.shared.inner.lock();
-        if revision <= inner.revision {
-            return;
+        if revision > inner.revision && Self::change_locked(&mut inner, &event, link) {
+            self.publish_at(&mut inner, revision, event);
         }
+    }
+
+    /// Changes a mirror's sessions as `event` says; whether that was news.
+    fn change_locked(inner: &mut Inner, event: &SessionEvent, link: Arc<dyn SessionLink>) -> bool {
         let session_id = event.session().identity.session_id.clone();
-        match &event {
+        match event {
             // A record written twice (a retried write) is news only once.
-            SessionEvent::Opened(_) if inner.sessions.contains_key(&session_id) => return,
+            SessionEvent::Opened(_) if inner.sessions.contains_key(&session_id) => false,
             SessionEvent::Opened(info) => {
                 // Only into a free slot. A claimed open that replaces a holder
                 // is applied before its claim, which then closes the holder
@@ -583,29 +604,28 @@ impl SessionRegistry {
                     link,
                 };
                 inner.sessions.insert(session_id, entry);
+                true
             }
             SessionEvent::Suspected(info) | SessionEvent::Recovered(info) => {
                 let Some(entry) = inner.sessions.get_mut(&session_id) else {
-                    return;
+                    return false;
                 };
                 let changed = entry.state != info.state;
                 entry.state = info.state;
                 entry.link = link;
-                if !changed {
-                    return;
-                }
+                changed
             }
             SessionEvent::Closed { session, .. } => {
                 if inner.sessions.remove(&session_id).is_none() {
-                    return;
+                    return false;
                 }
                 let client_id = &session.identity.client_id;
                 if inner.by_client.get(client_id) == Some(&session_id) {
                     inner.by_client.remove(client_id);
                 }
+                true
             }
         }
-        self.publish_at(&mut inner, revision, event);
     }
 
     /// The server's epoch: never 0, below 2^53, new on every start.
@@ -1338,5 +1358,51 @@ mod tests {
         mirror.apply(104, opened("b"), link);
         mirror.hold("x", "b");
         assert_eq!(mirror.holder("x").as_deref(), Some("b"));
+    }
+
+    /// Tests a mirror's resynchronization: the difference is applied but
+    /// not published, live watches end, and a resume from before it is a
+    /// reset while one from its revision replays nothing.
+    #[tokio::test]
+    async fn a_resynchronized_mirror_ends_its_watches_and_forgets_its_history() {
+        let mirror = SessionRegistry::mirror(7, 100, 10, 10, Arc::new(Metrics::new(&[], &[])));
+        let opened = |id: &str| {
+            SessionEvent::Opened(SessionInfo {
+                identity: Arc::new(identity(id, "")),
+                last_seen: SystemTime::now(),
+                rtt: None,
+                state: SessionState::Live,
+                frames_in: 0,
+                frames_out: 0,
+                phi: Phi::default(),
+            })
+        };
+        mirror.apply(101, opened("a"), recording(&mirror, "a"));
+        let mut live = mirror.subscribe();
+        let gone = SessionEvent::Closed {
+            session: mirror.session("a").expect("open"),
+            reason: CloseReason::NodeLost,
+            message: String::new(),
+        };
+        mirror.resynchronize(
+            500,
+            vec![
+                (gone, recording(&mirror, "a")),
+                (opened("b"), recording(&mirror, "b")),
+            ],
+        );
+        assert_eq!(live.next().await, Ok(None), "the watch ends, unpublished");
+        assert!(mirror.session("a").is_none() && mirror.session("b").is_some());
+        let before = mirror.resume(7, 101);
+        assert!(matches!(
+            before.start,
+            SubscriptionStart::Snapshot { reset: true, .. }
+        ));
+        let mut at = mirror.resume(7, 500);
+        assert!(matches!(
+            at.start,
+            SubscriptionStart::Replay { revision: 500 }
+        ));
+        assert_eq!(at.next_missed(), Ok(None));
     }
 }

@@ -241,7 +241,7 @@ fn bench_flags_name_the_flag_and_the_fix() {
 fn cluster_flags_name_the_value_and_the_fix() {
     let etcd = ["--cluster", "http://127.0.0.1:1"];
     let long_id = "n".repeat(64);
-    let cases: [(Vec<&str>, &str); 7] = [
+    let cases: [(Vec<&str>, &str); 8] = [
         (
             vec!["--cluster", "127.0.0.1:2379", "--node-id", "n1"],
             "is not an http:// URL",
@@ -273,6 +273,10 @@ fn cluster_flags_name_the_value_and_the_fix() {
             ]
             .concat(),
             "max_message_size 1048577 is over 1048576",
+        ),
+        (
+            [&etcd[..], &["--node-id", "n1", "--max-sessions", "1000001"]].concat(),
+            "max_sessions 1000001 is over 1000000, the most one cluster node may hold",
         ),
     ];
     for (args, expected) in cases {

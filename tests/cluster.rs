@@ -658,15 +658,15 @@ async fn mirrors_rewatch_after_an_etcd_restart() {
 }
 
 /// Tests that a node whose watch comes back after etcd compacted the
-/// revisions it missed reads the cluster again and catches up by changes,
-/// without a reset: its watcher sees the sessions that closed meanwhile
-/// closed (with the reasons their node wrote) and the one that opened
-/// opened; it lists what the other node lists; and it carries out what it
-/// missed for its own sessions: one whose client id was taken on the other
-/// node is replaced (also when that node's session let the id go again),
-/// one evicted through the other node is evicted. A watch resumed from
-/// before the resync gets a reset, and a node that joins after the
-/// compaction, with no history left to replay, lists the same.
+/// revisions it missed reads the cluster again: it lists what the other node
+/// lists; it carries out what it missed for its own sessions (one whose
+/// client id was taken on the other node is replaced, also when that node's
+/// session let the id go again; one evicted through the other node is
+/// evicted); and its watches end, to be resumed. Resumed there they get a
+/// reset and the sessions as they are (its history lacks the changes);
+/// resumed on the other node, a replay of each change with its reason. A
+/// node that joins after the compaction, with no history left to replay,
+/// lists the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mirror_behind_a_compaction_reads_the_cluster_again() {
     let etcd = TestEtcd::start("compaction");
@@ -734,7 +734,7 @@ async fn a_mirror_behind_a_compaction_reads_the_cluster_again() {
     })
     .await;
     etcd.compact().await;
-    let (changes_before, revision_before) = (view.changes.len(), view.revision);
+    let (epoch, revision_before) = (view.epoch, view.revision);
     proxy.resume();
 
     replaced
@@ -751,12 +751,43 @@ async fn a_mirror_behind_a_compaction_reads_the_cluster_again() {
         .filter(|id| **id != doomed.session_id)
         .cloned()
         .collect();
-    view.until(&mut watch, "the difference", |view| view.open == after)
+    // The watch on the node that re-read the cluster ends, to be resumed.
+    let ended = loop {
+        match within(WAIT, watch.message()).await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the watch ended without a status"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
+    // Resumed there: its history has not the changes, so a reset and the
+    // sessions as they are.
+    let mut resumed = behind.watch(epoch, revision_before).await;
+    let mut again = View {
+        revision: revision_before,
+        ..View::default()
+    };
+    again
+        .until(&mut resumed, "the same sessions", |view| {
+            view.epoch != 0 && view.open == after
+        })
         .await;
-    assert_eq!(view.resets, 0, "a resync is changes, not a reset");
-    let caught_up = &view.changes[changes_before..];
+    assert_eq!(again.resets, 1, "a resume across a resync is a reset");
+    // Resumed on the other node, which saw the changes: each of them, with
+    // the reasons their node wrote, and no reset.
+    let mut elsewhere = direct.watch(epoch, revision_before).await;
+    let mut replayed = View {
+        revision: revision_before,
+        open: view.open.clone(),
+        ..View::default()
+    };
+    replayed
+        .until(&mut elsewhere, "the replay", |view| view.open == after)
+        .await;
+    assert_eq!(replayed.resets, 0);
     let closed = |id: &str| {
-        caught_up
+        replayed
+            .changes
             .iter()
             .find(|change| change.1 == "closed" && change.2 == id)
             .map(|change| change.3)
@@ -769,23 +800,10 @@ async fn a_mirror_behind_a_compaction_reads_the_cluster_again() {
         closed(&was_half_closed.session_id),
         Some(pb::CloseReason::ClientHalfClose as i32)
     );
-    assert!(caught_up.iter().all(|change| change.0 > revision_before));
     eventually("both nodes list the same", || async {
         behind.ids().await == after && direct.ids().await == after
     })
     .await;
-    // A resume from before the resync: the history has only the
-    // difference, not the changes themselves, so it is a reset.
-    let mut resumed = behind.watch(view.epoch, revision_before).await;
-    let mut again = View {
-        revision: revision_before,
-        ..View::default()
-    };
-    again
-        .until(&mut resumed, "synced", |view| view.epoch != 0)
-        .await;
-    assert_eq!(again.resets, 1, "a resume across a resync is a reset");
-    assert_eq!(again.open, after);
     // Joining after the compaction: no history to replay, the same list.
     let late = Node::start(&etcd, "n3", 15);
     assert_eq!(late.ids().await, after);

@@ -52,9 +52,10 @@ impl Revisions {
     }
 }
 
-/// The cluster's epoch from etcd's cluster id and the epoch key's value:
-/// never 0, below 2^53 like every epoch, the same on every node, and new when
-/// etcd's data is (the key is gone, or it is another cluster).
+/// The cluster's epoch from etcd's cluster id and `epoch_key`, the epoch
+/// key's value mixed with the revision it was created at: never 0, below
+/// 2^53 like every epoch, the same on every node, and new when etcd's data
+/// is (the key is gone, or it is another cluster).
 pub(crate) fn epoch(cluster_id: u64, epoch_key: u64) -> u64 {
     let limit = crate::registry::EPOCH_LIMIT;
     (cluster_id ^ epoch_key) % (limit - 1) + 1

@@ -3,11 +3,15 @@
 //! The view starts from one read of the session keys at etcd revision R, then
 //! follows a watch from R + 1. A joining node takes R up to `--watch-history`
 //! revisions in the past and replays the changes since before it serves, so
-//! its history, like every other node's, lets a watch resume here. The watch does not resume by itself: when it
-//! breaks (etcd restarted, a network blip) it is opened again from the
-//! revision after the last one applied, so nothing is missed or applied
-//! twice. If etcd compacted that revision away, the view is read again and
-//! the difference applied as changes.
+//! its history, like every other node's, lets a watch resume here.
+//!
+//! The watch does not resume by itself: when it breaks (etcd restarted, a
+//! network blip) it is opened again from the revision after the last one
+//! applied, so nothing is missed or applied twice. If etcd compacted that
+//! revision away, the view is read again. The difference is not the changes
+//! themselves (a session that opened and closed meanwhile is in neither), so
+//! it is not streamed: the view's watches end and resume, with a reset here
+//! and a replay on any node that saw the changes.
 //!
 //! The same watch carries what this node must act on: a client id taken by a
 //! session elsewhere (the local holder is replaced) and an eviction asked
@@ -438,9 +442,9 @@ impl Follower {
         }
     }
 
-    /// After a compaction: reads the sessions again and applies the
-    /// difference from the view as changes, then acts on what this node
-    /// missed: a client id taken from one of its sessions, an eviction.
+    /// After a compaction: reads the sessions again and moves the view to
+    /// them (its watchers resume), then acts on what this node missed: a
+    /// client id taken from one of its sessions, an eviction.
     async fn resync(&mut self) {
         let Reading {
             revision,
@@ -493,19 +497,19 @@ impl Follower {
                 }
             }
         }
-        // Numbered at the top of etcd revision R, above the changes other
-        // nodes numbered from its bottom: a watcher that saw the whole
-        // difference holds the state at R and may resume anywhere after it.
+        // Not streamed: the difference is not the changes themselves (a
+        // session that opened and closed meanwhile is in neither), so its
+        // watchers resume instead, and get a reset here.
+        let changes = changes
+            .into_iter()
+            .map(|change| {
+                let link = RemoteSession::link(change.session(), &self.evictions);
+                (change, link)
+            })
+            .collect();
         let top = keys::CHANGES_PER_REVISION - 1;
-        self.position = (revision, top.saturating_sub(changes.len() as u64));
-        for change in changes {
-            let revision = self.next_revision(revision);
-            let link = RemoteSession::link(change.session(), &self.evictions);
-            self.view.apply(revision, change, link);
-        }
-        // The history lacks the changes themselves: a resume from before
-        // gets a reset rather than this difference.
-        self.view.forget_history();
+        self.view
+            .resynchronize(self.node.revisions.of(revision, top), changes);
         // The view already shows every holder's rivals closed; this sets
         // the holders, and replaces a local session that lost its id.
         let held: HashSet<&str> = holders
@@ -534,7 +538,8 @@ impl Follower {
             let claimed_before = claims
                 .get(&identity.session_id)
                 .is_some_and(|claimed| *claimed <= revision);
-            if !client_id.is_empty() && claimed_before && !held.contains(client_id) {
+            let holds = self.local.holder(client_id).as_ref() == Some(&identity.session_id);
+            if !client_id.is_empty() && claimed_before && holds && !held.contains(client_id) {
                 self.local.replaced_elsewhere(client_id, "");
             }
         }

@@ -75,6 +75,10 @@ impl ClusterConfig {
     /// (its Hello, and what the server adds) must fit one etcd request,
     /// which etcd limits to 1.5 MiB by default.
     pub const MAX_MESSAGE_SIZE: u32 = 1024 * 1024;
+    /// The largest `--max-sessions` in cluster mode: a node lost with all its
+    /// sessions closes them in one etcd revision, and each needs a revision
+    /// of its own within it (2^20 of them).
+    pub const MAX_SESSIONS: usize = 1_000_000;
 
     /// Checks every setting; the error names the value and the fix.
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -329,11 +333,10 @@ impl Cluster {
     /// are written, then revokes the lease, which deletes this node's keys.
     pub(crate) async fn leave(mut self, grace: Duration) {
         if let Some(mut flushed) = self.flushed.take() {
-            if tokio::time::timeout(grace, flushed.wait_for(|done| *done))
-                .await
-                .is_err()
-            {
-                warn!("leaving the cluster with session changes not yet written to etcd");
+            // Not flushed within the grace, or the writer gave up.
+            let written = tokio::time::timeout(grace, flushed.wait_for(|done| *done)).await;
+            if !matches!(written, Ok(Ok(_))) {
+                warn!("leaving the cluster with session changes not written to etcd; their sessions will be reported NODE_LOST");
             }
         }
         for task in self.tasks.drain(..) {
@@ -359,9 +362,10 @@ impl Drop for Cluster {
     }
 }
 
-/// The epoch: from etcd's cluster id and a random number that the first node
-/// writes under the prefix, so every node derives the same one; and the
-/// revisions, counted from that key's creation.
+/// The epoch: from etcd's cluster id, a random number that the first node
+/// writes under the prefix, and the etcd revision that key was created at,
+/// so every node derives the same one; and the revisions, counted from that
+/// key's creation.
 async fn agree_on_epoch(etcd: &Etcd, keys: &Keys) -> Result<(u64, Revisions), ClusterError> {
     let proposal = rand::random::<u64>() % EPOCH_LIMIT;
     let txn = etcd::txn(

@@ -22,7 +22,7 @@ use std::{
 
 use prost::Message;
 use tokio::sync::{watch, Notify};
-use tracing::warn;
+use tracing::{error, warn};
 
 use super::{
     etcd::{
@@ -93,9 +93,14 @@ pub(super) async fn sessions(
                 Ok(Some(change)) => change,
                 Ok(None) => break,
                 Err(lagged) => {
-                    fenced.send_replace(Some(format!(
-                        "this node's session changes outran etcd ({lagged})"
-                    )));
+                    let reason = format!("this node's session changes outran etcd ({lagged})");
+                    error!(%reason, "session changes are no longer written to etcd");
+                    // In a drain, leaving revokes the lease: what was not
+                    // written is reported NODE_LOST at once. Otherwise the
+                    // node can no longer be seen as it is: it fences itself.
+                    if !writer.local.is_shut_down() {
+                        fenced.send_replace(Some(reason));
+                    }
                     return;
                 }
             },

@@ -285,8 +285,10 @@ async fn stream_watch(
                 }
             }
             Ok(None) => {
+                // The registry ended the watch: a shutdown, or in cluster
+                // mode a view that re-read the cluster after a compaction.
                 let ending = Status::unavailable(
-                    "the server is shutting down; resume the watch from the last revision seen",
+                    "the watch ended (the server is shutting down, or re-read the cluster); resume it from the last revision seen",
                 );
                 let _ = events.send(Err(ending)).await;
                 return Ok(());
