@@ -1085,6 +1085,19 @@ mod tests {
         })
     }
 
+    /// A mirror's record of a live session opening.
+    fn mirror_open(session_id: &str, client_id: &str) -> SessionEvent {
+        SessionEvent::Opened(SessionInfo {
+            identity: Arc::new(identity(session_id, client_id)),
+            last_seen: SystemTime::now(),
+            rtt: None,
+            state: SessionState::Live,
+            frames_in: 0,
+            frames_out: 0,
+            phi: Phi::default(),
+        })
+    }
+
     fn open(registry: &SessionRegistry, session_id: &str, client_id: &str) -> Arc<RecordingLink> {
         let link = recording(registry, session_id);
         registry
@@ -1319,17 +1332,7 @@ mod tests {
     fn a_mirror_holder_is_decided_by_claims() {
         let mirror = SessionRegistry::mirror(7, 100, 2, 10, Arc::new(Metrics::new(&[], &[])));
         let link = recording(&mirror, "a");
-        let opened = |id: &str| {
-            SessionEvent::Opened(SessionInfo {
-                identity: Arc::new(identity(id, "x")),
-                last_seen: SystemTime::now(),
-                rtt: None,
-                state: SessionState::Live,
-                frames_in: 0,
-                frames_out: 0,
-                phi: Phi::default(),
-            })
-        };
+        let opened = |id: &str| mirror_open(id, "x");
         mirror.apply(101, opened("a"), link.clone());
         assert_eq!(mirror.holder("x").as_deref(), Some("a"));
         mirror.apply(102, opened("u"), link.clone());
@@ -1366,17 +1369,7 @@ mod tests {
     #[tokio::test]
     async fn a_resynchronized_mirror_ends_its_watches_and_forgets_its_history() {
         let mirror = SessionRegistry::mirror(7, 100, 10, 10, Arc::new(Metrics::new(&[], &[])));
-        let opened = |id: &str| {
-            SessionEvent::Opened(SessionInfo {
-                identity: Arc::new(identity(id, "")),
-                last_seen: SystemTime::now(),
-                rtt: None,
-                state: SessionState::Live,
-                frames_in: 0,
-                frames_out: 0,
-                phi: Phi::default(),
-            })
-        };
+        let opened = |id: &str| mirror_open(id, "");
         mirror.apply(101, opened("a"), recording(&mirror, "a"));
         let mut live = mirror.subscribe();
         let gone = SessionEvent::Closed {
