@@ -1085,9 +1085,9 @@ mod tests {
         })
     }
 
-    /// A mirror's record of a live session opening.
-    fn mirror_open(session_id: &str, client_id: &str) -> SessionEvent {
-        SessionEvent::Opened(SessionInfo {
+    /// A live session as a mirror's record shows it.
+    fn mirror_info(session_id: &str, client_id: &str) -> SessionInfo {
+        SessionInfo {
             identity: Arc::new(identity(session_id, client_id)),
             last_seen: SystemTime::now(),
             rtt: None,
@@ -1095,7 +1095,12 @@ mod tests {
             frames_in: 0,
             frames_out: 0,
             phi: Phi::default(),
-        })
+        }
+    }
+
+    /// A mirror's record of a live session opening.
+    fn mirror_open(session_id: &str, client_id: &str) -> SessionEvent {
+        SessionEvent::Opened(mirror_info(session_id, client_id))
     }
 
     fn open(registry: &SessionRegistry, session_id: &str, client_id: &str) -> Arc<RecordingLink> {
@@ -1202,15 +1207,7 @@ mod tests {
     fn mirrors_replay_revisions_that_skip_numbers() {
         let mirror = SessionRegistry::mirror(7, 100, 2, 10, Arc::new(Metrics::new(&[], &[])));
         let link = recording(&mirror, "a");
-        let info = |id: &str| SessionInfo {
-            identity: Arc::new(identity(id, "")),
-            last_seen: SystemTime::now(),
-            rtt: None,
-            state: SessionState::Live,
-            frames_in: 0,
-            frames_out: 0,
-            phi: Phi::default(),
-        };
+        let info = |id: &str| mirror_info(id, "");
         let closed = |id: &str| SessionEvent::Closed {
             session: info(id),
             reason: CloseReason::NodeLost,
