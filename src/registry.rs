@@ -241,6 +241,8 @@ pub struct Subscription {
 #[derive(Debug, Default)]
 struct LagSignal {
     lagged: AtomicBool,
+    /// Set with `lagged` when a mirror's resynchronization cut it off.
+    restarted: AtomicBool,
     notify: Notify,
 }
 
@@ -318,6 +320,15 @@ impl Subscription {
             }
             notified.await;
         }
+    }
+
+    /// Whether the cut off was a mirror's [resynchronization] rather than
+    /// a lag: the subscriber is not behind, and should resume (from the last
+    /// revision it saw) as after a shutdown.
+    ///
+    /// [resynchronization]: SessionRegistry::resynchronize
+    pub fn restarted(&self) -> bool {
+        self.lag.restarted.load(Ordering::Acquire)
     }
 
     fn lagged_error(&self) -> Lagged {
@@ -493,10 +504,12 @@ impl SessionRegistry {
 
     /// Moves a [mirror](Self::mirror) that caught up by a difference rather
     /// than by the changes themselves to `revision`: applies `changes`
-    /// without publishing them, forgets the history, and ends every
-    /// subscription. Each watcher then resumes from the last revision it
-    /// saw: here it gets a reset and a snapshot, since the history is gone;
-    /// on a mirror that saw the changes, a replay.
+    /// without publishing them, forgets the history, and cuts off every
+    /// subscription at once ([`Subscription::restarted`]), even one blocked
+    /// on a slow consumer or in the middle of a replay. Each watcher then
+    /// resumes from the last revision it saw: here it gets a reset and a
+    /// snapshot, since the history is gone; on a mirror that saw the
+    /// changes, a replay.
     pub(crate) fn resynchronize(
         &self,
         revision: u64,
@@ -509,7 +522,11 @@ impl SessionRegistry {
         inner.revision = inner.revision.max(revision);
         inner.dropped_through = inner.revision;
         inner.history.clear();
-        inner.subscribers.clear();
+        for subscriber in inner.subscribers.drain(..) {
+            subscriber.lag.restarted.store(true, Ordering::Release);
+            subscriber.lag.lagged.store(true, Ordering::Release);
+            subscriber.lag.notify.notify_one();
+        }
     }
 
     /// The open session `session_id`, as it is now.
@@ -1361,8 +1378,9 @@ mod tests {
     }
 
     /// Tests a mirror's resynchronization: the difference is applied but
-    /// not published, live watches end, and a resume from before it is a
-    /// reset while one from its revision replays nothing.
+    /// not published, live watches are cut off as restarted, and a resume
+    /// from before it is a reset while one from its revision replays
+    /// nothing.
     #[tokio::test]
     async fn a_resynchronized_mirror_ends_its_watches_and_forgets_its_history() {
         let mirror = SessionRegistry::mirror(7, 100, 10, 10, Arc::new(Metrics::new(&[], &[])));
@@ -1381,7 +1399,11 @@ mod tests {
                 (opened("b"), recording(&mirror, "b")),
             ],
         );
-        assert_eq!(live.next().await, Ok(None), "the watch ends, unpublished");
+        assert!(
+            live.next().await.is_err(),
+            "the watch is cut off, unpublished"
+        );
+        assert!(live.restarted(), "as restarted, not lagging");
         assert!(mirror.session("a").is_none() && mirror.session("b").is_some());
         let before = mirror.resume(7, 101);
         assert!(matches!(

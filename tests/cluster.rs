@@ -760,6 +760,7 @@ async fn a_mirror_behind_a_compaction_reads_the_cluster_again() {
         }
     };
     assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
+    assert!(ended.message().contains("re-read the cluster"), "{ended:?}");
     // Resumed there: its history has not the changes, so a reset and the
     // sessions as they are.
     let mut resumed = behind.watch(epoch, revision_before).await;

@@ -202,8 +202,8 @@ pub(super) struct Follower {
     evictions: Evictions,
     /// The last etcd revision whose events were all applied.
     applied: i64,
-    /// The etcd revision of the last session change, and the index the next
-    /// change of that revision gets.
+    /// The etcd revision of the last numbered event, and the index the next
+    /// event of that revision gets.
     position: (i64, u64),
 }
 
@@ -368,6 +368,11 @@ impl Follower {
         revision
     }
 
+    /// Applies one event. Every session key's event and every client id's
+    /// claim takes the next revision of its etcd revision, whether or not
+    /// it changes this view: numbering then depends on etcd's events alone,
+    /// never on a view's state, which differs between a node that followed
+    /// the cluster and one that read it (a skipped number is allowed).
     fn apply(&mut self, event: Event) {
         let Some(kv) = event.kv else {
             return;
@@ -375,6 +380,7 @@ impl Follower {
         let put = event.r#type == EventType::Put as i32;
         match self.node.keys.parse(&kv.key) {
             Key::Session(id) => {
+                let revision = self.next_revision(kv.mod_revision);
                 let change = if put {
                     decode(&kv)
                 } else {
@@ -387,14 +393,15 @@ impl Follower {
                     })
                 };
                 if let Some(change) = change {
-                    let revision = self.next_revision(kv.mod_revision);
                     let link = RemoteSession::link(change.session(), &self.evictions);
                     self.view.apply(revision, change, link);
                 }
             }
             Key::Client(client_id) if put => {
+                let revision = self.next_revision(kv.mod_revision);
                 if let Ok(newer) = std::str::from_utf8(&kv.value) {
-                    self.client_taken(client_id, newer, kv.mod_revision);
+                    self.replace_in_view(client_id, newer, revision);
+                    self.claim_seen(client_id, newer, kv.mod_revision);
                 }
             }
             Key::Evict(session_id) if put => {
@@ -405,14 +412,13 @@ impl Follower {
         }
     }
 
-    /// Session `newer` took `client_id` at `etcd_revision`. In every view the
+    /// Session `newer` took `client_id`, at `revision`: in every view the
     /// id's previous holder is replaced there and then, at the same revision
-    /// on every node; here, the local holder ends if its own claim came
-    /// first (a claim not yet written will come later, and win).
-    fn client_taken(&mut self, client_id: &str, newer: &str, etcd_revision: i64) {
+    /// on every node, and the claim makes `newer` the holder (an open
+    /// written without one never takes it).
+    fn replace_in_view(&mut self, client_id: &str, newer: &str, revision: u64) {
         let older = self.view.holder(client_id).filter(|older| older != newer);
         if let Some(session) = older.and_then(|older| self.view.session(&older)) {
-            let revision = self.next_revision(etcd_revision);
             let change = SessionEvent::Closed {
                 session,
                 reason: CloseReason::Replaced,
@@ -421,9 +427,13 @@ impl Follower {
             let link = RemoteSession::link(change.session(), &self.evictions);
             self.view.apply(revision, change, link);
         }
-        // The claim decides the holder (an open written without one never
-        // takes it).
         self.view.hold(client_id, newer);
+    }
+
+    /// Session `newer` took `client_id` at `etcd_revision`: this node's
+    /// holder of it ends if its own claim came first (a claim not yet
+    /// written will come later, and win).
+    fn claim_seen(&self, client_id: &str, newer: &str, etcd_revision: i64) {
         // Claims are recorded here, in watch order, so this node's own
         // claim is always known before a later one is judged against it.
         let replace = {
@@ -460,7 +470,7 @@ impl Follower {
                 }
             }
         };
-        // The difference, as changes: closes, state changes, then opens.
+        // The difference, as changes: closes, updates, then opens.
         let mut changes = Vec::new();
         for session in self.view.snapshot().sessions {
             let id = session.identity.session_id.clone();
@@ -472,14 +482,14 @@ impl Follower {
                     reason: *reason,
                     message: message.clone(),
                 }),
-                Some(record) if record.session().state != session.state => {
+                // Still open: its state and counters as last written.
+                Some(record) => {
                     let info = record.session().clone();
                     changes.push(match info.state {
                         SessionState::Suspect => SessionEvent::Suspected(info),
                         SessionState::Live => SessionEvent::Recovered(info),
                     });
                 }
-                Some(_) => {}
                 None => changes.push(SessionEvent::Closed {
                     message: format!("node {} was lost", session.identity.node),
                     session,
@@ -518,7 +528,8 @@ impl Follower {
             .collect();
         self.released_elsewhere(&held, revision);
         for (client_id, holder, claimed) in &holders {
-            self.client_taken(client_id, holder, *claimed);
+            self.view.hold(client_id, holder);
+            self.claim_seen(client_id, holder, *claimed);
         }
         for (session_id, message) in evictions {
             self.local.evict(&session_id, &message);

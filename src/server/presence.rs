@@ -171,8 +171,15 @@ impl pb::presence_service_server::PresenceService for PresenceEndpoint {
         tokio::spawn(async move {
             // Held for the watch's life: the cap and the gauge.
             let _slot = slot;
-            if let WatchEnd::Lagged(lagged) = forward(subscription, filter, &events).await {
-                let _ = cut.send(Status::resource_exhausted(lagged.to_string()));
+            let ending = match forward(subscription, filter, &events).await {
+                WatchEnd::Over => None,
+                WatchEnd::Lagged(lagged) => Some(Status::resource_exhausted(lagged.to_string())),
+                WatchEnd::Restarted => Some(Status::unavailable(
+                    "this node re-read the cluster after etcd compacted what it missed; resume the watch from the last revision seen",
+                )),
+            };
+            if let Some(ending) = ending {
+                let _ = cut.send(ending);
             }
             // Dropped only now: the stream must not end before it hears of a lag.
             drop(events);
@@ -211,6 +218,9 @@ enum WatchEnd {
     Over,
     /// The registry cut the watcher off for lagging.
     Lagged(Lagged),
+    /// The registry (a cluster's view that re-read the cluster) cut every
+    /// watcher off, to resume.
+    Restarted,
 }
 
 /// Sends the subscription's start, `synced`, then its changes, until the
@@ -222,6 +232,7 @@ async fn forward(
 ) -> WatchEnd {
     match stream_watch(&mut subscription, &filter, events).await {
         Ok(()) => WatchEnd::Over,
+        Err(WatchEnd::Lagged(_)) if subscription.restarted() => WatchEnd::Restarted,
         Err(end) => end,
     }
 }
@@ -285,10 +296,8 @@ async fn stream_watch(
                 }
             }
             Ok(None) => {
-                // The registry ended the watch: a shutdown, or in cluster
-                // mode a view that re-read the cluster after a compaction.
                 let ending = Status::unavailable(
-                    "the watch ended (the server is shutting down, or re-read the cluster); resume it from the last revision seen",
+                    "the server is shutting down; resume the watch from the last revision seen",
                 );
                 let _ = events.send(Err(ending)).await;
                 return Ok(());
