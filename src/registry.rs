@@ -207,7 +207,9 @@ pub enum SubscriptionStart {
 pub struct ShutDown;
 
 /// A subscriber that fell behind and was cut off: more changes were waiting
-/// than its queue holds, or a replay fell out of the bounded history.
+/// than its queue holds, or a replay fell out of the bounded history. (A
+/// subscriber cut off by a mirror's resynchronization gets this too; its
+/// [`Subscription::restarted`] tells the two apart.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("the subscriber lagged: it fell more than {queue} changes behind; resume from the last revision seen")]
 pub struct Lagged {
@@ -293,8 +295,10 @@ impl Subscription {
         Ok(next)
     }
 
-    /// The next change; `Ok(None)` once the registry is gone, `Err` if this
-    /// subscriber fell too far behind (after the changes queued before).
+    /// The next change; `Ok(None)` once the registry is gone or shut down,
+    /// `Err` once it cut this subscriber off (after the changes queued
+    /// before): for lagging, or, if [`restarted`](Self::restarted), for a
+    /// mirror's resynchronization.
     pub async fn next(&mut self) -> Result<Option<Arc<Change>>, Lagged> {
         match self.changes.recv().await {
             Some(change) => Ok(Some(change)),
@@ -310,8 +314,9 @@ impl Subscription {
         self.changes.try_recv().ok()
     }
 
-    /// Completes once the registry has cut this subscriber off for lagging,
-    /// so an owner blocked on something else (a slow consumer) learns it at once.
+    /// Completes once the registry has cut this subscriber off (for lagging,
+    /// or [restarted](Self::restarted)), so an owner blocked on something
+    /// else (a slow consumer) learns it at once.
     pub async fn lagged(&self) -> Lagged {
         loop {
             let notified = self.lag.notify.notified();
@@ -322,11 +327,9 @@ impl Subscription {
         }
     }
 
-    /// Whether the cut off was a mirror's [resynchronization] rather than
-    /// a lag: the subscriber is not behind, and should resume (from the last
-    /// revision it saw) as after a shutdown.
-    ///
-    /// [resynchronization]: SessionRegistry::resynchronize
+    /// Whether the cut off was a cluster view's resynchronization (it
+    /// re-read the cluster) rather than a lag: the subscriber is not behind,
+    /// and should resume (from the last revision it saw) as after a shutdown.
     pub fn restarted(&self) -> bool {
         self.lag.restarted.load(Ordering::Acquire)
     }

@@ -17,9 +17,19 @@
 //! was lost.
 
 /// The contract's revisions in cluster mode: etcd's revision × 2^20 plus the
-/// change's index within it, so a node's lost lease (many sessions closing in
-/// one etcd revision) still gives one revision per change.
+/// index within it of the event (each session key's event and each client
+/// id's claim, whether or not it changes a view), so a node's lost lease
+/// (many sessions closing in one etcd revision) still gives one revision per
+/// change. Past 2^20 events in one revision the index stays at the last:
+/// only a short lease's tombstones expiring can get there, and their
+/// deletions change no view, so nothing is published under a repeated
+/// number (a node's own lease holds at most 1,000,000 sessions).
 pub(crate) const CHANGES_PER_REVISION: u64 = 1 << 20;
+
+/// The version of how cluster mode numbers revisions, mixed into the epoch:
+/// raise it whenever the numbering changes, so nodes of two versions never
+/// share an epoch (a watch moving between them gets a reset).
+pub(crate) const NUMBERING: u64 = 2;
 
 /// How the contract's revisions are counted from etcd's: from the etcd
 /// revision at which the cluster's epoch began (its epoch key was written),
@@ -37,7 +47,7 @@ impl Revisions {
         Self { base }
     }
 
-    /// The contract's revision of the `index`th session change of etcd
+    /// The contract's revision of the `index`th numbered event of etcd
     /// revision `etcd_revision`.
     pub(crate) fn of(self, etcd_revision: i64, index: u64) -> u64 {
         u64::try_from(etcd_revision.saturating_sub(self.base))

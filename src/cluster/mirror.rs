@@ -184,6 +184,13 @@ async fn read_records(node: &Node, at: i64) -> Result<Reading, tonic::Status> {
     })
 }
 
+/// Whether a session's record says more than the view shows: another state
+/// or other counters.
+fn moved(record: &SessionInfo, viewed: &SessionInfo) -> bool {
+    let counters = |info: &SessionInfo| (info.state, info.rtt, info.frames_in, info.frames_out);
+    counters(record) != counters(viewed)
+}
+
 /// A session record: the session's last change.
 fn decode(kv: &KeyValue) -> Option<SessionEvent> {
     let record = pb::WatchSessionsResponse::decode(kv.value.as_slice()).ok()?;
@@ -358,7 +365,7 @@ impl Follower {
         Ok(())
     }
 
-    /// The contract's revision for the next session change of `etcd_revision`.
+    /// The contract's revision for the next numbered event of `etcd_revision`.
     fn next_revision(&mut self, etcd_revision: i64) -> u64 {
         if self.position.0 != etcd_revision {
             self.position = (etcd_revision, 0);
@@ -482,14 +489,16 @@ impl Follower {
                     reason: *reason,
                     message: message.clone(),
                 }),
-                // Still open: its state and counters as last written.
-                Some(record) => {
+                // Still open: its state and counters as last written, if
+                // they moved (each update swaps a link under the view's lock).
+                Some(record) if moved(record.session(), &session) => {
                     let info = record.session().clone();
                     changes.push(match info.state {
                         SessionState::Suspect => SessionEvent::Suspected(info),
                         SessionState::Live => SessionEvent::Recovered(info),
                     });
                 }
+                Some(_) => {}
                 None => changes.push(SessionEvent::Closed {
                     message: format!("node {} was lost", session.identity.node),
                     session,

@@ -23,9 +23,9 @@
 //!
 //! A node that dies stops renewing its lease; etcd deletes its keys, and every
 //! other node reports those sessions closed as `NODE_LOST`. Revisions are
-//! etcd's revision × 2^20 plus the change's index within it
-//! (`keys::revision`), so the many closes of one lost lease still get one
-//! revision each. See `keys` for the layout.
+//! etcd's revision (counted from the epoch's start) × 2^20 plus the index of
+//! the event within it (`keys::Revisions`), so the many closes of one lost
+//! lease still get one revision each. See `keys` for the layout.
 
 mod etcd;
 mod keys;
@@ -397,12 +397,13 @@ async fn agree_on_epoch(etcd: &Etcd, keys: &Keys) -> Result<(u64, Revisions), Cl
                 String::from_utf8_lossy(&epoch_key.value)
             ))
         })?;
-    // The base goes into the epoch too: nodes that count revisions from
-    // different bases (another version) never share an epoch, so a watch
-    // moving between them gets a reset, never a wrong replay.
+    // The base and the numbering's version go into the epoch too: nodes
+    // that number changes differently (another version) never share an
+    // epoch, so a watch moving between them gets a reset, never a wrong
+    // replay.
     let base = epoch_key.create_revision;
     Ok((
-        keys::epoch(cluster_id, written ^ base.unsigned_abs()),
+        keys::epoch(cluster_id, written ^ base.unsigned_abs() ^ keys::NUMBERING),
         Revisions::from_base(base),
     ))
 }

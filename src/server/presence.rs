@@ -328,8 +328,9 @@ fn response(event: Event, revision: u64) -> pb::WatchSessionsResponse {
 }
 
 /// A watch's responses: its events in order, except that a watcher cut off
-/// for lagging hears it at once, ahead of what was queued for it (it resumes
-/// from the last revision it saw, so nothing is lost).
+/// (for lagging, or by a cluster view's resynchronization) hears it at once,
+/// ahead of what was queued for it (it resumes from the last revision it
+/// saw, so nothing is lost).
 struct WatchResponses {
     events: mpsc::Receiver<Result<pb::WatchSessionsResponse, Status>>,
     cut_off: Option<oneshot::Receiver<Status>>,
