@@ -81,8 +81,6 @@ pub(super) async fn read_view(
                 return Ok(follower);
             }
         }
-    }
-    if from < registered {
         warn!(
             from,
             "could not replay the cluster's recent changes (compacted?); \
