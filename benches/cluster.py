@@ -26,7 +26,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,7 +35,7 @@ sys.path.insert(0, os.path.join(ROOT, "interop", "python"))
 import grpc  # noqa: E402
 
 from heartbeat_client import pb  # noqa: E402
-from loopback import free_port, start  # noqa: E402
+from loopback import free_port, start, start_etcd, stop  # noqa: E402
 
 HB = pb.heartbeat
 
@@ -117,26 +116,13 @@ def main():
     if shutil.which("etcd") is None:
         sys.exit("needs etcd on the PATH: apt-get install etcd-server")
     subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
-    data = tempfile.mkdtemp(prefix="hb-bench-etcd-")
-    client, peer = free_port(), free_port()
-    processes = [
-        start(
-            [
-                "etcd", "--data-dir", data, "--name", "bench",
-                "--listen-client-urls", f"http://127.0.0.1:{client}",
-                "--advertise-client-urls", f"http://127.0.0.1:{client}",
-                "--listen-peer-urls", f"http://127.0.0.1:{peer}",
-                "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
-                "--initial-cluster", f"bench=http://127.0.0.1:{peer}",
-            ],
-            client,
-        )
-    ]
+    etcd, data, etcd_url = start_etcd()
+    processes = [etcd]
     try:
         ports = {name: free_port() for name in ("single", "n1", "n2")}
         servers = {}
         for name, port in ports.items():
-            cluster = [] if name == "single" else ["--cluster", f"http://127.0.0.1:{client}", "--node-id", name]
+            cluster = [] if name == "single" else ["--cluster", etcd_url, "--node-id", name]
             servers[name] = start([HEARTBEAT, "serve", "--listen", f"127.0.0.1:{port}", *cluster], port)
             processes.append(servers[name])
         target = {name: f"127.0.0.1:{port}" for name, port in ports.items()}
@@ -182,10 +168,7 @@ def main():
         for what, seconds, writes in bursts:
             print(f"| {what} | {seconds:.2f} s | {writes:,} | {writes / m:.3f} |")
     finally:
-        for process in reversed(processes):
-            process.terminate()
-            process.wait()
-        shutil.rmtree(data, ignore_errors=True)
+        stop(processes, data)
 
 
 if __name__ == "__main__":

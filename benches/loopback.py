@@ -1,10 +1,12 @@
-"""What the bench scripts share: ports on loopback, and processes that
-listen on them. (`run.py` keeps its own wait, which also watches the
+"""What the bench scripts share: ports on loopback, processes that listen on
+them, and a real etcd. (`run.py` keeps its own wait, which also watches the
 process it started.)"""
 
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 
@@ -34,3 +36,30 @@ def start(args, port=None, **kwargs):
     if port:
         wait_for_port(port)
     return process
+
+
+def start_etcd():
+    """A real etcd (Debian's etcd-server) on loopback with a fresh data
+    directory: its process, the directory, and its client URL."""
+    data = tempfile.mkdtemp(prefix="hb-bench-etcd-")
+    client, peer = free_port(), free_port()
+    process = start(
+        [
+            "etcd", "--data-dir", data, "--name", "bench",
+            "--listen-client-urls", f"http://127.0.0.1:{client}",
+            "--advertise-client-urls", f"http://127.0.0.1:{client}",
+            "--listen-peer-urls", f"http://127.0.0.1:{peer}",
+            "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
+            "--initial-cluster", f"bench=http://127.0.0.1:{peer}",
+        ],
+        client,
+    )
+    return process, data, f"http://127.0.0.1:{client}"
+
+
+def stop(processes, data):
+    """Stops `processes`, the last started first, and removes `data`."""
+    for process in reversed(processes):
+        process.terminate()
+        process.wait()
+    shutil.rmtree(data, ignore_errors=True)

@@ -27,7 +27,6 @@ import resource
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
@@ -39,7 +38,7 @@ sys.path.insert(0, os.path.join(ROOT, "interop", "python"))
 import grpc  # noqa: E402
 
 from heartbeat_client import pb  # noqa: E402
-from loopback import free_port, start  # noqa: E402
+from loopback import free_port, start, start_etcd, stop  # noqa: E402
 
 
 class Balancer:
@@ -134,18 +133,10 @@ def main():
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     subprocess.run(["cargo", "build", "--release", "--quiet", "--example", "fleet"], cwd=ROOT, check=True)
     subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
-    data = tempfile.mkdtemp(prefix="hb-bench-etcd-")
-    client, peer = free_port(), free_port()
-    processes = [start([
-        "etcd", "--data-dir", data, "--name", "bench",
-        "--listen-client-urls", f"http://127.0.0.1:{client}",
-        "--advertise-client-urls", f"http://127.0.0.1:{client}",
-        "--listen-peer-urls", f"http://127.0.0.1:{peer}",
-        "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
-        "--initial-cluster", f"bench=http://127.0.0.1:{peer}",
-    ], client)]
+    etcd, data, etcd_url = start_etcd()
+    processes = [etcd]
     node = lambda name, port: start([  # noqa: E731
-        HEARTBEAT, "serve", "--listen", f"127.0.0.1:{port}", "--cluster", f"http://127.0.0.1:{client}",
+        HEARTBEAT, "serve", "--listen", f"127.0.0.1:{port}", "--cluster", etcd_url,
         "--node-id", name, "--max-session-age", args.age, "--max-rotations-per-second", str(args.rate),
         "--max-sessions", str(args.sessions * 2),
         # Every connection comes from the balancer's address.
@@ -199,10 +190,7 @@ def main():
         print(f"| new connections accepted by the balancer, most in one second | {max(window, default=0)} |")
         print(f"| rotations / losses reported by the clients | {last.get('rotated')} / {last.get('lost')} |")
     finally:
-        for process in reversed(processes):
-            process.terminate()
-            process.wait()
-        shutil.rmtree(data, ignore_errors=True)
+        stop(processes, data)
 
 
 if __name__ == "__main__":
