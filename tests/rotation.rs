@@ -71,14 +71,7 @@ async fn the_client_rotates_before_it_breaks() {
                 }
                 _ => {}
             }
-            let ids: Vec<String> = server
-                .handle
-                .registry()
-                .snapshot()
-                .sessions
-                .iter()
-                .map(|session| session.identity.client_id.clone())
-                .collect();
+            let ids = server.client_ids();
             assert!(ids.contains(&"rotor".to_owned()), "rotor missing: {ids:?}");
         }
         current = to;

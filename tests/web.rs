@@ -529,14 +529,7 @@ async fn client_credentials_apply_to_websockets() {
         close.reason.contains("not one your credential allows"),
         "{close:?}"
     );
-    let ids: Vec<String> = server
-        .handle
-        .registry()
-        .snapshot()
-        .sessions
-        .iter()
-        .map(|session| session.identity.client_id.clone())
-        .collect();
+    let ids = server.client_ids();
     assert!(!ids.contains(&"admin".to_owned()), "{ids:?}");
     server.shutdown().await.expect("clean shutdown");
 }

@@ -102,6 +102,17 @@ impl TestServer {
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
+
+    /// The client ids of the sessions open now.
+    pub fn client_ids(&self) -> Vec<String> {
+        self.handle
+            .registry()
+            .snapshot()
+            .sessions
+            .iter()
+            .map(|session| session.identity.client_id.clone())
+            .collect()
+    }
 }
 
 /// Awaits `future`, failing the test if it takes longer than `limit`.
