@@ -9,10 +9,12 @@
 //! differs in two ways: a counter's `# HELP`/`# TYPE` lines name its `_total`
 //! sample, and there is no `# EOF`.
 
-use std::{fmt::Write, time::Duration};
+mod cluster;
+
+use std::{fmt::Write, sync::OnceLock, time::Duration};
 
 use prometheus_client::{
-    encoding::text::encode,
+    encoding::text::{encode_eof, encode_registry},
     metrics::{
         counter::Counter,
         family::Family,
@@ -37,6 +39,8 @@ const PHI_BUCKETS: [f64; 11] = [1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 10.0, 12.0, 16.0, 
 
 type ReasonCounter = Family<[(&'static str, &'static str); 1], Counter>;
 
+pub(crate) use cluster::ClusterMetrics;
+
 /// The server's metrics; cheap to share behind an `Arc`.
 #[derive(Debug)]
 pub struct Metrics {
@@ -60,6 +64,8 @@ pub struct Metrics {
     connections_closed_idle: Counter,
     accept_errors: Counter,
     tls_handshakes_failed: Counter,
+    /// Cluster mode's families, registered when a node joins a cluster.
+    cluster: OnceLock<ClusterMetrics>,
 }
 
 impl Metrics {
@@ -89,8 +95,18 @@ impl Metrics {
             connections_closed_idle: Counter::default(),
             accept_errors: Counter::default(),
             tls_handshakes_failed: Counter::default(),
+            cluster: OnceLock::new(),
             registry: Registry::default(),
         };
+        let build_info = Family::<[(&'static str, &'static str); 1], Gauge>::default();
+        build_info
+            .get_or_create(&[("version", env!("CARGO_PKG_VERSION"))])
+            .set(1);
+        registry.register(
+            "heartbeat_build_info",
+            "Always 1; the version label is the running server's",
+            build_info,
+        );
         registry.register(
             "heartbeat_sessions_open",
             "Heartbeat sessions open now (Hello received, not yet closed)",
@@ -315,12 +331,23 @@ impl Metrics {
         }
     }
 
+    /// Cluster mode's families, registered (in this server's scrape) on the
+    /// first call.
+    pub(crate) fn cluster(&self) -> &ClusterMetrics {
+        self.cluster.get_or_init(ClusterMetrics::new)
+    }
+
     /// The metrics in OpenMetrics if `openmetrics`, else in the classic
     /// Prometheus text format; with the matching content type.
     pub fn render(&self, openmetrics: bool) -> (String, &'static str) {
         let mut text = String::new();
         // Writing to a String cannot fail.
-        let _ = encode(&mut text, &self.registry);
+        let _ = encode_registry(&mut text, &self.registry);
+        if let Some(cluster) = self.cluster.get() {
+            cluster.refresh();
+            let _ = encode_registry(&mut text, &cluster.registry);
+        }
+        let _ = encode_eof(&mut text);
         if openmetrics {
             (text, OPENMETRICS_TEXT)
         } else {

@@ -5,8 +5,12 @@
 //! It is thin on purpose. The watch and keep-alive streams do not reconnect by
 //! themselves: their owners re-open them and resume from the last revision
 //! they applied, which is the only place that knows it.
+//!
+//! Every unary call is timed into `heartbeat_cluster_etcd_request_duration_seconds`,
+//! and every answer's header tells the metrics how far etcd has come, so the
+//! view's lag is measured against etcd itself.
 
-use std::time::Duration;
+use std::{future::Future, sync::Arc, time::Duration};
 
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -23,12 +27,14 @@ pub(crate) mod pb {
 
 use pb::{
     kv_client::KvClient, lease_client::LeaseClient, request_op::Request, watch_client::WatchClient,
-    watch_request::RequestUnion, KeyValue, LeaseGrantRequest, LeaseKeepAliveRequest,
-    LeaseKeepAliveResponse, LeaseRevokeRequest, PutRequest, RangeRequest, RangeResponse, RequestOp,
-    TxnRequest, TxnResponse, WatchCreateRequest, WatchRequest, WatchResponse,
+    watch_request::RequestUnion, CompactionRequest, KeyValue, LeaseGrantRequest,
+    LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseRevokeRequest, PutRequest, RangeRequest,
+    RangeResponse, RequestOp, ResponseHeader, TxnRequest, TxnResponse, WatchCreateRequest,
+    WatchProgressRequest, WatchRequest, WatchResponse,
 };
 
 use super::ClusterError;
+use crate::metrics::Metrics;
 
 /// How long one unary call to etcd may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -42,12 +48,35 @@ pub(crate) struct Etcd {
     kv: KvClient<Channel>,
     watch: WatchClient<Channel>,
     lease: LeaseClient<Channel>,
+    metrics: Arc<Metrics>,
+}
+
+/// What kind of failure an etcd call's status is, as
+/// `heartbeat_cluster_write_failures_total` labels it: `nospace` (etcd's
+/// quota is full: "mvcc: database space exceeded"), `timeout`,
+/// `unavailable` (no connection, no leader) or `other`.
+pub(crate) fn failure_kind(status: &Status) -> &'static str {
+    use tonic::Code;
+    let message = status.message();
+    if message.contains("database space exceeded") {
+        "nospace"
+    } else if status.code() == Code::DeadlineExceeded || message.contains("Timeout expired") {
+        "timeout"
+    } else if status.code() == Code::Unavailable {
+        "unavailable"
+    } else {
+        "other"
+    }
 }
 
 impl Etcd {
     /// A client of the etcd cluster at `endpoints` (`http://host:port`). The
     /// channel connects lazily and balances over the endpoints that answer.
-    pub(crate) fn connect(endpoints: &[String]) -> Result<Self, ClusterError> {
+    /// Calls are timed, and answers' revisions heard, in `metrics`.
+    pub(crate) fn connect(
+        endpoints: &[String],
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, ClusterError> {
         let endpoints = endpoints
             .iter()
             .map(|url| {
@@ -75,7 +104,32 @@ impl Etcd {
             kv: KvClient::new(channel.clone()).max_decoding_message_size(MAX_RESPONSE),
             watch: WatchClient::new(channel.clone()).max_decoding_message_size(MAX_RESPONSE),
             lease: LeaseClient::new(channel),
+            metrics,
         })
+    }
+
+    /// Runs `call` (etcd call `op`), timing it, and notes the revision its
+    /// answer's header gives.
+    async fn timed<T>(
+        &self,
+        op: &'static str,
+        call: impl Future<Output = Result<tonic::Response<T>, Status>>,
+        header: impl FnOnce(&T) -> Option<&ResponseHeader>,
+    ) -> Result<T, Status> {
+        let started = tokio::time::Instant::now();
+        let answer = call.await;
+        let cluster = self.metrics.cluster();
+        cluster.etcd_request(op, started.elapsed());
+        let answer = answer?.into_inner();
+        if let Some(header) = header(&answer) {
+            cluster.heard_head(header.revision);
+        }
+        Ok(answer)
+    }
+
+    /// The metrics this client reports to.
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// Every key under `prefix`, at `revision` (0: now).
@@ -90,7 +144,9 @@ impl Etcd {
             limit: 0,
             revision,
         };
-        Ok(self.kv.clone().range(request).await?.into_inner())
+        let mut kv = self.kv.clone();
+        self.timed("range", kv.range(request), |answer| answer.header.as_ref())
+            .await
     }
 
     /// One key, if it exists, and the revision it was read at.
@@ -99,25 +155,53 @@ impl Etcd {
             key: key.to_vec(),
             ..RangeRequest::default()
         };
-        let response = self.kv.clone().range(request).await?.into_inner();
+        let mut kv = self.kv.clone();
+        let response = self
+            .timed("range", kv.range(request), |answer| answer.header.as_ref())
+            .await?;
         let revision = response.header.map_or(0, |header| header.revision);
         Ok((response.kvs.into_iter().next(), revision))
     }
 
     /// A transaction.
     pub(crate) async fn txn(&self, txn: TxnRequest) -> Result<TxnResponse, Status> {
-        Ok(self.kv.clone().txn(txn).await?.into_inner())
+        let mut kv = self.kv.clone();
+        self.timed("txn", kv.txn(txn), |answer| answer.header.as_ref())
+            .await
+    }
+
+    /// Compacts etcd's history up to `revision`: what is older can no longer
+    /// be read or watched, and its pages are free for reuse (only a defrag
+    /// shrinks the file). Compacting to a revision already compacted is not
+    /// an error here: another node got there first.
+    pub(crate) async fn compact(&self, revision: i64) -> Result<(), Status> {
+        let mut kv = self.kv.clone();
+        let request = CompactionRequest {
+            revision,
+            physical: false,
+        };
+        match self
+            .timed("compact", kv.compact(request), |answer| {
+                answer.header.as_ref()
+            })
+            .await
+        {
+            Err(status) if status.message().contains("compacted") => Ok(()),
+            answer => answer.map(drop),
+        }
     }
 
     /// A new lease of `ttl` seconds: its id, and the TTL etcd granted (it
     /// may raise a short one to its minimum).
     pub(crate) async fn grant(&self, ttl: i64) -> Result<(i64, i64), Status> {
+        let mut lease = self.lease.clone();
         let response = self
-            .lease
-            .clone()
-            .lease_grant(LeaseGrantRequest { ttl, id: 0 })
-            .await?
-            .into_inner();
+            .timed(
+                "grant",
+                lease.lease_grant(LeaseGrantRequest { ttl, id: 0 }),
+                |answer| answer.header.as_ref(),
+            )
+            .await?;
         if response.error.is_empty() {
             Ok((response.id, response.ttl))
         } else {
@@ -127,11 +211,14 @@ impl Etcd {
 
     /// Revokes a lease, deleting every key attached to it.
     pub(crate) async fn revoke(&self, id: i64) -> Result<(), Status> {
-        self.lease
-            .clone()
-            .lease_revoke(LeaseRevokeRequest { id })
-            .await?;
-        Ok(())
+        let mut lease = self.lease.clone();
+        self.timed(
+            "revoke",
+            lease.lease_revoke(LeaseRevokeRequest { id }),
+            |answer| answer.header.as_ref(),
+        )
+        .await
+        .map(drop)
     }
 
     /// A keep-alive stream for lease `id`, its first renewal already asked
@@ -159,7 +246,8 @@ impl Etcd {
     }
 
     /// Watches every key under `prefix` from `start_revision`, with progress
-    /// notifications.
+    /// notifications. Send [`progress_request`] on the sender to ask how far
+    /// the watch has come.
     pub(crate) async fn watch_prefix(
         &self,
         prefix: &[u8],
@@ -184,6 +272,14 @@ impl Etcd {
             .await?
             .into_inner();
         Ok((sender, responses))
+    }
+}
+
+/// A request for a watch stream's progress: etcd answers with an empty
+/// response once every event up to its header's revision was sent.
+pub(crate) fn progress_request() -> WatchRequest {
+    WatchRequest {
+        request_union: Some(RequestUnion::ProgressRequest(WatchProgressRequest {})),
     }
 }
 

@@ -10,6 +10,7 @@
 //! | `P/sessions/<session>` | the session's last change, as a `WatchSessionsResponse` | the node's, or a short tombstone lease once closed |
 //! | `P/clients/<client id>` | the session that holds the id | the node's |
 //! | `P/evict/<session>` | an eviction's message | a short tombstone lease |
+//! | `P/compacted` | the etcd revision the cluster last compacted etcd's history to | none |
 //!
 //! A closed session's key is overwritten with its close (the *tombstone*) and
 //! left to a short lease, so every node reads why it closed. A session key
@@ -86,7 +87,9 @@ pub(crate) enum Key<'a> {
     Client(&'a str),
     /// An eviction request for a session.
     Evict(&'a str),
-    /// Anything else (the epoch, nodes).
+    /// A node's registration.
+    Node(&'a str),
+    /// Anything else (the epoch, the compaction mark).
     Other,
 }
 
@@ -105,6 +108,14 @@ impl Keys {
 
     pub(crate) fn epoch(&self) -> Vec<u8> {
         format!("{}/epoch", self.prefix).into_bytes()
+    }
+
+    pub(crate) fn compacted(&self) -> Vec<u8> {
+        format!("{}/compacted", self.prefix).into_bytes()
+    }
+
+    pub(crate) fn nodes(&self) -> Vec<u8> {
+        format!("{}/nodes/", self.prefix).into_bytes()
     }
 
     pub(crate) fn node(&self, node: &str) -> Vec<u8> {
@@ -152,6 +163,8 @@ impl Keys {
             Key::Client(id)
         } else if let Some(id) = rest.strip_prefix("evict/") {
             Key::Evict(id)
+        } else if let Some(id) = rest.strip_prefix("nodes/") {
+            Key::Node(id)
         } else {
             Key::Other
         }
@@ -172,7 +185,8 @@ mod tests {
             Key::Client("worker/1")
         );
         assert_eq!(keys.parse(&keys.evict("s2")), Key::Evict("s2"));
-        assert_eq!(keys.parse(&keys.node("n1")), Key::Other);
+        assert_eq!(keys.parse(&keys.node("n1")), Key::Node("n1"));
+        assert_eq!(keys.parse(&keys.compacted()), Key::Other);
         assert_eq!(keys.parse(b"/other/sessions/s1"), Key::Other);
     }
 

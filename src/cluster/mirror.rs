@@ -18,7 +18,7 @@
 //! through any node (the local session is evicted).
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashSet},
     sync::Arc,
     time::Duration,
 };
@@ -46,6 +46,11 @@ use crate::{
 
 /// How long a broken watch waits before it is opened again.
 const RETRY: Duration = Duration::from_millis(250);
+
+/// How often the follower asks etcd how far its watch has come: an idle
+/// cluster's view then still shows as current (its lag and age metrics), and
+/// the compactor knows how far it may go.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
 /// How long a joining node may take to replay the recent history before it
 /// starts without it.
@@ -102,6 +107,8 @@ struct Reading {
     holders: Vec<(String, String, i64)>,
     /// Evictions still on record: (session id, message).
     evictions: Vec<(String, String)>,
+    /// The nodes registered.
+    nodes: BTreeSet<String>,
 }
 
 /// Reads every session record, client id and eviction at etcd revision
@@ -146,6 +153,17 @@ async fn read_records(node: &Node, at: i64) -> Result<Reading, tonic::Status> {
             _ => None,
         })
         .collect();
+    let nodes = node
+        .etcd
+        .range_prefix(&node.keys.nodes(), revision)
+        .await?
+        .kvs
+        .iter()
+        .filter_map(|kv| match node.keys.parse(&kv.key) {
+            Key::Node(id) => Some(id.to_owned()),
+            _ => None,
+        })
+        .collect();
     let holder: BTreeMap<&str, &str> = holders
         .iter()
         .map(|(client_id, session_id, _)| (client_id.as_str(), session_id.as_str()))
@@ -179,7 +197,20 @@ async fn read_records(node: &Node, at: i64) -> Result<Reading, tonic::Status> {
         records,
         holders,
         evictions,
+        nodes,
     })
+}
+
+/// The watch's next response; a watch that ended or broke is `Broken`.
+async fn next_response(responses: &mut Streaming<WatchResponse>) -> Result<WatchResponse, Ended> {
+    match responses.message().await {
+        Ok(Some(response)) => Ok(response),
+        Ok(None) => Err(Ended::Broken),
+        Err(status) => {
+            warn!(%status, "the cluster watch broke; resuming");
+            Err(Ended::Broken)
+        }
+    }
 }
 
 /// Whether a session's record says more than the view shows: another state
@@ -210,6 +241,8 @@ pub(super) struct Follower {
     /// The etcd revision of the last numbered event, and the index the next
     /// event of that revision gets.
     position: (i64, u64),
+    /// The nodes registered in etcd.
+    nodes: BTreeSet<String>,
 }
 
 /// Why a watch stopped.
@@ -231,7 +264,10 @@ impl Follower {
         at: i64,
     ) -> Result<Self, tonic::Status> {
         let Reading {
-            records, revision, ..
+            records,
+            revision,
+            nodes,
+            ..
         } = read_records(node, at).await?;
         // Past every change of that etcd revision, which the read holds: a
         // resume from within it gets a reset, not a replay without them.
@@ -251,6 +287,8 @@ impl Follower {
                 view.seed(info, link);
             }
         }
+        metrics.cluster().nodes(nodes.len());
+        metrics.cluster().reread(revision);
         Ok(Self {
             node: node.clone(),
             view,
@@ -258,6 +296,7 @@ impl Follower {
             evictions: evictions.clone(),
             applied: revision,
             position: (revision, 0),
+            nodes,
         })
     }
 
@@ -276,7 +315,8 @@ impl Follower {
             .await
             .map_err(|_| Ended::Broken)?;
         while self.applied < until {
-            self.absorb(&mut responses).await?;
+            let response = next_response(&mut responses).await?;
+            self.absorb(response)?;
         }
         Ok(())
     }
@@ -295,7 +335,7 @@ impl Follower {
                 .etcd
                 .watch_prefix(&self.node.keys.all(), self.applied + 1)
                 .await;
-            let (_open, mut responses) = match watch {
+            let (open, mut responses) = match watch {
                 Ok(watch) => watch,
                 Err(status) => {
                     warn!(%status, "could not watch the cluster's sessions; retrying");
@@ -303,30 +343,30 @@ impl Follower {
                     continue;
                 }
             };
-            loop {
-                match self.absorb(&mut responses).await {
-                    Ok(()) => {}
-                    Err(Ended::Compacted) => {
-                        self.resync().await;
-                        break;
+            let mut progress = tokio::time::interval(PROGRESS_EVERY);
+            progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let ended = loop {
+                tokio::select! {
+                    response = next_response(&mut responses) => {
+                        if let Err(ended) = response.and_then(|response| self.absorb(response)) {
+                            break ended;
+                        }
                     }
-                    Err(Ended::Broken) => break,
+                    _ = progress.tick() => {
+                        // A full queue already holds a request: skip this one.
+                        let _ = open.try_send(super::etcd::progress_request());
+                    }
                 }
+            };
+            if let Ended::Compacted = ended {
+                self.resync().await;
             }
             tokio::time::sleep(RETRY).await;
         }
     }
 
-    /// Applies the watch's next response.
-    async fn absorb(&mut self, responses: &mut Streaming<WatchResponse>) -> Result<(), Ended> {
-        let response = match responses.message().await {
-            Ok(Some(response)) => response,
-            Ok(None) => return Err(Ended::Broken),
-            Err(status) => {
-                warn!(%status, "the cluster watch broke; resuming");
-                return Err(Ended::Broken);
-            }
-        };
+    /// Applies one response of the watch.
+    fn absorb(&mut self, response: WatchResponse) -> Result<(), Ended> {
         if response.canceled {
             return Err(match response.compact_revision > 0 {
                 true => Ended::Compacted,
@@ -360,6 +400,11 @@ impl Follower {
             self.apply(event);
         }
         self.applied = self.applied.max(newest.unwrap_or(progress));
+        let metrics = self.node.etcd.metrics().cluster();
+        if let Some(header) = &response.header {
+            metrics.heard_head(header.revision);
+        }
+        metrics.applied(self.applied);
         Ok(())
     }
 
@@ -412,6 +457,13 @@ impl Follower {
             Key::Evict(session_id) if put => {
                 self.local
                     .evict(session_id, &String::from_utf8_lossy(&kv.value));
+            }
+            Key::Node(id) => {
+                match put {
+                    true => self.nodes.insert(id.to_owned()),
+                    false => self.nodes.remove(id),
+                };
+                self.node.etcd.metrics().cluster().nodes(self.nodes.len());
             }
             Key::Client(_) | Key::Evict(_) | Key::Other => {}
         }
@@ -466,6 +518,7 @@ impl Follower {
             records,
             holders,
             evictions,
+            nodes,
         } = loop {
             match read_records(&self.node, 0).await {
                 Ok(read) => break read,
@@ -542,6 +595,10 @@ impl Follower {
             self.local.evict(&session_id, &message);
         }
         self.applied = revision;
+        self.nodes = nodes;
+        let metrics = self.node.etcd.metrics().cluster();
+        metrics.nodes(self.nodes.len());
+        metrics.reread(revision);
     }
 
     /// After a resync at etcd revision `revision`: ends each local session
