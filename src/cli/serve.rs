@@ -355,10 +355,21 @@ pub(crate) struct ServeArgs {
     cluster_prefix: String,
 
     /// The node's etcd lease, in whole seconds: a node that dies has its
-    /// sessions reported NODE_LOST this long after (plus up to a second); one
-    /// cut off from etcd ends its sessions after two thirds of it.
+    /// sessions reported NODE_LOST this long after (plus up to a second). It
+    /// is renewed every second; a node cut off from etcd ends its sessions
+    /// when the lease has a fifth of it left (after 8 s of 10 s), so stalls
+    /// of a few seconds cost nothing.
     #[arg(long, env = "HEARTBEAT_LEASE_TTL", default_value_t = human(ClusterConfig::DEFAULT_LEASE_TTL), value_parser = parse_duration, value_name = "DURATION")]
     lease_ttl: HumanDuration,
+
+    /// Who compacts etcd's history. `on`: the nodes do, keeping between
+    /// --watch-history and twice that many etcd revisions (one node at a
+    /// time). `off`: you do (etcd's --auto-compaction-retention, or your own
+    /// job); without compaction etcd fills its quota and refuses writes.
+    /// Compaction is etcd-wide: turn it off if other applications share
+    /// this etcd and need a longer history.
+    #[arg(long, env = "HEARTBEAT_ETCD_COMPACTION", value_enum, default_value_t = CompactionArg::On, value_name = "WHO")]
+    etcd_compaction: CompactionArg,
 }
 
 impl ServeArgs {
@@ -418,6 +429,7 @@ impl ServeArgs {
                 node_id: node_id.clone(),
                 prefix: self.cluster_prefix.clone(),
                 lease_ttl: self.lease_ttl.into(),
+                compaction: self.etcd_compaction == CompactionArg::On,
             }),
             suspicion: match (self.suspicion, self.phi_threshold) {
                 (SuspicionArg::Fixed, None) => Suspicion::Fixed,
@@ -447,6 +459,15 @@ pub(crate) enum SuspicionArg {
     Fixed,
     /// By each session's phi.
     Adaptive,
+}
+
+/// `--etcd-compaction`'s values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum CompactionArg {
+    /// The cluster's nodes compact etcd.
+    On,
+    /// The operator compacts etcd.
+    Off,
 }
 
 /// Validates the flags, binds, and serves until a signal.

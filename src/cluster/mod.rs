@@ -27,6 +27,7 @@
 //! the event within it (`keys::Revisions`), so the many closes of one lost
 //! lease still get one revision each. See `keys` for the layout.
 
+mod compact;
 mod etcd;
 mod keys;
 mod lease;
@@ -62,6 +63,10 @@ pub struct ClusterConfig {
     /// The node's lease: how long after a node dies its sessions are
     /// reported `NODE_LOST`. Whole seconds.
     pub lease_ttl: Duration,
+    /// Whether the nodes compact etcd's history themselves, keeping between
+    /// `watch_history` and twice that many etcd revisions. Off, the
+    /// operator must compact etcd, or it fills its quota.
+    pub compaction: bool,
 }
 
 impl ClusterConfig {
@@ -183,6 +188,14 @@ struct Node {
     claims: parking_lot::Mutex<std::collections::HashMap<String, i64>>,
 }
 
+impl Node {
+    /// etcd's newest revision as this node last heard it, and the newest
+    /// its view has applied.
+    fn positions(&self) -> (i64, i64) {
+        self.etcd.metrics().cluster().positions()
+    }
+}
+
 /// A node that has joined its cluster: the view of every node's sessions,
 /// and the tasks that keep it and this node's own sessions in step with etcd.
 #[derive(Debug)]
@@ -200,6 +213,12 @@ pub(crate) struct Cluster {
     /// How many local changes may wait for etcd: a backlog, and one close
     /// for every session a drain ends at once.
     write_queue: usize,
+    /// True while this node's changes reach etcd: false from a failed write
+    /// until one succeeds again (the other nodes' views of this node's
+    /// sessions are stale meanwhile).
+    writing: watch::Sender<bool>,
+    /// The etcd revisions of history to keep, when the nodes compact etcd.
+    compaction: Option<usize>,
 }
 
 impl Cluster {
@@ -215,7 +234,7 @@ impl Cluster {
         server: &ServerConfig,
         metrics: Arc<Metrics>,
     ) -> Result<Self, ClusterError> {
-        let etcd = Etcd::connect(&config.endpoints)?;
+        let etcd = Etcd::connect(&config.endpoints, metrics.clone())?;
         let keys = Keys::new(&config.prefix);
         let (epoch, revisions) = agree_on_epoch(&etcd, &keys).await?;
         let ttl = i64::try_from(config.lease_ttl.as_secs()).unwrap_or(i64::MAX);
@@ -279,6 +298,8 @@ impl Cluster {
             tasks: vec![keeper],
             flushed: None,
             write_queue: replicate::QUEUE.saturating_add(server.max_sessions),
+            writing: watch::channel(true).0,
+            compaction: config.compaction.then_some(server.watch_history),
         })
     }
 
@@ -290,6 +311,12 @@ impl Cluster {
     /// This node's id.
     pub(crate) fn node_id(&self) -> &str {
         &self.node.id
+    }
+
+    /// Whether this node's session changes reach etcd now; it changes when
+    /// writes start failing and when they recover.
+    pub(crate) fn writing(&self) -> watch::Receiver<bool> {
+        self.writing.subscribe()
     }
 
     /// Starts keeping `local` (this node's sessions) and the view in step
@@ -307,6 +334,10 @@ impl Cluster {
             node.clone(),
             self.evictions.clone(),
         )));
+        if let Some(keep) = self.compaction {
+            self.tasks
+                .push(tokio::spawn(compact::compact(node.clone(), keep)));
+        }
         let (flushed_tx, flushed) = watch::channel(false);
         self.flushed = Some(flushed);
         self.tasks.push(tokio::spawn(replicate::sessions(
@@ -315,6 +346,7 @@ impl Cluster {
             local,
             self.fenced.clone(),
             flushed_tx,
+            self.writing.clone(),
         )));
     }
 

@@ -1,0 +1,145 @@
+//! Keeping etcd's history short: the cluster compacts etcd itself.
+//!
+//! Every write to etcd keeps the old value as history until etcd is
+//! compacted, and etcd 3.4 does not compact by default. A session's life
+//! (its open and its close) leaves about 600 bytes of history, so a busy
+//! cluster fills etcd's default 2 GiB quota in hours, after which etcd
+//! refuses every write. kube-apiserver compacts its etcd itself for the same
+//! reason; so does each node here.
+//!
+//! The history kept is between `--watch-history` and twice that many etcd
+//! revisions: the join replays `--watch-history` revisions, and a watch that
+//! resumes within them still gets a replay. Compaction is triggered by
+//! revision count, checked every second against the newest revision the
+//! node has heard of, so no burst of churn can outrun a timer.
+//!
+//! One node compacts at a time, without a lock to hold or lose: the key
+//! `P/compacted` holds the revision last compacted to, and a node takes the
+//! next compaction by moving it with a transaction conditional on its
+//! `mod_revision`, as kube-apiserver does. The loser of a race simply sees
+//! the key moved. Compacting is idempotent: a node that dies between moving
+//! the key and compacting only delays the compaction by one round, which
+//! compacts everything below its own revision anyway, and compacting to a
+//! revision already compacted is not an error.
+
+use std::{sync::Arc, time::Duration};
+
+use tracing::{info, warn};
+
+use super::{
+    etcd::{
+        self,
+        pb::compare::{CompareResult, TargetUnion},
+    },
+    Node,
+};
+
+/// How often the compactor compares etcd's revision with the last
+/// compaction. Reading it is local: the number comes from answers the node
+/// gets anyway (lease renewals every second, the watch).
+const CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// When and how far to compact.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Plan {
+    /// etcd revisions of history kept after a compaction.
+    keep: i64,
+}
+
+impl Plan {
+    /// The revision to compact to, with etcd at `head` and the view having
+    /// applied up to `applied`, if the history since `compacted` has grown
+    /// to twice what is kept. Never past what this node's view applied,
+    /// which would cut its own watch off.
+    fn target(self, compacted: i64, head: i64, applied: i64) -> Option<i64> {
+        let newest = head.min(applied);
+        let target = newest - self.keep;
+        (newest - compacted >= 2 * self.keep && target > compacted).then_some(target)
+    }
+}
+
+/// Compacts etcd's history whenever it has grown past twice `keep`
+/// revisions, down to `keep`, until the task is stopped.
+pub(super) async fn compact(node: Arc<Node>, keep: usize) {
+    let plan = Plan {
+        keep: i64::try_from(keep).unwrap_or(i64::MAX / 4).max(1),
+    };
+    // The last compaction as this node knows it; read from etcd before any
+    // attempt, so a stale value only costs a read.
+    let mut compacted = 0;
+    let mut every = tokio::time::interval(CHECK_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let (head, applied) = node.positions();
+        if plan.target(compacted, head, applied).is_none() {
+            continue;
+        }
+        match take_and_compact(&node, plan, head, applied).await {
+            Ok(now) => compacted = now,
+            Err(status) => {
+                warn!(%status, "could not compact etcd's history; trying again later");
+            }
+        }
+    }
+}
+
+/// Reads the last compaction; if it is due, takes it (moves `P/compacted`)
+/// and compacts. Returns the revision etcd is now compacted to, as far as
+/// this node knows.
+async fn take_and_compact(
+    node: &Node,
+    plan: Plan,
+    head: i64,
+    applied: i64,
+) -> Result<i64, tonic::Status> {
+    let key = node.keys.compacted();
+    let (mark, _) = node.etcd.get(&key).await?;
+    let compacted = mark
+        .as_ref()
+        .and_then(|kv| std::str::from_utf8(&kv.value).ok()?.parse::<i64>().ok())
+        .unwrap_or(0);
+    let Some(target) = plan.target(compacted, head, applied) else {
+        return Ok(compacted);
+    };
+    let seen = mark.as_ref().map_or(0, |kv| kv.mod_revision);
+    let take = etcd::txn(
+        vec![etcd::compare(
+            key.clone(),
+            CompareResult::Equal,
+            TargetUnion::ModRevision(seen),
+        )],
+        vec![etcd::put(key, target.to_string().into_bytes(), 0)],
+    );
+    if !node.etcd.txn(take).await?.succeeded {
+        // Another node took this round.
+        return Ok(compacted);
+    }
+    node.etcd.compact(target).await?;
+    node.etcd.metrics().cluster().compacted();
+    info!(
+        revision = target,
+        kept = plan.keep,
+        "compacted etcd's history"
+    );
+    Ok(target)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Tests that compaction waits for twice the history kept, compacts down
+    /// to what is kept, and never past what the view applied.
+    #[test]
+    fn compacts_at_twice_the_history_down_to_it() {
+        let plan = Plan { keep: 100 };
+        assert_eq!(plan.target(0, 199, 199), None);
+        assert_eq!(plan.target(0, 200, 200), Some(100));
+        assert_eq!(plan.target(100, 299, 299), None);
+        assert_eq!(plan.target(100, 300, 300), Some(200));
+        assert_eq!(plan.target(0, 10_000, 150), None, "the view is behind");
+        assert_eq!(plan.target(0, 10_000, 250), Some(150));
+        assert_eq!(plan.target(500, 10, 10), None, "etcd was restored");
+    }
+}
