@@ -13,6 +13,14 @@
 //! lease) and frees the client id if it still points here. Both conditions
 //! are nested transactions, each deciding for its own session, so one lost
 //! race does not undo the rest of the batch.
+//!
+//! A write that fails (etcd out of space, unreachable, slow) is retried with
+//! jittered, growing pauses, and nothing is lost meanwhile: the node's
+//! sessions run on, their changes queue in order, and all of them reach etcd
+//! once it takes writes again. While writes fail the node says so once (an
+//! ERROR line, `heartbeat.v1.Cluster` turns `NOT_SERVING`, and
+//! `heartbeat_cluster_write_failures_total` counts each failure by kind),
+//! and once more when they recover.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -21,7 +29,10 @@ use std::{
 };
 
 use prost::Message;
-use tokio::sync::{watch, Notify};
+use tokio::{
+    sync::{watch, Notify},
+    time::Instant,
+};
 use tracing::{error, warn};
 
 use super::{
@@ -37,6 +48,7 @@ use super::{
     Node,
 };
 use crate::{
+    backoff::Backoff,
     protocol::pb,
     registry::{Change, SessionEvent, SessionRegistry, Subscription},
 };
@@ -60,8 +72,18 @@ const BATCH_BYTES: usize = 512 * 1024;
 /// framing, a lease id, a compare's target.
 const OP_OVERHEAD: usize = 32;
 
-/// How long a failed write waits before it is tried again.
-const RETRY: Duration = Duration::from_millis(200);
+/// How long a failed write waits before it is tried again: a jittered
+/// pause that doubles from 100 ms up to 5 s, so a fleet of nodes facing a
+/// full or recovering etcd does not retry in step.
+fn retry_backoff() -> Backoff {
+    // Both bounds are constants that satisfy Backoff's rules.
+    Backoff::try_new(
+        Duration::from_millis(100),
+        Duration::from_secs(5),
+        Duration::ZERO,
+    )
+    .unwrap_or_default()
+}
 
 /// Attempts at passing an eviction on before it is given up (and logged).
 const EVICTION_ATTEMPTS: u32 = 25;
@@ -71,14 +93,17 @@ const CLIENT_ID_ATTEMPTS: usize = 8;
 
 /// Writes every change of `changes` (the subscription to `local`, this
 /// node's registry) to etcd, in order, until the registry ends (after a
-/// drain) or the node is fenced; sets `flushed` when all are written.
+/// drain) or the node is fenced; sets `flushed` when all are written, and
+/// `writing` to whether writes reach etcd.
 pub(super) async fn sessions(
     node: Arc<Node>,
     mut changes: Subscription,
     local: SessionRegistry,
     fenced: watch::Sender<Option<String>>,
     flushed: watch::Sender<bool>,
+    writing: watch::Sender<bool>,
 ) {
+    let mut outage = Outage::new(writing);
     let mut writer = Writer {
         node,
         local,
@@ -113,15 +138,79 @@ pub(super) async fn sessions(
                 break;
             }
         }
-        while let Err(status) = writer.write(&batch).await {
-            if fenced.borrow().is_some() {
-                return;
+        loop {
+            match writer.write(&batch).await {
+                Ok(()) => break,
+                Err(status) => {
+                    if fenced.borrow().is_some() {
+                        return;
+                    }
+                    let metrics = writer.node.etcd.metrics().cluster();
+                    let pause = outage.failed(metrics, &status, batch.writes.len());
+                    tokio::time::sleep(pause).await;
+                }
             }
-            warn!(%status, changes = batch.writes.len(), "writing session changes to etcd failed; retrying");
-            tokio::time::sleep(RETRY).await;
         }
+        outage.recovered();
     }
     flushed.send_replace(true);
+}
+
+/// A run of failed writes: reported once when it starts and once when it
+/// ends, each failure counted by kind, the retries spaced out.
+struct Outage {
+    writing: watch::Sender<bool>,
+    /// When the first write of the run failed, and how many have since.
+    since: Option<(Instant, u32)>,
+    backoff: Backoff,
+}
+
+impl Outage {
+    fn new(writing: watch::Sender<bool>) -> Self {
+        Self {
+            writing,
+            since: None,
+            backoff: retry_backoff(),
+        }
+    }
+
+    /// A write of a batch of `changes` failed with `status`: how long to
+    /// wait before the next try.
+    fn failed(
+        &mut self,
+        metrics: &crate::metrics::ClusterMetrics,
+        status: &tonic::Status,
+        changes: usize,
+    ) -> Duration {
+        let kind = etcd::failure_kind(status);
+        metrics.write_failed(kind);
+        let (_, failures) = self.since.get_or_insert_with(|| {
+            error!(
+                error = kind,
+                %status,
+                changes,
+                "writing session changes to etcd fails: other nodes no longer see this node's changes; \
+                 its sessions run on, and their changes wait here until etcd takes writes again \
+                 (if error=nospace, free etcd's space: compact, defrag, disarm the NOSPACE alarm)"
+            );
+            self.writing.send_replace(false);
+            (Instant::now(), 0)
+        });
+        *failures += 1;
+        self.backoff.delay(*failures, &mut rand::rng())
+    }
+
+    /// A write succeeded: ends the run, if there was one.
+    fn recovered(&mut self) {
+        if let Some((since, failures)) = self.since.take() {
+            error!(
+                failures,
+                outage_ms = u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX),
+                "writing session changes to etcd works again: the changes that waited are written"
+            );
+            self.writing.send_replace(true);
+        }
+    }
 }
 
 /// What one change asks of etcd.
@@ -277,6 +366,10 @@ impl Writer {
             }
         }
         let answer = node.etcd.txn(etcd::txn(Vec::new(), ops)).await?;
+        node.etcd
+            .metrics()
+            .cluster()
+            .write_batch(batch.writes.len());
         let revision = answer.header.as_ref().map_or(0, |header| header.revision);
         let mut answers = answer.responses.iter();
         for (session_id, write, record) in &batch.writes {
@@ -482,7 +575,12 @@ pub(super) async fn evictions(node: Arc<Node>, requests: Evictions) {
                     warn!(%status, %session_id, "could not pass an eviction on to etcd; giving up");
                     break;
                 }
-                tokio::time::sleep(RETRY).await;
+                node.etcd
+                    .metrics()
+                    .cluster()
+                    .write_failed(etcd::failure_kind(&status));
+                let pause = retry_backoff().delay(attempts, &mut rand::rng());
+                tokio::time::sleep(pause).await;
             }
         }
     }

@@ -248,6 +248,29 @@ impl std::fmt::Debug for HeartbeatHandle {
     }
 }
 
+/// The health service name of a cluster node's part in the cluster:
+/// `SERVING` while its session changes reach etcd, `NOT_SERVING` while
+/// they cannot (every other node's view of its sessions is stale then,
+/// though the sessions themselves, and the empty name, are fine).
+pub const CLUSTER_HEALTH: &str = "heartbeat.v1.Cluster";
+
+/// Reports [`CLUSTER_HEALTH`] as `writing` says, until the task is stopped.
+async fn report_cluster_health(
+    health: tonic_health::server::HealthReporter,
+    mut writing: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let status = match *writing.borrow_and_update() {
+            true => tonic_health::ServingStatus::Serving,
+            false => tonic_health::ServingStatus::NotServing,
+        };
+        health.set_service_status(CLUSTER_HEALTH, status).await;
+        if writing.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 /// Runs the standalone heartbeat server on `incoming` until `shutdown`
 /// completes, then drains: health turns `NOT_SERVING`, every session gets its
 /// goodbye, and the server waits up to `config.shutdown_grace` for the endings
@@ -255,7 +278,7 @@ impl std::fmt::Debug for HeartbeatHandle {
 ///
 /// Next to the heartbeat service it serves `PresenceService`, `grpc.health.v1.Health`
 /// (for `heartbeat.v1.HeartbeatService`, `heartbeat.v1.PresenceService` and the
-/// empty name) and gRPC reflection (v1 and v1alpha), and `GET /metrics` on
+/// empty name, and [`CLUSTER_HEALTH`] in cluster mode) and gRPC reflection (v1 and v1alpha), and `GET /metrics` on
 /// `config.metrics_listen` when set.
 ///
 /// `on_ready` receives the handle once the services are built, for callers that
@@ -316,6 +339,10 @@ pub async fn serve(
             .set_service_status(name, tonic_health::ServingStatus::Serving)
             .await;
     }
+    // In cluster mode, whether this node's changes reach etcd.
+    let cluster_health = cluster
+        .as_ref()
+        .map(|cluster| tokio::spawn(report_cluster_health(health.clone(), cluster.writing())));
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -390,6 +417,12 @@ pub async fn serve(
         grace_ms = u64::try_from(config.shutdown_grace.as_millis()).unwrap_or(u64::MAX),
         "shutting down"
     );
+    if let Some(reporter) = cluster_health {
+        reporter.abort();
+        health
+            .set_service_status(CLUSTER_HEALTH, tonic_health::ServingStatus::NotServing)
+            .await;
+    }
     for name in health_names {
         health
             .set_service_status(name, tonic_health::ServingStatus::NotServing)
