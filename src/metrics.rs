@@ -416,4 +416,38 @@ mod tests {
         assert_eq!(content_type, OPENMETRICS_TEXT);
         assert!(open.ends_with("# EOF\n"));
     }
+
+    /// Tests that every server reports its version, and that the cluster
+    /// families appear only once a node uses them, before the one `# EOF`.
+    #[test]
+    fn build_info_always_and_cluster_families_once_used() {
+        let metrics = Metrics::new(&["timeout"], &["capacity"]);
+        let (text, _) = metrics.render(false);
+        let version = env!("CARGO_PKG_VERSION");
+        assert!(
+            text.contains(&format!(
+                "heartbeat_build_info{{version=\"{version}\"}} 1\n"
+            )),
+            "{text}"
+        );
+        assert!(!text.contains("heartbeat_cluster_"), "{text}");
+        metrics.cluster().write_failed("nospace");
+        metrics.cluster().heard_head(10);
+        metrics.cluster().applied(7);
+        let (text, _) = metrics.render(true);
+        assert!(
+            text.contains("heartbeat_cluster_write_failures_total{error=\"nospace\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("heartbeat_cluster_write_failures_total{error=\"timeout\"} 0\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("heartbeat_cluster_mirror_lag_revisions 3\n"),
+            "{text}"
+        );
+        assert_eq!(text.matches("# EOF").count(), 1);
+        assert!(text.ends_with("# EOF\n"));
+    }
 }
