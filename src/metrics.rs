@@ -434,6 +434,7 @@ mod tests {
         metrics.cluster().write_failed("nospace");
         metrics.cluster().heard_head(10);
         metrics.cluster().applied(7);
+        metrics.cluster().progressed(6);
         let (text, _) = metrics.render(true);
         assert!(
             text.contains("heartbeat_cluster_write_failures_total{error=\"nospace\"} 1\n"),

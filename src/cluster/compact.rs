@@ -2,7 +2,7 @@
 //!
 //! Every write to etcd keeps the old value as history until etcd is
 //! compacted, and etcd 3.4 does not compact by default. A session's life
-//! (its open and its close) leaves about 600 bytes of history, so a busy
+//! (its open and its close) leaves about 300 bytes of history, so a busy
 //! cluster fills etcd's default 2 GiB quota in hours, after which etcd
 //! refuses every write. kube-apiserver compacts its etcd itself for the same
 //! reason; so does each node here.
@@ -17,10 +17,12 @@
 //! `P/compacted` holds the revision last compacted to, and a node takes the
 //! next compaction by moving it with a transaction conditional on its
 //! `mod_revision`, as kube-apiserver does. The loser of a race simply sees
-//! the key moved. Compacting is idempotent: a node that dies between moving
-//! the key and compacting only delays the compaction by one round, which
-//! compacts everything below its own revision anyway, and compacting to a
-//! revision already compacted is not an error.
+//! the key moved. Compacting is idempotent: a node that took a round retries
+//! its compaction until it succeeds; one that dies between moving the key
+//! and compacting only delays the compaction by one round, which compacts
+//! everything below its own revision anyway; and compacting to a revision
+//! already compacted is not an error. A full etcd (NOSPACE) refuses the
+//! key's move but not a compaction: the node then compacts without it.
 
 use std::{sync::Arc, time::Duration};
 
@@ -67,31 +69,61 @@ pub(super) async fn compact(node: Arc<Node>, keep: usize) {
     // The last compaction as this node knows it; read from etcd before any
     // attempt, so a stale value only costs a read.
     let mut compacted = 0;
+    // A round this node took whose compaction has not succeeded yet.
+    let mut taken: Option<i64> = None;
+    // Whether the last attempt failed: its warning is not repeated each second.
+    let mut failing = false;
     let mut every = tokio::time::interval(CHECK_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;
         let (head, applied) = node.positions();
-        if plan.target(compacted, head, applied).is_none() {
+        if taken.is_none() && plan.target(compacted, head, applied).is_none() {
             continue;
         }
-        match take_and_compact(&node, plan, head, applied).await {
-            Ok(now) => compacted = now,
-            Err(status) => {
-                warn!(%status, "could not compact etcd's history; trying again later");
+        let attempt = match taken {
+            Some(target) => compact_to(&node, plan, target).await.map(|()| target),
+            None => take_round(&node, plan, head, applied, &mut taken).await,
+        };
+        match attempt {
+            Ok(now) => {
+                compacted = compacted.max(now);
+                taken = None;
+                failing = false;
             }
+            Err(status) if !failing => {
+                failing = true;
+                warn!(%status, "could not compact etcd's history; trying again every second");
+            }
+            Err(_) => {}
         }
     }
 }
 
-/// Reads the last compaction; if it is due, takes it (moves `P/compacted`)
-/// and compacts. Returns the revision etcd is now compacted to, as far as
-/// this node knows.
-async fn take_and_compact(
+/// Compacts etcd to `target` (a round this node took), counting and logging
+/// a compaction that was not already done.
+async fn compact_to(node: &Node, plan: Plan, target: i64) -> Result<(), tonic::Status> {
+    if node.etcd.compact(target).await? {
+        node.etcd.metrics().cluster().compacted();
+        info!(
+            revision = target,
+            kept = plan.keep,
+            "compacted etcd's history"
+        );
+    }
+    Ok(())
+}
+
+/// Reads the last compaction; if one is due, takes the round (moves
+/// `P/compacted`, noting it in `taken` until its compaction succeeds) and
+/// compacts. Returns the revision etcd is now compacted to, as far as this
+/// node knows.
+async fn take_round(
     node: &Node,
     plan: Plan,
     head: i64,
     applied: i64,
+    taken: &mut Option<i64>,
 ) -> Result<i64, tonic::Status> {
     let key = node.keys.compacted();
     let (mark, _) = node.etcd.get(&key).await?;
@@ -111,17 +143,17 @@ async fn take_and_compact(
         )],
         vec![etcd::put(key, target.to_string().into_bytes(), 0)],
     );
-    if !node.etcd.txn(take).await?.succeeded {
+    match node.etcd.txn(take).await {
         // Another node took this round.
-        return Ok(compacted);
+        Ok(answer) if !answer.succeeded => return Ok(compacted),
+        Ok(_) => {}
+        // etcd is full: the mark cannot move, but compacting still works
+        // (and is harmless if another node does it too).
+        Err(status) if etcd::failure_kind(&status) == "nospace" => {}
+        Err(status) => return Err(status),
     }
-    node.etcd.compact(target).await?;
-    node.etcd.metrics().cluster().compacted();
-    info!(
-        revision = target,
-        kept = plan.keep,
-        "compacted etcd's history"
-    );
+    *taken = Some(target);
+    compact_to(node, plan, target).await?;
     Ok(target)
 }
 

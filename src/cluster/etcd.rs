@@ -60,7 +60,10 @@ pub(crate) fn failure_kind(status: &Status) -> &'static str {
     let message = status.message();
     if message.contains("database space exceeded") {
         "nospace"
-    } else if status.code() == Code::DeadlineExceeded || message.contains("Timeout expired") {
+    } else if status.code() == Code::DeadlineExceeded
+        || message.contains("Timeout expired")
+        || message.contains("timed out")
+    {
         "timeout"
     } else if status.code() == Code::Unavailable {
         "unavailable"
@@ -172,9 +175,9 @@ impl Etcd {
 
     /// Compacts etcd's history up to `revision`: what is older can no longer
     /// be read or watched, and its pages are free for reuse (only a defrag
-    /// shrinks the file). Compacting to a revision already compacted is not
-    /// an error here: another node got there first.
-    pub(crate) async fn compact(&self, revision: i64) -> Result<(), Status> {
+    /// shrinks the file). False if etcd was already compacted that far
+    /// (another node, or the operator, got there first): not an error.
+    pub(crate) async fn compact(&self, revision: i64) -> Result<bool, Status> {
         let mut kv = self.kv.clone();
         let request = CompactionRequest {
             revision,
@@ -186,8 +189,14 @@ impl Etcd {
             })
             .await
         {
-            Err(status) if status.message().contains("compacted") => Ok(()),
-            answer => answer.map(drop),
+            Err(status)
+                if status
+                    .message()
+                    .contains("required revision has been compacted") =>
+            {
+                Ok(false)
+            }
+            answer => answer.map(|_| true),
         }
     }
 

@@ -47,9 +47,8 @@ use crate::{
 /// How long a broken watch waits before it is opened again.
 const RETRY: Duration = Duration::from_millis(250);
 
-/// How often the follower asks etcd how far its watch has come: an idle
-/// cluster's view then still shows as current (its lag and age metrics), and
-/// the compactor knows how far it may go.
+/// How often the follower asks etcd how far its watch has come, so that an
+/// idle cluster's view still shows as current in its lag and age metrics.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
 /// How long a joining node may take to replay the recent history before it
@@ -343,7 +342,10 @@ impl Follower {
                     continue;
                 }
             };
-            let mut progress = tokio::time::interval(PROGRESS_EVERY);
+            let mut progress = tokio::time::interval_at(
+                tokio::time::Instant::now() + PROGRESS_EVERY,
+                PROGRESS_EVERY,
+            );
             progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let ended = loop {
                 tokio::select! {
@@ -373,13 +375,12 @@ impl Follower {
                 false => Ended::Broken,
             });
         }
-        // A progress notification (no events, after creation) promises every
-        // event up to its header's revision was sent; the creation's header
-        // promises nothing yet.
-        let progress = match response.created {
-            true => 0,
-            false => response.header.map_or(0, |header| header.revision),
-        };
+        // A progress answer (no events, not the creation) says how far etcd
+        // has come. Older etcd versions (before 3.4.24 and 3.5.8) may send it
+        // ahead of events still queued, so it only tells the metrics that the
+        // view is current; the resume point moves with events alone.
+        let progress = (!response.created && response.events.is_empty())
+            .then(|| response.header.as_ref().map_or(0, |header| header.revision));
         let newest = response
             .events
             .iter()
@@ -399,12 +400,15 @@ impl Follower {
         for event in events {
             self.apply(event);
         }
-        self.applied = self.applied.max(newest.unwrap_or(progress));
+        self.applied = self.applied.max(newest.unwrap_or(0));
         let metrics = self.node.etcd.metrics().cluster();
         if let Some(header) = &response.header {
             metrics.heard_head(header.revision);
         }
-        metrics.applied(self.applied);
+        match progress {
+            Some(current) => metrics.progressed(current),
+            None => metrics.applied(self.applied),
+        }
         Ok(())
     }
 

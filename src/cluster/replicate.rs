@@ -183,7 +183,6 @@ impl Outage {
         changes: usize,
     ) -> Duration {
         let kind = etcd::failure_kind(status);
-        metrics.write_failed(kind);
         let (_, failures) = self.since.get_or_insert_with(|| {
             error!(
                 error = kind,
@@ -197,6 +196,7 @@ impl Outage {
             (Instant::now(), 0)
         });
         *failures += 1;
+        metrics.write_failed(kind);
         self.backoff.delay(*failures, &mut rand::rng())
     }
 
@@ -571,6 +571,10 @@ pub(super) async fn evictions(node: Arc<Node>, requests: Evictions) {
             let mut attempts = 0;
             while let Err(status) = write().await {
                 attempts += 1;
+                node.etcd
+                    .metrics()
+                    .cluster()
+                    .write_failed(etcd::failure_kind(&status));
                 if attempts == EVICTION_ATTEMPTS {
                     warn!(%status, %session_id, "could not pass an eviction on to etcd; giving up");
                     break;

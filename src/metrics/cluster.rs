@@ -53,9 +53,11 @@ pub(crate) struct ClusterMetrics {
     mirror_lag: Gauge,
     mirror_age: Gauge<f64, AtomicU64>,
     nodes: Gauge,
-    /// etcd's newest revision as last heard, and the view's last applied one.
+    /// etcd's newest revision as last heard; the view's last applied event;
+    /// the newest revision etcd said the view's watch had caught up to.
     head: AtomicI64,
     applied: AtomicI64,
+    current: AtomicI64,
     /// When the view last applied something, in milliseconds from `started`.
     applied_at: AtomicU64,
     started: Instant,
@@ -85,6 +87,7 @@ impl ClusterMetrics {
             nodes: Gauge::default(),
             head: AtomicI64::new(0),
             applied: AtomicI64::new(0),
+            current: AtomicI64::new(0),
             applied_at: AtomicU64::new(0),
             started: Instant::now(),
         };
@@ -154,27 +157,33 @@ impl ClusterMetrics {
     /// An etcd answer said its newest revision is `revision`.
     pub(crate) fn heard_head(&self, revision: i64) {
         self.head.fetch_max(revision, Ordering::Relaxed);
-        self.refresh_lag();
     }
 
-    /// The view applied everything up to etcd revision `revision`.
+    /// The view applied every event up to etcd revision `revision`.
     pub(crate) fn applied(&self, revision: i64) {
         self.applied.fetch_max(revision, Ordering::Relaxed);
+        self.progressed(revision);
+    }
+
+    /// etcd said the view's watch has caught up to `revision` (a progress
+    /// answer): current for the metrics, not a resume point.
+    pub(crate) fn progressed(&self, revision: i64) {
+        self.current.fetch_max(revision, Ordering::Relaxed);
         self.head.fetch_max(revision, Ordering::Relaxed);
         let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.applied_at.store(now, Ordering::Relaxed);
-        self.refresh_lag();
     }
 
-    /// The view was read anew at etcd revision `revision` (after a compaction):
-    /// it may now be behind what it had applied before, never ahead.
+    /// The view was read anew at etcd revision `revision` (at the join, or
+    /// after a compaction): it may now be behind what it had applied before.
     pub(crate) fn reread(&self, revision: i64) {
         self.applied.store(revision, Ordering::Relaxed);
+        self.current.store(revision, Ordering::Relaxed);
         self.applied(revision);
     }
 
-    /// etcd's newest revision as last heard, and the view's last applied one:
-    /// what the lag is measured from, and what the compactor goes by.
+    /// etcd's newest revision as last heard, and the view's last applied
+    /// event: what the compactor goes by.
     pub(crate) fn positions(&self) -> (i64, i64) {
         (
             self.head.load(Ordering::Relaxed),
@@ -187,14 +196,11 @@ impl ClusterMetrics {
         self.nodes.set(i64::try_from(count).unwrap_or(i64::MAX));
     }
 
-    fn refresh_lag(&self) {
-        let head = self.head.load(Ordering::Relaxed);
-        let applied = self.applied.load(Ordering::Relaxed);
-        self.mirror_lag.set(head.saturating_sub(applied).max(0));
-    }
-
-    /// Brings the values that are ages (read at scrape time) up to date.
+    /// Brings the values read at scrape time (the lag, the age) up to date.
     pub(super) fn refresh(&self) {
+        let head = self.head.load(Ordering::Relaxed);
+        let current = self.current.load(Ordering::Relaxed);
+        self.mirror_lag.set(head.saturating_sub(current).max(0));
         let now = self.started.elapsed().as_secs_f64();
         let at = self.applied_at.load(Ordering::Relaxed) as f64 / 1000.0;
         self.mirror_age.set((now - at).max(0.0));

@@ -340,9 +340,18 @@ pub async fn serve(
             .await;
     }
     // In cluster mode, whether this node's changes reach etcd.
-    let cluster_health = cluster
-        .as_ref()
-        .map(|cluster| tokio::spawn(report_cluster_health(health.clone(), cluster.writing())));
+    let cluster_health = match &cluster {
+        Some(cluster) => {
+            health
+                .set_service_status(CLUSTER_HEALTH, tonic_health::ServingStatus::Serving)
+                .await;
+            Some(tokio::spawn(report_cluster_health(
+                health.clone(),
+                cluster.writing(),
+            )))
+        }
+        None => None,
+    };
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -418,7 +427,9 @@ pub async fn serve(
         "shutting down"
     );
     if let Some(reporter) = cluster_health {
+        // Stopped before the drain's NOT_SERVING, which it must not undo.
         reporter.abort();
+        let _ = reporter.await;
         health
             .set_service_status(CLUSTER_HEALTH, tonic_health::ServingStatus::NotServing)
             .await;
