@@ -1,13 +1,17 @@
 """What the bench scripts share: ports on loopback, processes that listen on
-them, and a real etcd. (`run.py` keeps its own wait, which also watches the
-process it started.)"""
+them (and their memory), and a real etcd (and what its status says). (`run.py`
+keeps its own wait, which also watches the process it started.)"""
 
+import base64
+import json
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 
 
 def free_port():
@@ -31,10 +35,15 @@ def wait_for_port(port, seconds=30):
 
 def start(args, port=None, **kwargs):
     """Starts `args` with its output discarded, and waits for it to listen on
-    `port` when one is given."""
+    `port` when one is given (killing it if it does not, before exiting)."""
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kwargs)
     if port:
-        wait_for_port(port)
+        try:
+            wait_for_port(port)
+        except SystemExit:
+            process.kill()
+            process.wait()
+            raise
     return process
 
 
@@ -57,9 +66,72 @@ def start_etcd():
     return process, data, f"http://127.0.0.1:{client}"
 
 
-def stop(processes, data):
-    """Stops `processes`, the last started first, and removes `data`."""
+def rss(process):
+    """The resident memory of `process` now, in bytes (VmRSS in /proc)."""
+    with open(f"/proc/{process.pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for process {process.pid}: has it exited?")
+
+
+def etcd_gateway(url, path, body):
+    """One call to etcd's JSON gateway (`POST URL/v3/...`): the answer, decoded.
+    The gateway writes 64-bit integers as strings and leaves out fields that
+    are zero."""
+    request = urllib.request.Request(
+        f"{url}{path}", json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        return json.load(answer)
+
+
+def etcd_status(url):
+    """etcd's status: `revision`, `db_size` (the file's size) and
+    `db_size_in_use` (the pages holding data, which compaction frees for
+    reuse; None where etcd does not say) as integers, whether the gateway
+    wrote them as strings or numbers, and etcd's `version`."""
+    status = etcd_gateway(url, "/v3/maintenance/status", {})
+    in_use = status.get("dbSizeInUse")
+    return {
+        "revision": int(status["header"]["revision"]),
+        "db_size": int(status["dbSize"]),
+        "db_size_in_use": None if in_use is None else int(in_use),
+        "version": status.get("version", "?"),
+    }
+
+
+def etcd_compacted(url, revision):
+    """The revision etcd's history was last compacted to (0 if never), found
+    by reading at revisions up to `revision` (etcd's current one): etcd
+    refuses to read below it. About 20 small reads."""
+    def readable(at):
+        try:
+            body = {"key": base64.b64encode(b"\0").decode(), "revision": str(at), "limit": "1", "keys_only": True}
+            etcd_gateway(url, "/v3/kv/range", body)
+            return True
+        except urllib.error.HTTPError as error:
+            if "compacted" in error.read().decode(errors="replace"):
+                return False
+            raise
+    if readable(1):
+        return 0
+    low, high = 1, revision  # unreadable, readable
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if readable(middle) else (middle, high)
+    return high
+
+
+def stop(processes, data, grace=30):
+    """Stops `processes`, the last started first (SIGTERM, then SIGKILL for
+    one still running after `grace` seconds), and removes `data`."""
     for process in reversed(processes):
         process.terminate()
-        process.wait()
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            print(f"{process.args[0]} (pid {process.pid}) did not stop within {grace} s of SIGTERM; killed",
+                  file=sys.stderr)
+            process.kill()
+            process.wait()
     shutil.rmtree(data, ignore_errors=True)
