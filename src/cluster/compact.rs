@@ -2,7 +2,7 @@
 //!
 //! Every write to etcd keeps the old value as history until etcd is
 //! compacted, and etcd 3.4 does not compact by default. A session's life
-//! (its open and its close) leaves about 300 bytes of history, so a busy
+//! (its open and its close) leaves about 600 bytes of history, so a busy
 //! cluster fills etcd's default 2 GiB quota in hours, after which etcd
 //! refuses every write. kube-apiserver compacts its etcd itself for the same
 //! reason; so does each node here.
