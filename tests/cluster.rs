@@ -15,6 +15,12 @@ use tokio::time::Instant;
 use tonic::{Code, Streaming};
 use tonic_heartbeat::protocol::pb::{self, watch_sessions_response::Event};
 
+/// Held by the tests that load the machine (thousands of sessions at once)
+/// and by those that time a deadline, so that on two cores neither runs
+/// beside another of them: a drain's 1 s grace, or a fence's bounds, must
+/// not depend on what the next test is doing.
+static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// A `heartbeat serve --cluster` process, killed when dropped.
 struct Node(ServerProcess);
 
@@ -500,6 +506,7 @@ async fn a_drained_nodes_sessions_close_as_server_shutdown_everywhere() {
 /// lagged in its node's metrics.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_drain_is_written_in_batches_within_the_grace() {
+    let _heavy = HEAVY.lock().await;
     const SESSIONS: usize = 3_000;
     let etcd = TestEtcd::start("large-drain");
     let mut leaving = Node::start_with(&etcd, "n1", 10, &["--shutdown-grace", "1s"]);
@@ -817,6 +824,7 @@ async fn a_mirror_behind_a_compaction_reads_the_cluster_again() {
 /// it fenced itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_without_etcd_fences_its_sessions_before_its_lease_expires() {
+    let _heavy = HEAVY.lock().await;
     const TTL: u64 = 3;
     let etcd = TestEtcd::start("fence");
     let mut node = Node::start(&etcd, "n1", TTL);
@@ -956,6 +964,7 @@ const NOT_SERVING: i32 = tonic_health::pb::health_check_response::ServingStatus:
 /// reach node 2).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compaction_keeps_a_churning_cluster_within_etcd_quota() {
+    let _heavy = HEAVY.lock().await;
     const QUOTA: u64 = 8 * 1024 * 1024;
     let quota = QUOTA.to_string();
     let etcd = TestEtcd::start_with("quota-churn", &["--quota-backend-bytes", &quota]);
@@ -1125,4 +1134,39 @@ async fn two_nodes_compacting_at_once_is_harmless() {
     for node in &nodes {
         assert_eq!(node.ids().await, expected);
     }
+}
+
+/// Tests that an outage longer than the writer's queue costs no session:
+/// with `--max-sessions 6000` the queue holds 71,536 changes, and 80,000
+/// changes of churn come while etcd is full. Before, the queue overflowed
+/// and the node fenced itself, ending every session; now the waiting
+/// changes fold to one per session, and once etcd is freed the views
+/// converge on the sessions that are open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_outage_with_churn_fences_no_node() {
+    let _heavy = HEAVY.lock().await;
+    let etcd = TestEtcd::start_with("long-outage", &["--quota-backend-bytes", "8388608"]);
+    let writer = Node::start_with(&etcd, "n1", 10, &["--max-sessions", "6000"]);
+    let reader = Node::start(&etcd, "n2", 10);
+    let (mut canary, welcome) = RawSession::hello(writer.addr, "canary").await;
+    eventually("node 2 lists the canary", || async {
+        reader.ids().await.contains(&welcome.session_id)
+    })
+    .await;
+    assert!(etcd.fill().await > 0);
+    for round in 0..8 {
+        bench_churn(&writer, 5_000, &format!("outage-{round}")).await;
+        still_open(&mut canary, round + 1).await;
+    }
+    let (_late, opened) = RawSession::hello(writer.addr, "").await;
+    etcd.free_space().await;
+    eventually("node 2 lists the session opened last", || async {
+        reader.ids().await.contains(&opened.session_id)
+    })
+    .await;
+    eventually("the views converge on the open sessions", || async {
+        reader.ids().await.len() == 2 && reader.ids().await == writer.ids().await
+    })
+    .await;
+    still_open(&mut canary, 100).await;
 }

@@ -16,14 +16,16 @@
 //!
 //! A write that fails (etcd out of space, unreachable, slow) is retried with
 //! jittered, growing pauses, and nothing is lost meanwhile: the node's
-//! sessions run on, their changes queue in order, and all of them reach etcd
-//! once it takes writes again. While writes fail the node says so once (an
+//! sessions run on, their changes queue in order (folded to one per session
+//! once the backlog is long, so an outage of any length costs memory by
+//! sessions, not by changes), and they reach etcd once it takes writes
+//! again. While writes fail the node says so once (an
 //! ERROR line, `heartbeat.v1.Cluster` turns `NOT_SERVING`, and
 //! `heartbeat_cluster_write_failures_total` counts each failure by kind),
 //! and once more when they recover.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{HashMap, HashSet, VecDeque},
     sync::Arc,
     time::Duration,
 };
@@ -50,7 +52,7 @@ use super::{
 use crate::{
     backoff::Backoff,
     protocol::pb,
-    registry::{Change, SessionEvent, SessionRegistry, Subscription},
+    registry::{Change, Lagged, SessionEvent, SessionRegistry, Subscription},
 };
 
 /// Local changes that may wait for etcd, besides one close for every
@@ -95,6 +97,11 @@ const CLIENT_ID_ATTEMPTS: usize = 8;
 /// node's registry) to etcd, in order, until the registry ends (after a
 /// drain) or the node is fenced; sets `flushed` when all are written, and
 /// `writing` to whether writes reach etcd.
+///
+/// The subscription is read on while a write fails, into a backlog that is
+/// folded to one change per session when it grows long, so an outage of
+/// any length costs memory by sessions, not by changes, and never makes
+/// the node fence itself.
 pub(super) async fn sessions(
     node: Arc<Node>,
     mut changes: Subscription,
@@ -109,34 +116,28 @@ pub(super) async fn sessions(
         local,
         written: HashSet::new(),
     };
-    // A change that did not fit the last batch: the next one starts with it.
-    let mut carried = None;
+    let mut backlog = Backlog::default();
+    let mut ended = false;
     loop {
-        let first = match carried.take() {
-            Some(change) => change,
-            None => match changes.next().await {
-                Ok(Some(change)) => change,
-                Ok(None) => break,
-                Err(lagged) => {
-                    let reason = format!("this node's session changes outran etcd ({lagged})");
-                    error!(%reason, "session changes are no longer written to etcd");
-                    // In a drain, leaving revokes the lease: what was not
-                    // written is reported NODE_LOST at once. Otherwise the
-                    // node can no longer be seen as it is: it fences itself.
-                    if !writer.local.is_shut_down() {
-                        fenced.send_replace(Some(reason));
-                    }
-                    return;
-                }
-            },
-        };
-        let mut batch = Batch::default();
-        writer.add(&mut batch, &first);
-        while let Some(change) = changes.try_next() {
-            if !writer.add(&mut batch, &change) {
-                carried = Some(change);
+        if backlog.is_empty() {
+            if ended {
                 break;
             }
+            match changes.next().await {
+                Ok(Some(change)) => backlog.push(change, &writer.written),
+                Ok(None) => ended = true,
+                Err(lagged) => return writer.outran(&lagged, &fenced),
+            }
+        }
+        while let Some(change) = changes.try_next() {
+            backlog.push(change, &writer.written);
+        }
+        let mut batch = Batch::default();
+        while let Some(change) = backlog.front() {
+            if !writer.add(&mut batch, change) {
+                break;
+            }
+            backlog.pop();
         }
         loop {
             match writer.write(&batch).await {
@@ -147,13 +148,128 @@ pub(super) async fn sessions(
                     }
                     let metrics = writer.node.etcd.metrics().cluster();
                     let pause = outage.failed(metrics, &status, batch.writes.len());
-                    tokio::time::sleep(pause).await;
+                    // Waiting, and reading on meanwhile, so that the
+                    // subscription never overflows while etcd is away.
+                    let retry = tokio::time::sleep(pause);
+                    tokio::pin!(retry);
+                    while !ended {
+                        tokio::select! {
+                            () = &mut retry => break,
+                            next = changes.next() => match next {
+                                Ok(Some(change)) => {
+                                    let batched = &batch.sessions;
+                                    backlog.push_beside(change, &writer.written, batched);
+                                }
+                                Ok(None) => ended = true,
+                                Err(lagged) => return writer.outran(&lagged, &fenced),
+                            },
+                        }
+                    }
+                    retry.await;
                 }
             }
         }
-        outage.recovered();
+        outage.recovered(backlog.take_unwritten());
     }
     flushed.send_replace(true);
+}
+
+/// How many changes may wait before the backlog is folded to one per
+/// session: a burst larger than this is what an outage looks like.
+const FOLD_AT: usize = 1 << 16;
+
+/// Changes waiting for etcd, in order. Past a bound they are folded: each
+/// session keeps only its last change (a close with its reason, or its
+/// latest state), and a session that opened and closed without its open
+/// ever being written is dropped, since no other node has seen it.
+#[derive(Default)]
+struct Backlog {
+    changes: VecDeque<Arc<Change>>,
+    /// The length at which the next fold happens.
+    fold_at: usize,
+    /// Sessions dropped by folds since the last report.
+    unwritten: usize,
+}
+
+impl Backlog {
+    fn is_empty(&self) -> bool {
+        self.changes.is_empty()
+    }
+
+    fn front(&self) -> Option<&Arc<Change>> {
+        self.changes.front()
+    }
+
+    fn pop(&mut self) {
+        self.changes.pop_front();
+    }
+
+    /// Adds `change`; folds if the backlog is long (`written`: the sessions
+    /// whose open is in etcd).
+    fn push(&mut self, change: Arc<Change>, written: &HashSet<String>) {
+        self.push_beside(change, written, &HashSet::new());
+    }
+
+    /// Like [`Backlog::push`], with `in_flight` (a batch being written)
+    /// counted as written.
+    fn push_beside(
+        &mut self,
+        change: Arc<Change>,
+        written: &HashSet<String>,
+        in_flight: &HashSet<String>,
+    ) {
+        self.changes.push_back(change);
+        if self.changes.len() >= self.fold_at.max(FOLD_AT) {
+            let known = |id: &str| written.contains(id) || in_flight.contains(id);
+            self.unwritten += fold(&mut self.changes, known);
+            // However many sessions stay, the next fold is as far off again.
+            self.fold_at = self.changes.len() * 2;
+        }
+    }
+
+    /// How many sessions folds dropped since the last call.
+    fn take_unwritten(&mut self) -> usize {
+        std::mem::take(&mut self.unwritten)
+    }
+}
+
+/// Folds `changes` to each session's last change, in the order of those
+/// last changes; `written` says whose open etcd has. A session not written
+/// keeps an open with its latest state, or nothing if it closed. Returns how
+/// many such sessions were dropped.
+fn fold(changes: &mut VecDeque<Arc<Change>>, written: impl Fn(&str) -> bool) -> usize {
+    let id = |change: &Change| change.event.session().identity.session_id.clone();
+    let mut last = HashMap::new();
+    for (at, change) in changes.iter().enumerate() {
+        last.insert(id(change), at);
+    }
+    let mut dropped = 0;
+    let folded = std::mem::take(changes)
+        .into_iter()
+        .enumerate()
+        .filter(|(at, change)| last.get(&id(change)) == Some(at))
+        .filter_map(|(_, change)| {
+            let session_id = id(&change);
+            if written(&session_id) {
+                return Some(change);
+            }
+            match &change.event {
+                SessionEvent::Closed { .. } => {
+                    dropped += 1;
+                    None
+                }
+                SessionEvent::Opened(_) => Some(change),
+                SessionEvent::Suspected(info) | SessionEvent::Recovered(info) => {
+                    Some(Arc::new(Change {
+                        revision: change.revision,
+                        event: SessionEvent::Opened(info.clone()),
+                    }))
+                }
+            }
+        })
+        .collect();
+    *changes = folded;
+    dropped
 }
 
 /// A run of failed writes: reported once when it starts and once when it
@@ -200,13 +316,16 @@ impl Outage {
         self.backoff.delay(*failures, &mut rand::rng())
     }
 
-    /// A write succeeded: ends the run, if there was one.
-    fn recovered(&mut self) {
+    /// A write succeeded: ends the run, if there was one. `unwritten`
+    /// sessions opened and closed meanwhile without ever reaching etcd.
+    fn recovered(&mut self, unwritten: usize) {
         if let Some((since, failures)) = self.since.take() {
             error!(
                 failures,
                 outage_ms = u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX),
-                "writing session changes to etcd works again: the changes that waited are written"
+                unwritten,
+                "writing session changes to etcd works again: the changes that waited are being written \
+                 (sessions that opened and closed meanwhile are counted in unwritten, never seen elsewhere)"
             );
             self.writing.send_replace(true);
         }
@@ -245,6 +364,18 @@ struct Writer {
 }
 
 impl Writer {
+    /// The writer could not keep up with the registry even while reading on
+    /// (not an etcd outage): in a drain, leaving revokes the lease, so what
+    /// was not written is reported NODE_LOST at once; otherwise the node can
+    /// no longer be seen as it is, and fences itself.
+    fn outran(&self, lagged: &Lagged, fenced: &watch::Sender<Option<String>>) {
+        let reason = format!("this node's session changes outran its etcd writer ({lagged})");
+        error!(%reason, "session changes are no longer written to etcd");
+        if !self.local.is_shut_down() {
+            fenced.send_replace(Some(reason));
+        }
+    }
+
     /// Adds `change` to `batch`; false (and nothing added) if it must wait
     /// for the next batch. A change with nothing to write always fits.
     fn add(&self, batch: &mut Batch, change: &Change) -> bool {
@@ -587,5 +718,109 @@ pub(super) async fn evictions(node: Arc<Node>, requests: Evictions) {
                 tokio::time::sleep(pause).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{sync::Arc, time::SystemTime};
+
+    use super::*;
+    use crate::{
+        protocol::{CloseReason, Phi},
+        registry::{SessionIdentity, SessionInfo, SessionState},
+    };
+
+    fn info(session_id: &str, state: SessionState) -> SessionInfo {
+        SessionInfo {
+            identity: Arc::new(SessionIdentity {
+                session_id: session_id.into(),
+                client_id: String::new(),
+                labels: HashMap::new(),
+                peer: None,
+                opened_at: SystemTime::now(),
+                node: String::new(),
+            }),
+            last_seen: SystemTime::now(),
+            rtt: None,
+            state,
+            frames_in: 0,
+            frames_out: 0,
+            phi: Phi::default(),
+        }
+    }
+
+    fn change(revision: u64, event: SessionEvent) -> Arc<Change> {
+        Arc::new(Change { revision, event })
+    }
+
+    fn kinds(changes: &VecDeque<Arc<Change>>) -> Vec<(String, &'static str)> {
+        changes
+            .iter()
+            .map(|change| {
+                let kind = match change.event {
+                    SessionEvent::Opened(_) => "opened",
+                    SessionEvent::Suspected(_) => "suspected",
+                    SessionEvent::Recovered(_) => "recovered",
+                    SessionEvent::Closed { .. } => "closed",
+                };
+                (change.event.session().identity.session_id.clone(), kind)
+            })
+            .collect()
+    }
+
+    /// Tests that a fold keeps each session's last change (a written one's
+    /// close with its reason, an unwritten one's open with its latest
+    /// state), drops a session that opened and closed unwritten, and keeps
+    /// the order of those last changes.
+    #[test]
+    fn a_fold_keeps_one_change_per_session() {
+        let live = SessionState::Live;
+        let suspect = SessionState::Suspect;
+        let closed = |id: &str| SessionEvent::Closed {
+            session: info(id, live),
+            reason: CloseReason::Timeout,
+            message: String::new(),
+        };
+        let mut changes = VecDeque::from([
+            change(1, SessionEvent::Suspected(info("written", suspect))),
+            change(2, SessionEvent::Opened(info("brief", live))),
+            change(3, SessionEvent::Opened(info("fresh", live))),
+            change(4, SessionEvent::Recovered(info("written", live))),
+            change(5, closed("brief")),
+            change(6, SessionEvent::Suspected(info("fresh", suspect))),
+            change(7, closed("written")),
+        ]);
+        let dropped = fold(&mut changes, |id| id == "written");
+        assert_eq!(dropped, 1);
+        assert_eq!(
+            kinds(&changes),
+            [("fresh".into(), "opened"), ("written".into(), "closed")]
+        );
+        let SessionEvent::Opened(fresh) = &changes[0].event else {
+            unreachable!("checked above");
+        };
+        assert_eq!(fresh.state, suspect, "the latest state");
+        assert_eq!(changes[0].revision, 6);
+    }
+
+    /// Tests that the backlog folds once it is long, and then waits twice
+    /// as long again before the next fold.
+    #[test]
+    fn the_backlog_folds_past_its_bound() {
+        let mut backlog = Backlog::default();
+        let written = HashSet::new();
+        for n in 0..FOLD_AT {
+            let id = format!("s{}", n % 10);
+            backlog.push(
+                change(
+                    n as u64,
+                    SessionEvent::Opened(info(&id, SessionState::Live)),
+                ),
+                &written,
+            );
+        }
+        assert_eq!(backlog.changes.len(), 10, "folded to one per session");
+        assert_eq!(backlog.fold_at, 20);
     }
 }
