@@ -7,9 +7,10 @@
 //! refuses every write. kube-apiserver compacts its etcd itself for the same
 //! reason; so does each node here.
 //!
-//! The history kept is between `--watch-history` and twice that many etcd
-//! revisions: the join replays `--watch-history` revisions, and a watch that
-//! resumes within them still gets a replay. Compaction is triggered by
+//! The history kept is between 1.25 × `--watch-history` and twice that many
+//! etcd revisions: the join replays `--watch-history` revisions (the extra
+//! quarter covers a join that races a compaction), and a watch that resumes
+//! within them still gets a replay. Compaction is triggered by
 //! revision count, checked every second against the newest revision the
 //! node has heard of, so no burst of churn can outrun a timer.
 //!
@@ -44,7 +45,8 @@ const CHECK_EVERY: Duration = Duration::from_secs(1);
 /// When and how far to compact.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Plan {
-    /// etcd revisions of history kept after a compaction.
+    /// etcd revisions of history kept (a quarter more right after a
+    /// compaction).
     keep: i64,
 }
 
@@ -55,7 +57,10 @@ impl Plan {
     /// which would cut its own watch off.
     fn target(self, compacted: i64, head: i64, applied: i64) -> Option<i64> {
         let newest = head.min(applied);
-        let target = newest - self.keep;
+        // A quarter more than is kept: a node joining meanwhile replays
+        // `keep` revisions back from its registration, which etcd's head
+        // may have passed by the time the compaction runs.
+        let target = newest - self.keep - self.keep / 4;
         (newest - compacted >= 2 * self.keep && target > compacted).then_some(target)
     }
 }
@@ -162,16 +167,16 @@ mod tests {
     use super::*;
 
     /// Tests that compaction waits for twice the history kept, compacts down
-    /// to what is kept, and never past what the view applied.
+    /// to a quarter more than is kept, and never past what the view applied.
     #[test]
     fn compacts_at_twice_the_history_down_to_it() {
         let plan = Plan { keep: 100 };
         assert_eq!(plan.target(0, 199, 199), None);
-        assert_eq!(plan.target(0, 200, 200), Some(100));
-        assert_eq!(plan.target(100, 299, 299), None);
-        assert_eq!(plan.target(100, 300, 300), Some(200));
+        assert_eq!(plan.target(0, 200, 200), Some(75));
+        assert_eq!(plan.target(75, 274, 274), None);
+        assert_eq!(plan.target(75, 275, 275), Some(150));
         assert_eq!(plan.target(0, 10_000, 150), None, "the view is behind");
-        assert_eq!(plan.target(0, 10_000, 250), Some(150));
+        assert_eq!(plan.target(0, 10_000, 250), Some(125));
         assert_eq!(plan.target(500, 10, 10), None, "etcd was restored");
     }
 }
