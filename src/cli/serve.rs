@@ -363,7 +363,7 @@ pub(crate) struct ServeArgs {
     lease_ttl: HumanDuration,
 
     /// Who compacts etcd's history. `on`: the nodes do, keeping between
-    /// --watch-history and twice that many etcd revisions (one node at a
+    /// 1.25 and 2 times --watch-history etcd revisions (one node at a
     /// time). `off`: you do (etcd's --auto-compaction-retention, or your own
     /// job); without compaction etcd fills its quota and refuses writes.
     /// Compaction is etcd-wide: turn it off if other applications share

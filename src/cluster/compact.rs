@@ -7,9 +7,10 @@
 //! refuses every write. kube-apiserver compacts its etcd itself for the same
 //! reason; so does each node here.
 //!
-//! The history kept is between 1.25 × `--watch-history` and twice that many
+//! The history kept is between 1.25 and 2 times `--watch-history`
 //! etcd revisions: the join replays `--watch-history` revisions (the extra
-//! quarter covers a join that races a compaction), and a watch that resumes
+//! quarter usually covers a join that races a compaction; one that still
+//! loses gets a reset), and a watch that resumes
 //! within them still gets a replay. Compaction is triggered by
 //! revision count, checked every second against the newest revision the
 //! node has heard of, so no burst of churn can outrun a timer.
@@ -66,7 +67,7 @@ impl Plan {
 }
 
 /// Compacts etcd's history whenever it has grown past twice `keep`
-/// revisions, down to `keep`, until the task is stopped.
+/// revisions, down to 1.25 × `keep`, until the task is stopped.
 pub(super) async fn compact(node: Arc<Node>, keep: usize) {
     let plan = Plan {
         keep: i64::try_from(keep).unwrap_or(i64::MAX / 4).max(1),

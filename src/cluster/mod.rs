@@ -64,7 +64,7 @@ pub struct ClusterConfig {
     /// reported `NODE_LOST`. Whole seconds.
     pub lease_ttl: Duration,
     /// Whether the nodes compact etcd's history themselves, keeping between
-    /// `watch_history` and twice that many etcd revisions. Off, the
+    /// 1.25 and 2 times `watch_history` etcd revisions. Off, the
     /// operator must compact etcd, or it fills its quota.
     pub compaction: bool,
 }

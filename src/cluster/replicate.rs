@@ -55,9 +55,10 @@ use crate::{
     registry::{Change, Lagged, SessionEvent, SessionRegistry, Subscription},
 };
 
-/// Local changes that may wait for etcd, besides one close for every
-/// session a drain ends at once: far more than a burst of opens, bounded so
-/// a stuck etcd cannot grow it.
+/// Local changes the writer's subscription holds, besides one close for
+/// every session a drain ends at once: far more than arrive while one
+/// write is on its way (the writer reads on while it writes and while it
+/// waits to retry, into its folded backlog).
 pub(super) const QUEUE: usize = 1 << 16;
 
 /// The most operations a batch puts at the top of its transaction. etcd
@@ -124,14 +125,15 @@ pub(super) async fn sessions(
                 break;
             }
             match changes.next().await {
-                Ok(Some(change)) => backlog.push(change, &writer.written),
+                Ok(Some(change)) => backlog.queue(change),
                 Ok(None) => ended = true,
                 Err(lagged) => return writer.outran(&lagged, &fenced),
             }
         }
         while let Some(change) = changes.try_next() {
-            backlog.push(change, &writer.written);
+            backlog.queue(change);
         }
+        backlog.fold_if_due(&writer.written, &HashSet::new());
         let mut batch = Batch::default();
         while let Some(change) = backlog.front() {
             if !writer.add(&mut batch, change) {
@@ -140,38 +142,52 @@ pub(super) async fn sessions(
             backlog.pop();
         }
         loop {
-            match writer.write(&batch).await {
-                Ok(()) => break,
-                Err(status) => {
-                    if fenced.borrow().is_some() {
-                        return;
-                    }
-                    let metrics = writer.node.etcd.metrics().cluster();
-                    let pause = outage.failed(metrics, &status, batch.writes.len());
-                    // Waiting, and reading on meanwhile, so that the
-                    // subscription never overflows while etcd is away.
-                    let retry = tokio::time::sleep(pause);
-                    tokio::pin!(retry);
-                    while !ended {
-                        tokio::select! {
-                            () = &mut retry => break,
-                            next = changes.next() => match next {
-                                Ok(Some(change)) => {
-                                    let batched = &batch.sessions;
-                                    backlog.push_beside(change, &writer.written, batched);
-                                }
-                                Ok(None) => ended = true,
-                                Err(lagged) => return writer.outran(&lagged, &fenced),
-                            },
-                        }
-                    }
-                    retry.await;
-                }
+            let write = reading_on(writer.write(&batch), &mut changes, &mut backlog, &mut ended);
+            let written = match write.await {
+                Ok(written) => written,
+                Err(lagged) => return writer.outran(&lagged, &fenced),
+            };
+            // The batch counts as written: it is retried until it is.
+            backlog.fold_if_due(&writer.written, &batch.sessions);
+            let Err(status) = written else { break };
+            if fenced.borrow().is_some() {
+                return;
+            }
+            let metrics = writer.node.etcd.metrics().cluster();
+            let pause = outage.failed(metrics, &status, batch.writes.len());
+            let retry = tokio::time::sleep(pause);
+            if let Err(lagged) = reading_on(retry, &mut changes, &mut backlog, &mut ended).await {
+                return writer.outran(&lagged, &fenced);
             }
         }
-        outage.recovered(backlog.take_unwritten());
+        outage.recovered();
     }
     flushed.send_replace(true);
+}
+
+/// Runs `work` (a write to etcd, or the pause before a retry) while reading
+/// `changes` into `backlog`, so that the subscription never overflows while
+/// etcd is slow or away; sets `ended` if the registry ends meanwhile.
+async fn reading_on<T>(
+    work: impl std::future::Future<Output = T>,
+    changes: &mut Subscription,
+    backlog: &mut Backlog,
+    ended: &mut bool,
+) -> Result<T, Lagged> {
+    tokio::pin!(work);
+    loop {
+        if *ended {
+            return Ok(work.await);
+        }
+        tokio::select! {
+            output = &mut work => return Ok(output),
+            next = changes.next() => match next {
+                Ok(Some(change)) => backlog.queue(change),
+                Ok(None) => *ended = true,
+                Err(lagged) => return Err(lagged),
+            },
+        }
+    }
 }
 
 /// How many changes may wait before the backlog is folded to one per
@@ -181,14 +197,12 @@ const FOLD_AT: usize = 1 << 16;
 /// Changes waiting for etcd, in order. Past a bound they are folded: each
 /// session keeps only its last change (a close with its reason, or its
 /// latest state), and a session that opened and closed without its open
-/// ever being written is dropped, since no other node has seen it.
+/// ever being written is dropped, since no view has seen it.
 #[derive(Default)]
 struct Backlog {
     changes: VecDeque<Arc<Change>>,
-    /// The length at which the next fold happens.
+    /// The length at which the next fold happens, past [`FOLD_AT`].
     fold_at: usize,
-    /// Sessions dropped by folds since the last report.
-    unwritten: usize,
 }
 
 impl Backlog {
@@ -202,34 +216,34 @@ impl Backlog {
 
     fn pop(&mut self) {
         self.changes.pop_front();
-    }
-
-    /// Adds `change`; folds if the backlog is long (`written`: the sessions
-    /// whose open is in etcd).
-    fn push(&mut self, change: Arc<Change>, written: &HashSet<String>) {
-        self.push_beside(change, written, &HashSet::new());
-    }
-
-    /// Like [`Backlog::push`], with `in_flight` (a batch being written)
-    /// counted as written.
-    fn push_beside(
-        &mut self,
-        change: Arc<Change>,
-        written: &HashSet<String>,
-        in_flight: &HashSet<String>,
-    ) {
-        self.changes.push_back(change);
-        if self.changes.len() >= self.fold_at.max(FOLD_AT) {
-            let known = |id: &str| written.contains(id) || in_flight.contains(id);
-            self.unwritten += fold(&mut self.changes, known);
-            // However many sessions stay, the next fold is as far off again.
-            self.fold_at = self.changes.len() * 2;
+        if self.changes.is_empty() {
+            self.fold_at = 0;
         }
     }
 
-    /// How many sessions folds dropped since the last call.
-    fn take_unwritten(&mut self) -> usize {
-        std::mem::take(&mut self.unwritten)
+    /// Adds `change` at the end.
+    fn queue(&mut self, change: Arc<Change>) {
+        self.changes.push_back(change);
+    }
+
+    /// Folds the backlog if it is long; `written` and `in_flight` (a batch
+    /// being written) are the sessions whose open etcd has or will have.
+    fn fold_if_due(&mut self, written: &HashSet<String>, in_flight: &HashSet<String>) {
+        let waiting = self.changes.len();
+        if waiting < self.fold_at.max(FOLD_AT) {
+            return;
+        }
+        let known = |id: &str| written.contains(id) || in_flight.contains(id);
+        let dropped = fold(&mut self.changes, known);
+        warn!(
+            waiting,
+            folded = self.changes.len(),
+            dropped,
+            "session changes waiting for etcd folded to one per session; \
+             sessions that opened and closed meanwhile (dropped) will not be shown by any node"
+        );
+        // However many sessions stay, the next fold is as far off again.
+        self.fold_at = self.changes.len() * 2;
     }
 }
 
@@ -316,16 +330,13 @@ impl Outage {
         self.backoff.delay(*failures, &mut rand::rng())
     }
 
-    /// A write succeeded: ends the run, if there was one. `unwritten`
-    /// sessions opened and closed meanwhile without ever reaching etcd.
-    fn recovered(&mut self, unwritten: usize) {
+    /// A write succeeded: ends the run, if there was one.
+    fn recovered(&mut self) {
         if let Some((since, failures)) = self.since.take() {
             error!(
                 failures,
                 outage_ms = u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX),
-                unwritten,
-                "writing session changes to etcd works again: the changes that waited are being written \
-                 (sessions that opened and closed meanwhile are counted in unwritten, never seen elsewhere)"
+                "writing session changes to etcd works again: the changes that waited are being written"
             );
             self.writing.send_replace(true);
         }
@@ -388,7 +399,8 @@ impl Writer {
             // was written (the writer was behind, or etcd away) claims
             // nothing: its open and then its close are written plainly, so
             // every watcher in the cluster, this node's own included, still
-            // sees it open and close.
+            // sees it open and close (unless a long backlog was folded,
+            // which drops such a session).
             SessionEvent::Opened(_)
                 if !client_id.is_empty()
                     && self.local.holder(client_id).as_ref() == Some(session_id) =>
@@ -809,18 +821,24 @@ mod tests {
     #[test]
     fn the_backlog_folds_past_its_bound() {
         let mut backlog = Backlog::default();
-        let written = HashSet::new();
-        for n in 0..FOLD_AT {
+        let none = HashSet::new();
+        for n in 0..FOLD_AT - 1 {
             let id = format!("s{}", n % 10);
-            backlog.push(
-                change(
-                    n as u64,
-                    SessionEvent::Opened(info(&id, SessionState::Live)),
-                ),
-                &written,
-            );
+            let opened = SessionEvent::Opened(info(&id, SessionState::Live));
+            backlog.queue(change(n as u64, opened));
         }
+        backlog.fold_if_due(&none, &none);
+        assert_eq!(backlog.changes.len(), FOLD_AT - 1, "not yet");
+        backlog.queue(change(
+            0,
+            SessionEvent::Opened(info("s0", SessionState::Live)),
+        ));
+        backlog.fold_if_due(&none, &none);
         assert_eq!(backlog.changes.len(), 10, "folded to one per session");
         assert_eq!(backlog.fold_at, 20);
+        while !backlog.is_empty() {
+            backlog.pop();
+        }
+        assert_eq!(backlog.fold_at, 0, "the bound is back once caught up");
     }
 }
