@@ -398,14 +398,7 @@ async fn a_killed_nodes_sessions_are_node_lost_within_the_lease_ttl() {
     let etcd = TestEtcd::start("node-lost");
     let doomed = Node::start(&etcd, "n1", TTL);
     let survivors = [2, 3].map(|n| Node::start(&etcd, &format!("n{n}"), TTL));
-    let mut watches = Vec::new();
-    for node in &survivors {
-        let mut watch = node.watch(0, 0).await;
-        let mut view = View::default();
-        view.until(&mut watch, "synced", |view| view.epoch != 0)
-            .await;
-        watches.push((watch, view));
-    }
+    let mut watches = synced_watches(&survivors).await;
     let mut sessions = Vec::new();
     for n in 0..5 {
         sessions.push(
@@ -644,14 +637,7 @@ async fn mirrors_rewatch_after_an_etcd_restart() {
     let mut etcd = TestEtcd::start("restart");
     // A lease long enough to outlive the restart.
     let nodes = [1, 2, 3].map(|n| Node::start(&etcd, &format!("n{n}"), 15));
-    let mut watches = Vec::new();
-    for node in &nodes {
-        let mut watch = node.watch(0, 0).await;
-        let mut view = View::default();
-        view.until(&mut watch, "synced", |view| view.epoch != 0)
-            .await;
-        watches.push((watch, view));
-    }
+    let mut watches = synced_watches(&nodes).await;
     let mut kept = Kept::new();
     churn(&nodes, "before", &mut kept).await;
     etcd.stop();
@@ -861,6 +847,19 @@ async fn a_node_without_etcd_fences_its_sessions_before_its_lease_expires() {
     drop(ended);
     let status = exit_of(&mut node.0.child).await;
     assert!(!status.success(), "a fenced node exits with an error");
+}
+
+/// A fresh watch on each of `nodes`, each read until it is synced.
+async fn synced_watches(nodes: &[Node]) -> Vec<(Streaming<pb::WatchSessionsResponse>, View)> {
+    let mut watches = Vec::new();
+    for node in nodes {
+        let mut watch = node.watch(0, 0).await;
+        let mut view = View::default();
+        view.until(&mut watch, "synced", |view| view.epoch != 0)
+            .await;
+        watches.push((watch, view));
+    }
+    watches
 }
 
 /// Sessions a test keeps open, with their ids.
@@ -1121,14 +1120,7 @@ async fn two_nodes_compacting_at_once_is_harmless() {
         Node::start_with(&etcd, id, 10, &flags)
     };
     let nodes = [start("n1", first), start("n2", second)];
-    let mut watches = Vec::new();
-    for node in &nodes {
-        let mut watch = node.watch(0, 0).await;
-        let mut view = View::default();
-        view.until(&mut watch, "synced", |view| view.epoch != 0)
-            .await;
-        watches.push((watch, view));
-    }
+    let mut watches = synced_watches(&nodes).await;
     let mut kept = Kept::new();
     for round in 0..8 {
         churn(&nodes, &format!("c{round}"), &mut kept).await;
