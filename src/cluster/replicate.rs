@@ -99,10 +99,11 @@ const CLIENT_ID_ATTEMPTS: usize = 8;
 /// drain) or the node is fenced; sets `flushed` when all are written, and
 /// `writing` to whether writes reach etcd.
 ///
-/// The subscription is read on while a write fails, into a backlog that is
-/// folded to one change per session when it grows long, so an outage of
-/// any length costs memory by sessions, not by changes, and never makes
-/// the node fence itself.
+/// The subscription is read on while a write is on its way and while a
+/// failed one waits to be retried, into a backlog that is folded to one
+/// change per session when it grows long: an outage of any length costs
+/// memory by sessions, not by changes, and never overflows the
+/// subscription (which would fence the node).
 pub(super) async fn sessions(
     node: Arc<Node>,
     mut changes: Subscription,
