@@ -56,6 +56,25 @@ impl Target {
         stderr_unread: bool,
         env: &[(&str, &str)],
     ) -> Self {
+        // A port found free may be taken (by another test's client socket)
+        // before the server binds it, and the server then exits: try again
+        // with other ports.
+        for _ in 0..4 {
+            if let Some(target) = Self::try_start(extra, wrapper, stderr_unread, env) {
+                return target;
+            }
+        }
+        panic!("the server exited at start four times (its ports taken?)");
+    }
+
+    /// One start on fresh ports; None if the server exited before both its
+    /// listeners answered.
+    fn try_start(
+        extra: &[&str],
+        wrapper: &[&str],
+        stderr_unread: bool,
+        env: &[(&str, &str)],
+    ) -> Option<Self> {
         let (addr, metrics) = (free_port(), free_port());
         let program = env!("CARGO_BIN_EXE_heartbeat");
         let mut command = match wrapper.split_first() {
@@ -91,16 +110,21 @@ impl Target {
         let mut child = command.spawn().expect("spawn heartbeat serve");
         let stderr = child.stderr.take();
         let deadline = Instant::now() + WAIT;
-        while std::net::TcpStream::connect(addr).is_err() {
-            assert!(Instant::now() < deadline, "the server never listened");
-            std::thread::sleep(Duration::from_millis(10));
+        for listener in [addr, metrics] {
+            while std::net::TcpStream::connect(listener).is_err() {
+                if child.try_wait().ok().flatten().is_some() {
+                    return None;
+                }
+                assert!(Instant::now() < deadline, "the server never listened");
+                std::thread::sleep(Duration::from_millis(10));
+            }
         }
-        Self {
+        Some(Self {
             child,
             addr,
             metrics,
             _stderr: stderr,
-        }
+        })
     }
 
     /// Resident memory, in KiB.
