@@ -123,13 +123,8 @@ async fn read_records(node: &Node, at: i64) -> Result<Reading, tonic::Status> {
         0 => response.header.map_or(0, |header| header.revision),
         at => at,
     };
-    let holders: Vec<(String, String, i64)> = node
-        .etcd
-        .range_prefix(&node.keys.clients(), revision)
-        .await?
-        .kvs
-        .iter()
-        .filter_map(|kv| match node.keys.parse(&kv.key) {
+    let holders: Vec<(String, String, i64)> =
+        read_prefix(node, &node.keys.clients(), revision, |key, kv| match key {
             Key::Client(client_id) => Some((
                 client_id.to_owned(),
                 String::from_utf8(kv.value.clone()).ok()?,
@@ -137,32 +132,25 @@ async fn read_records(node: &Node, at: i64) -> Result<Reading, tonic::Status> {
             )),
             _ => None,
         })
-        .collect();
-    let evictions = node
-        .etcd
-        .range_prefix(&node.keys.evictions(), revision)
-        .await?
-        .kvs
-        .iter()
-        .filter_map(|kv| match node.keys.parse(&kv.key) {
+        .await?;
+    let evictions = read_prefix(
+        node,
+        &node.keys.evictions(),
+        revision,
+        |key, kv| match key {
             Key::Evict(session_id) => Some((
                 session_id.to_owned(),
                 String::from_utf8_lossy(&kv.value).into_owned(),
             )),
             _ => None,
-        })
-        .collect();
-    let nodes = node
-        .etcd
-        .range_prefix(&node.keys.nodes(), revision)
-        .await?
-        .kvs
-        .iter()
-        .filter_map(|kv| match node.keys.parse(&kv.key) {
-            Key::Node(id) => Some(id.to_owned()),
-            _ => None,
-        })
-        .collect();
+        },
+    )
+    .await?;
+    let nodes = read_prefix(node, &node.keys.nodes(), revision, |key, _| match key {
+        Key::Node(id) => Some(id.to_owned()),
+        _ => None,
+    })
+    .await?;
     let holder: BTreeMap<&str, &str> = holders
         .iter()
         .map(|(client_id, session_id, _)| (client_id.as_str(), session_id.as_str()))
@@ -210,6 +198,22 @@ async fn next_response(responses: &mut Streaming<WatchResponse>) -> Result<Watch
             Err(Ended::Broken)
         }
     }
+}
+
+/// Every key under `prefix` at etcd revision `revision`, each turned by
+/// `pick` (from what the key is and its value) into an item, or skipped.
+async fn read_prefix<T, C: FromIterator<T>>(
+    node: &Node,
+    prefix: &[u8],
+    revision: i64,
+    pick: impl Fn(Key<'_>, &KeyValue) -> Option<T>,
+) -> Result<C, tonic::Status> {
+    let response = node.etcd.range_prefix(prefix, revision).await?;
+    Ok(response
+        .kvs
+        .iter()
+        .filter_map(|kv| pick(node.keys.parse(&kv.key), kv))
+        .collect())
 }
 
 /// Whether a session's record says more than the view shows: another state
